@@ -1,0 +1,300 @@
+"""Runtime configuration: configs/*.toml plus `--set section.key=value` overrides, loaded into
+frozen, validated dataclasses. Standard library only: the scheduler, client and CLI import this,
+so it must never import torch.
+"""
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+_TUPLE_OF_INT = tuple[int, ...]
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the section.key and the problem."""
+
+
+def _check(is_ok: bool, key: str, problem: str) -> None:
+    if not is_ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _type_name(typ) -> str:
+    return "list of int" if typ == _TUPLE_OF_INT else typ.__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_type(key: str, typ, value):
+    """Type-check a TOML / dict value against a field type; returns it in the field's type."""
+    if typ is bool:
+        is_ok = isinstance(value, bool)
+    elif typ is int:
+        is_ok = _is_int(value)
+    elif typ is float:
+        is_ok = _is_int(value) or isinstance(value, float)
+        value = float(value) if is_ok else value
+    elif typ is str:
+        is_ok = isinstance(value, str)
+    else:
+        assert typ == _TUPLE_OF_INT, f"unsupported config field type {typ}"
+        is_ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+        value = tuple(value) if is_ok else value
+    _check(is_ok, key, f"expected {_type_name(typ)}, got {value!r}")
+    return value
+
+
+def _parse_text(key: str, typ, text: str):
+    """Parse the value of a `--set section.key=value` override into the field's type."""
+    stripped = text.strip()
+    try:
+        if typ is bool:
+            return _BOOL_WORDS[stripped.lower()]
+        if typ is int:
+            return int(stripped)
+        if typ is float:
+            return float(stripped)
+        if typ is str:
+            is_quoted = len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "\"'"
+            return stripped[1:-1] if is_quoted else text
+        if stripped.startswith("[") and stripped.endswith("]"):
+            stripped = stripped[1:-1].strip()
+        return tuple(int(part) for part in stripped.split(",")) if stripped else ()
+    except (KeyError, ValueError):
+        raise ConfigError(f"{key}: expected {_type_name(typ)}, got {text!r}") from None
+
+
+def _check_field_types(section) -> None:
+    for f in dataclasses.fields(section):
+        value = _check_type(f.name, f.type, getattr(section, f.name))
+        object.__setattr__(section, f.name, value)  # int -> float, list -> tuple
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    target: str = "tiny-llama"  # local HF folder, .gguf file, known model name, or tiny-llama / tiny-qwen2
+    draft: str = "tiny-llama"  # same forms; must share the target's vocabulary
+    dtype: str = "float32"  # float32 | bfloat16
+    cache_dir: str = "~/.cache/minedraft"  # where prepared real models are kept
+    tiny_seed: int = 0  # weight seed of tiny-* models
+    tiny_draft_noise: float = 0.0  # std of noise added to a tiny draft's weights (draft = target + noise)
+    tiny_vocab_size: int = 512  # vocabulary size of tiny-* models
+    tiny_hidden_size: int = 64  # hidden size of tiny-* models
+    tiny_intermediate_size: int = 128  # MLP inner size of tiny-* models
+    tiny_num_layers: int = 2  # decoder layers of tiny-* models
+    tiny_num_heads: int = 4  # attention heads of tiny-* models
+    tiny_num_kv_heads: int = 2  # key/value heads of tiny-* models (grouped-query attention)
+
+    def __post_init__(self):
+        _check_field_types(self)
+        for key in ("target", "draft", "cache_dir"):
+            _check(getattr(self, key) != "", key, "must not be empty")
+        _check(self.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {self.dtype!r}")
+        _check(self.tiny_draft_noise >= 0, "tiny_draft_noise", f"must be >= 0, got {self.tiny_draft_noise}")
+        for key in ("tiny_vocab_size", "tiny_hidden_size", "tiny_intermediate_size", "tiny_num_layers",
+                    "tiny_num_heads", "tiny_num_kv_heads"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.tiny_hidden_size % self.tiny_num_heads == 0, "tiny_hidden_size",
+               f"must be a multiple of tiny_num_heads ({self.tiny_num_heads}), got {self.tiny_hidden_size}")
+        _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "tiny_num_heads",
+               f"must be a multiple of tiny_num_kv_heads ({self.tiny_num_kv_heads}), got {self.tiny_num_heads}")
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    mode: str = "psd"  # psd (two overlapped batches) | sd (one batch, standard SD) | ar (target only)
+    num_draft: int = 4  # k: draft tokens per request per step
+    max_batch: int = 8  # requests per batch (psd keeps two batches)
+    max_len: int = 512  # prompt + output tokens per request (KV cache length)
+    max_tokens_cap: int = 256  # largest max_tokens a request may ask for
+    max_queued_requests: int = 256  # admission queue bound; beyond it requests get "overloaded"
+    max_request_bytes: int = 1048576  # largest client frame accepted
+
+    def __post_init__(self):
+        _check_field_types(self)
+        _check(self.mode in ("psd", "sd", "ar"), "mode", f"expected psd, sd or ar, got {self.mode!r}")
+        _check(1 <= self.num_draft <= 16, "num_draft", f"must be in 1..16, got {self.num_draft}")
+        _check(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
+        _check(self.max_len >= 16, "max_len", f"must be >= 16, got {self.max_len}")
+        _check(1 <= self.max_tokens_cap < self.max_len, "max_tokens_cap",
+               f"must be >= 1 and < max_len ({self.max_len}), got {self.max_tokens_cap}")
+        _check(self.max_queued_requests >= 1, "max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes", f"must be >= 1024, got {self.max_request_bytes}")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    endpoint: str = "tcp://127.0.0.1:7475"  # client endpoint: loopback tcp or ipc:// path
+    run_dir: str = ""  # "" = <tmp>/minedraft-<uid>/<name derived from endpoint>
+    startup_timeout_s: float = 120.0  # how long `start` waits for the daemon to serve
+
+    def __post_init__(self):
+        _check_field_types(self)
+        _check(re.fullmatch(r"(tcp|ipc)://.+", self.endpoint) is not None, "endpoint",
+               f"expected tcp://HOST:PORT or ipc://PATH, got {self.endpoint!r}")
+        _check(self.startup_timeout_s > 0, "startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    device: str = "cpu"  # cpu | cuda | cuda:N (existence is checked at worker start)
+    cpu_cores: tuple[int, ...] = ()  # cores to pin the process to (empty = no pinning)
+    num_threads: int = 1  # torch intra-op threads
+
+    def __post_init__(self):
+        _check_field_types(self)
+        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "device",
+               f"expected cpu, cuda or cuda:N, got {self.device!r}")
+        _check(all(core >= 0 for core in self.cpu_cores), "cpu_cores", f"must be >= 0, got {list(self.cpu_cores)}")
+        _check(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)  # draft and target models
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)  # batching and limits
+    server: ServerSection = field(default_factory=ServerSection)  # client endpoint and run directory
+    drafter: WorkerSection = field(default_factory=lambda: WorkerSection(cpu_cores=(0,)))  # draft worker
+    verifier: WorkerSection = field(default_factory=lambda: WorkerSection(cpu_cores=(1,)))  # verify worker
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(isinstance(getattr(self, f.name), f.type), f.name, f"expected {f.type.__name__}")
+
+
+_SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_DEFAULTS = {"drafter": {"cpu_cores": (0,)}, "verifier": {"cpu_cores": (1,)}}
+
+
+def _field_types(section: str) -> dict:
+    return {f.name: f.type for f in dataclasses.fields(_SECTION_TYPES[section])}
+
+
+def _unknown(kind: str, name: str, choices: Sequence[str], prefix: str = "") -> ConfigError:
+    message = f"unknown {kind} '{prefix}{name}'"
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        message += f" (did you mean '{prefix}{close[0]}'?)"
+    return ConfigError(f"{message}; expected one of: {', '.join(choices)}")
+
+
+def _check_names(data) -> None:
+    """Raise for anything in a {section: {key: value}} mapping that is not a config field."""
+    _check(isinstance(data, dict), "config", f"expected a table of sections, got {data!r}")
+    for section, values in data.items():
+        if section not in _SECTION_TYPES:
+            raise _unknown("section", section, list(_SECTION_TYPES))
+        _check(isinstance(values, dict), section, f"expected a table, got {values!r}")
+        for key in values:
+            if key not in _field_types(section):
+                raise _unknown("key", key, list(_field_types(section)), prefix=f"{section}.")
+
+
+def _build(data: dict) -> Config:
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = {**_SECTION_DEFAULTS.get(name, {}), **data.get(name, {})}
+        try:
+            sections[name] = cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{name}.{error}") from None
+    return Config(**sections)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    dotted, is_assignment, text = override.partition("=")
+    section, _, key = dotted.strip().partition(".")
+    _check(is_assignment == "=" and key != "", "--set", f"expected section.key=value, got {override!r}")
+    _check_names({section: {key: None}})
+    data.setdefault(section, {})[key] = _parse_text(f"{section}.{key}", _field_types(section)[key], text)
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A config file path, or a name such as "tiny" looked up in ./configs and the repo's configs/."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    file_name = name_or_path if name_or_path.endswith(".toml") else name_or_path + ".toml"
+    if os.path.isfile(file_name):
+        return file_name
+    here = Path(__file__).resolve().parent
+    folders = [Path.cwd() / "configs", here.parent / "configs", here / "configs"]
+    if Path(file_name).name == file_name:  # a bare name, not a path
+        for folder in folders:
+            if (folder / file_name).is_file():
+                return str(folder / file_name)
+    names = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.toml")})
+    raise ConfigError(f"config: no file {name_or_path!r} (known configs: {', '.join(names) or 'none'})")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the TOML file at `path` (or a config name), then `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        resolved = resolve_config_path(path)
+        try:
+            with open(resolved, "rb") as file:
+                data = tomllib.load(file)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"config: cannot read {resolved}: {error}") from None
+        _check_names(data)
+    for override in overrides:
+        _apply_override(data, override)
+    return _build(data)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain {section: {key: value}} dict (tuples as lists), JSON / msgpack friendly."""
+    return {name: {key: list(v) if isinstance(v, tuple) else v for key, v in values.items()}
+            for name, values in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(data: dict) -> Config:
+    """Inverse of config_to_dict; missing keys take defaults, unknown ones are errors."""
+    _check_names(data)
+    return _build(data)
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def format_config(config: Config) -> str:
+    """The effective config as TOML text (what start-up prints)."""
+    blocks = []
+    for section, values in config_to_dict(config).items():
+        lines = [f"[{section}]"] + [f"{key} = {_format_value(value)}" for key, value in values.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def default_run_dir(endpoint: str) -> str:
+    """<tmp>/minedraft-<uid>/<safe name>: tcp-127.0.0.1-7475, or ipc-<sha1[:12] of the path>."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        name = "ipc-" + hashlib.sha1(rest.encode()).hexdigest()[:12]
+    else:
+        name = scheme + "-" + re.sub(r"[^A-Za-z0-9.]+", "-", rest).strip("-")
+    return os.path.join(tempfile.gettempdir(), f"minedraft-{os.getuid()}", name)
+
+
+def resolve_run_dir(config: Config) -> str:
+    """The run directory: server.run_dir (user-expanded, absolute) or the endpoint's default."""
+    if config.server.run_dir:
+        return os.path.abspath(os.path.expanduser(config.server.run_dir))
+    return default_run_dir(config.server.endpoint)
