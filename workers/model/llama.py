@@ -1,0 +1,172 @@
+"""Decoder: our compact Llama/Qwen2 forward over a slot-based KVCache, for batches whose rows
+sit at different positions. Parameter names equal transformers' (LlamaForCausalLM /
+Qwen2ForCausalLM state_dict keys), so their state dicts load as is. No weight loading here."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # [..., C] float32, as transformers computes it
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, bias = config, config.attention_bias
+        self.head_dim = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        # Llama's attention_bias also biases o_proj; Qwen2's o_proj never has a bias.
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=bias and c.arch == "llama")
+
+    def forward(self, x, cos, sin, kv, write, read_slots, mask):
+        """x [B, T, C]; cos/sin [B, T, 1, D]; kv: this layer's cache [2, S, Hkv, max_len, D];
+        write: (rows, cols, slot_idx, pos_idx) of the N real tokens; read_slots [B];
+        mask [B, 1, T, L] bool."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rows, cols, slot_idx, pos_idx = write
+        kv[:, slot_idx, :, pos_idx] = torch.stack((k[rows, cols], v[rows, cols]), 1)  # [N, 2, Hkv, D]
+        keys, values = kv[:, read_slots, :, : mask.shape[-1]]  # each [B, Hkv, L, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+        )  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, C]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, C]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, kv, write, read_slots, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, write, read_slots, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, C]
+
+
+class DecoderStack(nn.Module):
+    """The `model.` part of the HF names: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        exponents = torch.arange(0, config.head_dim, 2, device="cpu").float() / config.head_dim
+        # Kept float32 outside the module's buffers, so .to(bfloat16) cannot round it.
+        self.inv_freq = 1.0 / (config.rope_theta**exponents)  # [D/2] float32
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, 1, D] for positions [B, T], computed in float32 like transformers."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        slots: list[int],
+        num_tokens: list[int] | None = None,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append row b's first num_tokens[b] tokens to slot slots[b] at positions
+        cache.lengths[slot]...; return logits [B, T, V] float32 (padded positions: garbage),
+        or with logit_index [B, n] (indices into each row's T) only those: [B, n, V]."""
+        B, T = tokens.shape
+        num_tokens = [T] * B if num_tokens is None else list(num_tokens)
+        starts = self._check(cache, slots, num_tokens, B, T)
+        device = self.lm_head.weight.device
+        # 1. Positions and the cache cells of the real (unpadded) tokens, built on the host.
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)  # [B, T] long
+        is_real = torch.arange(T)[None, :] < torch.tensor(num_tokens)[:, None]  # [B, T] bool
+        rows, cols = is_real.nonzero(as_tuple=True)  # [N], [N]
+        slots_t = torch.tensor(slots)  # [B]
+        write = torch.stack((rows, cols, slots_t[rows], pos[rows, cols])).to(device).unbind(0)  # 4 x [N]
+        read_slots = slots_t.to(device)  # [B]
+        pos = pos.to(device)
+        # 2. Query at position p sees its own slot's keys at positions <= p.
+        L = min(max(starts) + T, cache.max_len)
+        mask = torch.arange(L, device=device) <= pos[:, None, :, None]  # [B, 1, T, L] bool
+        # 3. The layers.
+        h = self.model.embed_tokens(tokens.to(device))  # [B, T, C]
+        cos, sin = self.rope(pos, h.dtype)  # [B, T, 1, D] each
+        for layer, kv in zip(self.model.layers, cache.data):
+            h = layer(h, cos, sin, kv, write, read_slots, mask)  # [B, T, C]
+        if logit_index is not None:  # skip the lm_head where no logits are wanted
+            index = logit_index.to(device)[..., None].expand(-1, -1, h.shape[-1])  # [B, n, C]
+            h = h.gather(1, index)  # [B, n, C]
+        logits = self.lm_head(self.model.norm(h)).float()  # [B, T or n, V] float32
+        for slot, n in zip(slots, num_tokens):
+            cache.lengths[slot] += n
+        return logits
+
+    @staticmethod
+    def _check(cache: KVCache, slots: list[int], num_tokens: list[int], B: int, T: int) -> list[int]:
+        """Validate a batch against the cache; return each row's start position."""
+        if B == 0 or not len(slots) == len(num_tokens) == B or len(set(slots)) != B:
+            raise ValueError(f"need {B} distinct slots and num_tokens, got {slots}, {num_tokens}")
+        starts = []
+        for slot, n in zip(slots, num_tokens):
+            cache.check_slot(slot)
+            if not 0 <= n <= T:
+                raise ValueError(f"num_tokens {n} for slot {slot} outside [0, {T}]")
+            if cache.lengths[slot] + n > cache.max_len:
+                raise ValueError(
+                    f"slot {slot} would hold {cache.lengths[slot] + n} tokens, more than the "
+                    f"cache's max_len {cache.max_len}"
+                )
+            starts.append(cache.lengths[slot])
+        return starts
