@@ -1,0 +1,80 @@
+"""The drafter: the draft model, its KV cache and the per-request draft loop.
+
+Drafter is the pure core (driven in-process by the engine and tests); run_drafter_process in
+workers/process.py wraps it with sockets. It never decides what is committed: the scheduler does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.sampling import (
+    DRAFT_SALT, SamplingParams, batch_params, draw_uniforms, probs_from_logits, sample,
+)
+from minedraft.workers.slots import SlotTable, feed_batch
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request in a job (the in-process twin of protocol.JobRow)."""
+
+    request_id: str
+    new_tokens: list[int]  # committed since this worker's previous job for the request
+    num_draft: int
+    buffer_row: int
+    params: SamplingParams | None = None  # required on the worker's first job for the request
+
+
+class Drafter:
+    def __init__(self, model, max_slots: int, max_len: int, max_draft: int, dtype: torch.dtype, device="cpu"):
+        self.model = model
+        self.max_draft = max_draft
+        self.cache = KVCache(model.config, max_slots, max_len, dtype, device)
+        self.table = SlotTable(self.cache, DRAFT_SALT)
+
+    def release(self, request_ids: list[str]) -> None:
+        self.table.release(request_ids)
+
+    @torch.inference_mode()
+    def draft(self, rows: list[Row], out_tokens: torch.Tensor, out_probs: torch.Tensor) -> None:
+        """Draft rows[i].num_draft tokens for each row into out_tokens[row.buffer_row] and, for
+        sampled (non-greedy) rows, their draft distributions into out_probs[row.buffer_row].
+
+        out_tokens [max_batch, max_draft] int64; out_probs [max_batch, max_draft, V] float32.
+        """
+        # 1. Apply committed tokens; rows with nothing to draft only record them.
+        states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
+        active = [i for i, r in enumerate(rows) if r.num_draft > 0]
+        if not active:
+            return
+        rows = [rows[i] for i in active]
+        states = [states[i] for i in active]
+        temperature, top_k, top_p = batch_params([s.params for s in states], self.cache.data.device)
+        buffer_rows = torch.tensor([r.buffer_row for r in rows])
+        is_sampled = temperature > 0  # [B] bool
+        # 2. Catch up on committed tokens; logits after the last one give draft token 1.
+        feeds = [s.tokens_to_feed(self.cache) for s in states]
+        logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
+        # 3. Draft token i from logits after token i-1; rows stop at their own num_draft.
+        live = list(range(len(rows)))
+        for i in range(max(r.num_draft for r in rows)):
+            probs = probs_from_logits(logits, temperature[live], top_k[live], top_p[live])[:, 0]  # [b, V]
+            uniforms = draw_uniforms([states[j].generator for j in live], 1, probs.device)[:, 0]
+            tokens = sample(probs, uniforms)  # [b]
+            out_tokens[buffer_rows[live], i] = tokens.to(out_tokens.device)
+            sampled = [j for n, j in enumerate(live) if is_sampled[j]]
+            if sampled:
+                keep = torch.tensor([n for n, j in enumerate(live) if is_sampled[j]])
+                out_probs[buffer_rows[sampled], i] = probs[keep].to(out_probs.device)
+            live_next = [n for n, j in enumerate(live) if rows[j].num_draft > i + 1]
+            if not live_next:
+                break
+            live = [live[n] for n in live_next]
+            next_tokens = tokens[live_next].tolist()
+            logits = feed_batch(
+                self.model, self.cache, [states[j] for j in live], [[t] for t in next_tokens],
+                [[0] for _ in live], 1,
+            )

@@ -1,0 +1,70 @@
+"""The verifier: the target model, its KV cache and exact acceptance of a batch's drafts.
+
+Verifier is the pure core (driven in-process by the engine and tests); run_verifier_process in
+workers/process.py wraps it with sockets. With num_draft = 0 a row is plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minedraft.workers.drafter import Row
+from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.sampling import (
+    VERIFY_SALT, batch_params, draw_uniforms, probs_from_logits, speculative_accept,
+)
+from minedraft.workers.slots import SlotTable, feed_batch
+
+
+class Verifier:
+    def __init__(self, model, max_slots: int, max_len: int, max_draft: int, dtype: torch.dtype, device="cpu"):
+        self.model = model
+        self.max_draft = max_draft
+        self.cache = KVCache(model.config, max_slots, max_len, dtype, device)
+        self.table = SlotTable(self.cache, VERIFY_SALT)
+
+    def release(self, request_ids: list[str]) -> None:
+        self.table.release(request_ids)
+
+    @torch.inference_mode()
+    def verify(self, rows: list[Row], draft_tokens: torch.Tensor | None, draft_probs: torch.Tensor | None) -> list[list[int]]:
+        """Verify each row's drafts (read in place from draft_tokens[row.buffer_row] and
+        draft_probs[row.buffer_row]) in one target forward; return the emitted tokens per row:
+        the accepted drafts followed by one corrected or bonus token."""
+        # 1. Apply committed tokens; each row feeds its uncached committed tokens + its drafts.
+        states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
+        num_draft = [r.num_draft for r in rows]
+        k = max(num_draft)
+        device = self.cache.data.device
+        if k > 0:
+            buffer_rows = _rows_index([r.buffer_row for r in rows])
+            drafts = draft_tokens[buffer_rows, :k].to(device)  # [B, k] int64
+        else:
+            drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+        feeds = [s.tokens_to_feed(self.cache) + drafts[i, : num_draft[i]].tolist() for i, s in enumerate(states)]
+        # 2. One forward; logits after the last committed token and after each draft.
+        index = [[max(len(f) - d - 1 + j, 0) if j <= d else len(f) - 1 for j in range(k + 1)] for f, d in zip(feeds, num_draft)]
+        logits = feed_batch(self.model, self.cache, states, feeds, index, self.max_draft + 1)  # [B, k+1, V]
+        temperature, top_k, top_p = batch_params([s.params for s in states], device)
+        target_probs = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k+1, V] float32
+        # 3. Exact acceptance; each request draws its uniforms from its own generator.
+        uniforms = torch.zeros(len(rows), k + 1, dtype=torch.float64, device=device)
+        for i, s in enumerate(states):
+            uniforms[i, : num_draft[i] + 1] = draw_uniforms([s.generator], num_draft[i] + 1, device)[0]
+        is_greedy = temperature == 0  # [B] bool
+        if k > 0 and not bool(is_greedy.all()):
+            q = draft_probs[buffer_rows, :k].to(device)  # [B, k, V] float32, in place when rows are 0..B-1
+        else:  # all greedy: q is never read
+            q = torch.zeros(1, 1, 1, device=device).expand(len(rows), k, target_probs.shape[-1])
+        num_accepted, next_token = speculative_accept(
+            drafts, q, target_probs, torch.tensor(num_draft, device=device), uniforms, is_greedy
+        )
+        return [drafts[i, :n].tolist() + [t] for i, (n, t) in enumerate(zip(num_accepted.tolist(), next_token.tolist()))]
+
+
+def _rows_index(buffer_rows: list[int]) -> slice | torch.Tensor:
+    """A slice (a view, no copy) when the rows are 0..B-1, as they are unless a request was
+    aborted between its draft and its verify; else an index tensor (a gather)."""
+    if buffer_rows == list(range(len(buffer_rows))):
+        return slice(0, len(buffer_rows))
+    return torch.tensor(buffer_rows)
