@@ -1,0 +1,230 @@
+"""`minedraft-runtime` command line: start / stop / status / generate. Never imports torch.
+
+    minedraft-runtime start --config configs/tiny.toml
+    minedraft-runtime generate --prompt "def fib(n):" --max-tokens 32
+    minedraft-runtime status
+    minedraft-runtime stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from minedraft.runtime.client import Client, RequestError
+from minedraft.runtime.config import ConfigError, config_to_dict, format_config, load_config, resolve_run_dir
+
+LOG_NAME = "daemon.log"
+
+
+def _load(args) -> "Config":  # noqa: F821
+    overrides = list(args.set or [])
+    for flag, key in (("mode", "scheduler.mode"), ("draft", "model.draft"), ("target", "model.target"),
+                      ("endpoint", "server.endpoint")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(run_dir: str) -> int | None:
+    try:
+        with open(os.path.join(run_dir, "daemon.pid")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_start(args) -> int:
+    config = _load(args)
+    run_dir = resolve_run_dir(config)
+    pid = _read_pid(run_dir)
+    if pid is not None and _pid_alive(pid):
+        print(f"error: a runtime is already running on {config.server.endpoint} (pid {pid}, run dir {run_dir})", file=sys.stderr)
+        return 1
+    print(format_config(config))
+    if args.foreground:
+        import logging
+
+        from minedraft.runtime.server import run_scheduler_process
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return run_scheduler_process(config, run_dir)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path, "w") as f:
+        json.dump(config_to_dict(config), f)
+    with open(os.path.join(run_dir, LOG_NAME), "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "minedraft.runtime.server", config_path],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + config.server.startup_timeout_s + 10
+    with Client(config.server.endpoint, timeout_s=1.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                print(f"error: the runtime exited during start-up (code {proc.returncode}); its log:", file=sys.stderr)
+                _print_log(run_dir)
+                return 1
+            try:
+                status = client.status()
+            except TimeoutError:
+                continue
+            print(f"minedraft-runtime serving on {config.server.endpoint} "
+                  f"(mode {status['mode']}, pid {status['pid']}, log {os.path.join(run_dir, LOG_NAME)})")
+            return 0
+    print(f"error: the runtime did not answer within {config.server.startup_timeout_s} s; stopping it", file=sys.stderr)
+    proc.terminate()
+    return 1
+
+
+def _print_log(run_dir: str) -> None:
+    path = os.path.join(run_dir, LOG_NAME)
+    try:
+        with open(path) as f:
+            sys.stderr.write(f.read()[-4000:])
+        os.unlink(path)
+        os.rmdir(run_dir)
+    except OSError:
+        pass
+
+
+def cmd_stop(args) -> int:
+    config = _load(args)
+    run_dir = resolve_run_dir(config)
+    pid = _read_pid(run_dir)
+    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+        try:
+            num_aborted = client.shutdown()
+        except TimeoutError:
+            if pid is None or not _pid_alive(pid):
+                print(f"no runtime answers on {config.server.endpoint}", file=sys.stderr)
+                return 1
+            os.kill(pid, signal.SIGTERM)  # alive but not answering
+            num_aborted = None
+    deadline = time.monotonic() + args.timeout
+    while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid is not None and _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    suffix = "" if num_aborted is None else f" ({num_aborted} in-flight request(s) aborted)"
+    print(f"stopped the runtime on {config.server.endpoint}{suffix}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    config = _load(args)
+    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+        try:
+            status = client.status()
+        except TimeoutError:
+            print(f"no runtime answers on {config.server.endpoint}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    busy = status["busy_fraction"]
+    lines = [
+        ("state", status["state"]), ("endpoint", status["endpoint"]), ("mode", status["mode"]),
+        ("target", status["target"]), ("draft", status["draft"]), ("dtype", status["dtype"]),
+        ("live requests", f"{status['num_running']} running, {status['num_waiting']} waiting"),
+        ("batch sizes", status["batch_sizes"]), ("output tokens/s", fmt(status["output_tokens_per_s"])),
+        ("acceptance rate", fmt(status["acceptance_rate"])),
+        ("mean accepted length", fmt(status["mean_accepted_length"])),
+        ("busy fraction", f"drafter {busy['drafter']:.3f}, verifier {busy['verifier']:.3f}"),
+        ("output tokens", status["num_output_tokens"]), ("uptime s", fmt(status["uptime_s"])),
+    ]
+    for key, value in lines:
+        print(f"{key:<22}{value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    config = _load(args)
+    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+        try:
+            completion = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+        except (RequestError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(completion.__dict__, indent=2))
+    else:
+        print(completion.text)
+        m = completion.metrics
+        print(f"[{m['num_output_tokens']} tokens, finish {completion.finish_reason}, e2e {m['e2e_s']:.3f} s, "
+              f"accepted {m['num_accepted']}/{m['num_drafted']} drafts]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minedraft-runtime", description="Batch parallel speculative decoding runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, with_models=False):
+        p.add_argument("--config", help="configs/NAME.toml or a name such as 'tiny' (default: built-in defaults)")
+        p.add_argument("--endpoint", help="tcp://127.0.0.1:PORT or ipc://PATH (default: the config's)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        if with_models:
+            p.add_argument("--mode", choices=["psd", "sd", "ar"])
+            p.add_argument("--draft", metavar="MODEL", help="local transformers folder or .gguf file")
+            p.add_argument("--target", metavar="MODEL", help="local transformers folder or .gguf file")
+
+    start = sub.add_parser("start", help="start the daemon; returns once it serves")
+    common(start, with_models=True)
+    start.add_argument("--foreground", action="store_true", help="run in this process (exit code 1 if the runtime dies)")
+    start.set_defaults(func=cmd_start)
+    stop = sub.add_parser("stop", help="stop the daemon (in-flight requests are aborted)")
+    common(stop)
+    stop.add_argument("--timeout", type=float, default=30.0)
+    stop.set_defaults(func=cmd_stop)
+    status = sub.add_parser("status", help="show the daemon's state and metrics")
+    common(status)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(func=cmd_status)
+    gen = sub.add_parser("generate", help="generate a completion")
+    common(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

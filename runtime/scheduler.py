@@ -1,0 +1,301 @@
+"""The scheduler core: every request's lifecycle and authoritative tokens, the two batches, job
+dispatch, stop conditions, outputs and metrics. Pure Python, no IO and no torch: the process
+wrapper (runtime/server.py) feeds it messages and sends what it returns; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from minedraft.runtime.config import Config
+from minedraft.runtime.metrics import Metrics
+from minedraft.runtime.protocol import (
+    DraftJob, DraftResult, ErrorOutput, GenerateOutput, GenerateRequest, JobRow, SamplingSpec,
+    VerifyJob, VerifyResult,
+)
+from minedraft.runtime.tokenizer import Detokenizer
+from minedraft.runtime.validation import validate_generate
+
+DRAFTER, VERIFIER = "drafter", "verifier"
+
+
+@dataclass
+class Request:
+    request_id: str
+    client_id: bytes
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingSpec
+    stop_token_ids: frozenset[int]
+    detokenizer: Detokenizer
+    arrival_s: float
+    output_ids: list[int] = field(default_factory=list)
+    num_sent: dict[str, int] = field(default_factory=lambda: {DRAFTER: 0, VERIFIER: 0})
+    num_draft: int = 0  # drafts in the current step
+    buffer_row: int = 0  # row of the batch's draft buffer in the current step
+    num_streamed: int = 0  # output ids already sent to the client
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_steps: int = 0
+    first_token_s: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class Batch:
+    batch_id: int
+    requests: list[Request] = field(default_factory=list)
+    state: str = "ready"  # ready -> drafting -> drafted -> verifying -> ready
+    rows: list[Request] = field(default_factory=list)  # the current job's rows, in buffer order
+
+
+class SchedulerCore:
+    def __init__(self, config: Config, tokenizer, vocab_size: int, max_len: int, eos_token_ids: list[int],
+                 clock=time.monotonic):
+        sc = config.scheduler
+        self.mode = sc.mode
+        self.num_draft = sc.num_draft if sc.mode != "ar" else 0
+        self.max_batch = sc.max_batch
+        self.max_queued = sc.max_queued_requests
+        self.max_tokens_cap = sc.max_tokens_cap
+        self.max_len = min(max_len, sc.max_len)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.batches = [Batch(b) for b in range(2 if sc.mode == "psd" else 1)]
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}  # waiting and running
+        self.is_busy = {DRAFTER: False, VERIFIER: False}
+        self.release: dict[str, list[str]] = {DRAFTER: [], VERIFIER: []}
+        self.outputs: list[tuple[bytes, object]] = []
+        self.metrics = Metrics(clock)
+        self.last_drafted = -1
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def add_request(self, client_id: bytes, message: GenerateRequest) -> None:
+        error = validate_generate(message, self)
+        if error is None and message.request_id in self.requests:
+            error = f"request_id: {message.request_id!r} is already in use"
+        if error is not None:
+            return self._error(client_id, message.request_id, "invalid_request", error)
+        if len(self.waiting) >= self.max_queued:
+            return self._error(client_id, message.request_id, "overloaded",
+                               f"admission queue is full ({self.max_queued} requests waiting)")
+        prompt_ids = list(message.prompt_ids) if message.prompt_ids is not None else self.tokenizer.encode(message.prompt)
+        if not prompt_ids or len(prompt_ids) + message.max_tokens > self.max_len:
+            return self._error(client_id, message.request_id, "invalid_request",
+                               f"prompt: {len(prompt_ids)} tokens + max_tokens {message.max_tokens} must be "
+                               f"within 1..{self.max_len}")
+        seed = message.seed if message.seed is not None else secrets.randbits(62)
+        stop_ids = set(message.stop_token_ids) | (set() if message.ignore_eos else self.eos_token_ids)
+        request = Request(
+            message.request_id, client_id, prompt_ids, message.max_tokens,
+            SamplingSpec(message.temperature, message.top_k, message.top_p, seed),
+            frozenset(stop_ids), Detokenizer(self.tokenizer, message.stop), self.clock(),
+        )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Finish a request now; its slots are freed with each worker's next job. Harmless for
+        unknown or finished requests. A batch in flight drops the request's result."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, reason)
+        return True
+
+    def abort_all(self, code: str, message: str) -> None:
+        """Terminal error for every live request (runtime dead, shutdown)."""
+        for request in list(self.requests.values()):
+            self._error(request.client_id, request.request_id, code, message)
+            self._drop(request, "error")
+
+    def take_outputs(self) -> list[tuple[bytes, object]]:
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def next_jobs(self) -> list[tuple[str, object]]:
+        """Jobs for every free worker that has a batch ready for it."""
+        jobs = []
+        if self.mode != "ar" and not self.is_busy[DRAFTER]:
+            batch = self._batch_to_draft()
+            if batch is not None:
+                jobs.append((DRAFTER, self._draft_job(batch)))
+        if not self.is_busy[VERIFIER]:
+            batch = self._batch_to_verify()
+            if batch is not None:
+                jobs.append((VERIFIER, self._verify_job(batch)))
+        return jobs
+
+    def on_draft_result(self, result: DraftResult) -> None:
+        batch = self.batches[result.batch_id]
+        assert batch.state == "drafting", f"batch_id={batch.batch_id} draft result in state {batch.state}"
+        self.is_busy[DRAFTER] = False
+        self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s)
+        batch.state = "drafted"
+
+    def on_verify_result(self, result: VerifyResult) -> None:
+        batch = self.batches[result.batch_id]
+        assert batch.state == "verifying", f"batch_id={batch.batch_id} verify result in state {batch.state}"
+        assert len(result.emitted) == len(batch.rows), "verify result rows != job rows"
+        self.is_busy[VERIFIER] = False
+        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s)
+        batch.state = "ready"
+        for request, tokens in zip(batch.rows, result.emitted):
+            if request.finish_reason is not None:  # aborted while in flight
+                continue
+            num_accepted = len(tokens) - 1
+            request.num_steps += 1
+            request.num_drafted += request.num_draft
+            request.num_accepted += num_accepted
+            self.metrics.add_verify_row(request.num_draft, num_accepted)
+            self._commit(request, tokens)
+        batch.rows = []
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _batch_to_draft(self) -> Batch | None:
+        candidates = [b for b in self.batches if b.state == "ready" and (b.requests or self.waiting)]
+        if not candidates:
+            return None
+        # Alternate: prefer the batch not drafted last (two ready batches only at start-up).
+        candidates.sort(key=lambda b: b.batch_id == self.last_drafted)
+        batch = candidates[0]
+        self._admit(batch)
+        return batch if batch.requests else None
+
+    def _batch_to_verify(self) -> Batch | None:
+        if self.mode == "ar":
+            batch = self.batches[0]
+            if batch.state == "ready":
+                self._admit(batch)
+                if batch.requests:
+                    return batch
+            return None
+        drafted = [b for b in self.batches if b.state == "drafted"]
+        return drafted[0] if drafted else None
+
+    def _admit(self, batch: Batch) -> None:
+        """New requests join the batch drafted next, keeping the two batches balanced."""
+        num_live = sum(len(b.requests) for b in self.batches)
+        target = -(-(num_live + len(self.waiting)) // len(self.batches))  # ceil: this batch's fair share
+        while self.waiting and len(batch.requests) < min(target, self.max_batch):
+            batch.requests.append(self.waiting.popleft())
+
+    def _draft_job(self, batch: Batch) -> DraftJob:
+        self.is_busy[DRAFTER] = True
+        self.last_drafted = batch.batch_id
+        batch.state = "drafting"
+        self._start_step(batch, self.num_draft)
+        return DraftJob(batch.batch_id, [self._row(r, DRAFTER) for r in batch.rows], self._take_release(DRAFTER))
+
+    def _verify_job(self, batch: Batch) -> VerifyJob:
+        self.is_busy[VERIFIER] = True
+        batch.state = "verifying"
+        if self.mode == "ar":
+            self._start_step(batch, 0)
+        else:  # requests aborted since their draft are dropped; the others keep their buffer rows
+            batch.rows = [r for r in batch.rows if r.finish_reason is None]
+        return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
+
+    def _start_step(self, batch: Batch, num_draft: int) -> None:
+        batch.rows = list(batch.requests)
+        for i, request in enumerate(batch.rows):
+            room = min(request.max_tokens - len(request.output_ids), self.max_len - len(request.tokens)) - 1
+            request.num_draft = max(0, min(num_draft, room))
+            request.buffer_row = i
+
+    def _row(self, request: Request, role: str) -> JobRow:
+        tokens = request.tokens
+        sent = request.num_sent[role]
+        request.num_sent[role] = len(tokens)
+        return JobRow(request.request_id, tokens[sent:], request.num_draft, request.buffer_row,
+                      request.params if sent == 0 else None)
+
+    def _take_release(self, role: str) -> list[str]:
+        release, self.release[role] = self.release[role], []
+        return release
+
+    def _commit(self, request: Request, tokens: list[int]) -> None:
+        if request.first_token_s is None:
+            request.first_token_s = self.clock()
+        reason = None
+        for token in tokens:
+            request.output_ids.append(token)
+            if token in request.stop_token_ids:
+                reason = "stop"
+            elif len(request.output_ids) >= request.max_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        self.metrics.add_output_tokens(len(request.output_ids) - request.num_streamed)
+        text, is_stop_string = request.detokenizer.update(request.output_ids, reason is not None)
+        reason = "stop" if is_stop_string else reason
+        if reason is not None:
+            self._finish(request, reason, text)
+        else:
+            self._stream(request, text)
+
+    def _stream(self, request: Request, text: str, is_finished: bool = False, reason: str | None = None,
+                metrics: dict | None = None) -> None:
+        new_ids = request.output_ids[request.num_streamed:]
+        request.num_streamed = len(request.output_ids)
+        if new_ids or text or is_finished:
+            self.outputs.append((request.client_id, GenerateOutput(
+                request.request_id, new_ids, text, is_finished, reason, metrics)))
+
+    def _finish(self, request: Request, reason: str, text: str = "") -> None:
+        now = self.clock()
+        metrics = {
+            "ttft_s": None if request.first_token_s is None else request.first_token_s - request.arrival_s,
+            "e2e_s": now - request.arrival_s,
+            "num_prompt_tokens": len(request.prompt_ids),
+            "num_output_tokens": len(request.output_ids),
+            "num_drafted": request.num_drafted,
+            "num_accepted": request.num_accepted,
+            "num_steps": request.num_steps,
+        }
+        self._stream(request, text, True, reason, metrics)
+        self._drop(request, reason)
+
+    def _drop(self, request: Request, reason: str) -> None:
+        """Forget a finished request; its workers free its slots with their next job."""
+        self.requests.pop(request.request_id, None)
+        request.finish_reason = reason
+        self.metrics.add_finished(reason)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        for batch in self.batches:
+            if request in batch.requests:
+                batch.requests.remove(request)
+                for role in (DRAFTER, VERIFIER):
+                    if request.num_sent[role]:
+                        self.release[role].append(request.request_id)
+
+    def _error(self, client_id: bytes, request_id: str | None, code: str, message: str) -> None:
+        self.outputs.append((client_id, ErrorOutput(request_id, code, message)))
+
+    def status(self, is_detailed: bool = False) -> dict:
+        status = {
+            "mode": self.mode,
+            "num_draft": self.num_draft,
+            "max_batch": self.max_batch,
+            "num_waiting": len(self.waiting),
+            "num_running": sum(len(b.requests) for b in self.batches),
+            "batch_sizes": [len(b.requests) for b in self.batches],
+            "batch_states": [b.state for b in self.batches],
+        }
+        status.update(self.metrics.summary(is_detailed))
+        return status

@@ -1,0 +1,122 @@
+"""The runtime as real processes (scheduler, drafter, verifier) on tiny CPU models: lossless
+greedy output in every mode, seeded sampling independent of mode and arrival order, real
+drafter/verifier overlap in psd, zero-copy worker frames, and a clean stop."""
+
+import asyncio
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minedraft.runtime.client import AsyncClient, Client
+from tests.runtime_utils import cli, reference_outputs, running_daemon, status
+
+
+def workload(n: int = 24, temperature: float = 0.0) -> list[dict]:
+    requests = []
+    for i in range(n):
+        prompt = [(31 * i + 7 * j) % 256 for j in range(1 + (13 * i) % 40)]
+        requests.append({"request_id": f"q{i}", "prompt_ids": prompt, "max_tokens": 4 + (11 * i) % 37,
+                         "temperature": temperature, "seed": 1000 + i})
+    return requests
+
+
+async def run_load(endpoint: str, requests: list[dict], stagger_s: float = 0.01) -> dict[str, list[int]]:
+    async with AsyncClient(endpoint, timeout_s=120) as client:
+        async def one(i, r):
+            await asyncio.sleep(stagger_s * i)  # arrivals spread over time
+            c = await client.generate(prompt_ids=r["prompt_ids"], max_tokens=r["max_tokens"],
+                                      temperature=r["temperature"], seed=r["seed"], request_id=r["request_id"])
+            return r["request_id"], c.token_ids
+        return dict(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+
+@pytest.fixture(scope="module")
+def greedy_reference():
+    return reference_outputs(workload())
+
+
+@pytest.mark.parametrize("mode", ["psd", "sd", "ar"])
+def test_greedy_equals_reference(tmp_path, mode, greedy_reference):
+    with running_daemon(tmp_path, mode) as (endpoint, _):
+        outputs = asyncio.run(run_load(endpoint, workload()))
+        st = status(endpoint)
+    assert outputs == greedy_reference
+    if mode != "ar":
+        assert 0 < st["acceptance_rate"] <= 1
+        assert 1 < st["mean_accepted_length"] <= 5
+
+
+def test_seeded_sampling_same_in_psd_and_sd_and_any_order(tmp_path):
+    requests = workload(16, temperature=0.8)
+    with running_daemon(tmp_path / "psd", "psd") as (endpoint, _):
+        psd = asyncio.run(run_load(endpoint, requests))
+        psd_reversed = asyncio.run(run_load(endpoint, requests[::-1], stagger_s=0.003))
+    with running_daemon(tmp_path / "sd", "sd") as (endpoint, _):
+        sd = asyncio.run(run_load(endpoint, requests))
+    assert psd == sd
+    assert psd == psd_reversed
+    assert psd == reference_outputs(requests, mode="sd")
+    assert len({tuple(v) for v in psd.values()}) > 1
+
+
+def test_psd_overlap_and_zero_copy_frames(tmp_path):
+    # A 32k vocabulary makes each batch's draft probabilities 8 x 4 x 32768 x 4 B = 4 MiB.
+    with running_daemon(tmp_path, "psd", "model.tiny_vocab_size=32768", "model.tiny_num_layers=4") as (endpoint, _):
+        asyncio.run(run_load(endpoint, workload(24, temperature=0.7), stagger_s=0.0))
+        st = status(endpoint, is_detailed=True)
+    drafter, verifier = st["busy_intervals"]["drafter"], st["busy_intervals"]["verifier"]
+    overlap_s = sum(max(0.0, min(d1, v1) - max(d0, v0)) for d0, d1 in drafter for v0, v1 in verifier)
+    assert overlap_s > 0.2 * min(st["busy_s"]["drafter"], st["busy_s"]["verifier"])
+    assert 0 < st["busy_fraction"]["drafter"] <= 1 and 0 < st["busy_fraction"]["verifier"] <= 1
+    assert st["max_worker_frame_bytes"] < 4096, st["max_worker_frame_bytes"]
+
+
+def test_sd_never_overlaps(tmp_path):
+    with running_daemon(tmp_path, "sd") as (endpoint, _):
+        asyncio.run(run_load(endpoint, workload(8), stagger_s=0.0))
+        st = status(endpoint, is_detailed=True)
+    drafter, verifier = st["busy_intervals"]["drafter"], st["busy_intervals"]["verifier"]
+    assert drafter and verifier
+    assert all(min(d1, v1) <= max(d0, v0) for d0, d1 in drafter for v0, v1 in verifier)
+
+
+def test_streaming_text_and_stop_string(tmp_path):
+    with running_daemon(tmp_path, "psd") as (endpoint, _):
+        with Client(endpoint, timeout_s=60) as client:
+            full = client.generate("hello", max_tokens=40, ignore_eos=True)
+            chunks = list(client.stream("hello", max_tokens=40, ignore_eos=True))
+            assert [t for c in chunks for t in c.token_ids] == full.token_ids
+            assert "".join(c.text for c in chunks) == full.text
+            assert chunks[-1].is_finished and chunks[-1].finish_reason == "length"
+            text = full.text
+            stop = text[len(text) // 2: len(text) // 2 + 2] if len(text) > 4 else None
+            if stop and stop.strip("\ufffd"):
+                cut = client.generate("hello", max_tokens=40, stop=[stop], ignore_eos=True)
+                assert cut.finish_reason == "stop"
+                assert cut.text == text[: text.index(stop)]
+
+
+def test_scheduler_client_cli_import_without_torch():
+    code = ("import sys; import minedraft.runtime.scheduler, minedraft.runtime.server, "
+            "minedraft.runtime.client, minedraft.runtime.cli, minedraft.runtime.protocol; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_start_generate_stop_leaves_nothing(tmp_path):
+    before = set(glob.glob("/dev/shm/minedraft-*"))
+    with running_daemon(tmp_path, "psd") as (endpoint, args):
+        st = status(endpoint)
+        pids = [st["pid"], *st["worker_pids"].values()]
+        during = set(glob.glob("/dev/shm/minedraft-*")) - before
+        assert len(during) == 2  # one draft buffer per batch
+        out = cli("generate", *args, "--prompt", "def fib(n):", "--max-tokens", "8")
+        assert out.returncode == 0, out.stderr
+        assert "8 tokens" in out.stderr
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert set(glob.glob("/dev/shm/minedraft-*")) - before == set()
+    assert not os.path.exists(tmp_path / "run")

@@ -1,0 +1,188 @@
+"""Worker processes: run_drafter_process and run_verifier_process wrap the Drafter and Verifier
+cores with their sockets, device placement, the start-up handshake and the job loop.
+Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSON JOBS RESULTS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import zmq
+
+from minedraft.runtime import protocol as p
+from minedraft.runtime.config import Config, config_from_dict
+from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs
+from minedraft.workers.drafter import Drafter, Row
+from minedraft.workers.model.loader import TinySpec, load_decoder, save_tokenizer_json
+from minedraft.workers.sampling import SamplingParams
+from minedraft.workers.verifier import Verifier
+
+NUM_BATCHES = 2  # one draft buffer per batch id
+PARENT_CHECK_S = 1.0  # how often an idle worker checks that the scheduler still lives
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run_drafter_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
+    _serve("drafter", config, jobs_endpoint, results_endpoint, run_dir)
+
+
+def run_verifier_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
+    _serve("verifier", config, jobs_endpoint, results_endpoint, run_dir)
+
+
+def place(role: str, config: Config) -> torch.device:
+    """Pin the process to its cores and thread count; check that its device exists."""
+    section = config.drafter if role == "drafter" else config.verifier
+    if section.cpu_cores:
+        os.sched_setaffinity(0, section.cpu_cores)
+    torch.set_num_threads(section.num_threads)
+    device = torch.device(section.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{role}.device={section.device}: CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"{role}.device={section.device}: only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(index)
+    return device
+
+
+def tiny_spec(config: Config, role: str) -> TinySpec:
+    m = config.model
+    return TinySpec(
+        vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size, intermediate_size=m.tiny_intermediate_size,
+        num_layers=m.tiny_num_layers, num_heads=m.tiny_num_heads, num_kv_heads=m.tiny_num_kv_heads,
+        seed=m.tiny_seed, noise=m.tiny_draft_noise if role == "drafter" else 0.0,
+    )
+
+
+class WorkerLoop:
+    """One worker's state between jobs: its core, its buffers and its sockets."""
+
+    def __init__(self, role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str):
+        self.role = role
+        self.parent_pid = os.getppid()
+        self.context = zmq.Context()
+        self.recv_from_scheduler = self.context.socket(zmq.PULL)
+        self.recv_from_scheduler.setsockopt(zmq.LINGER, 0)
+        self.recv_from_scheduler.connect(jobs_endpoint)
+        self.send_to_scheduler = self.context.socket(zmq.PUSH)
+        self.send_to_scheduler.setsockopt(zmq.LINGER, 1000)
+        self.send_to_scheduler.connect(results_endpoint)
+        self.buffers: list[SharedBuffers] = []  # drafter: owned; verifier: attached
+        self.core = None
+        self._start(config, run_dir)
+
+    def _start(self, config: Config, run_dir: str) -> None:
+        device = place(self.role, config)
+        sc, dtype = config.scheduler, DTYPES[config.model.dtype]
+        spec = config.model.draft if self.role == "drafter" else config.model.target
+        model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role))
+        core_cls = Drafter if self.role == "drafter" else Verifier
+        self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.num_draft, dtype, device)
+        tokenizer = {"kind": "bytes"}
+        if self.role == "drafter":
+            specs = draft_buffer_specs(sc.max_batch, sc.num_draft, model.config.vocab_size)
+            self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
+        elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json")):
+            tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json")}
+        self._send(p.ReadyResult(
+            self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
+            min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),
+            tokenizer, [b.handle() for b in self.buffers],
+        ))
+
+    def run(self) -> None:
+        while True:
+            if not self.recv_from_scheduler.poll(int(PARENT_CHECK_S * 1000)):
+                if os.getppid() != self.parent_pid:  # the scheduler died: nothing left to serve
+                    return
+                continue
+            job = p.decode(self.recv_from_scheduler.recv(copy=False).bytes, p.WORKER_JOBS)
+            if isinstance(job, p.ShutdownJob):
+                return
+            try:
+                self._handle(job)
+            except Exception as exc:
+                self._send(p.WorkerError(self.role, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                                         getattr(job, "batch_id", None)))
+
+    def _handle(self, job) -> None:
+        if isinstance(job, p.ConnectJob):
+            self.buffers = [SharedBuffers.attach(h) for h in job.draft_buffers]
+            return
+        start_s = time.monotonic()
+        self.core.release(job.release)
+        rows = [_row(r) for r in job.rows]
+        buffers = self.buffers[job.batch_id].tensors if self.buffers else {}  # none in mode ar
+        if isinstance(job, p.DraftJob):
+            self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"])
+            self.buffers[job.batch_id].sync()  # data visible before it is announced
+            self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic()))
+        else:
+            emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
+            self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic()))
+
+    def _send(self, message) -> None:
+        self.send_to_scheduler.send(p.encode(message))
+
+    def close(self) -> None:
+        for buffers in self.buffers:
+            buffers.close()
+            if self.role == "drafter":
+                buffers.unlink()
+        self.buffers = []
+        self.context.destroy(linger=0)
+
+
+def _row(row: p.JobRow) -> Row:
+    params = None
+    if row.params is not None:
+        params = SamplingParams(row.params.temperature, row.params.top_k, row.params.top_p, row.params.seed)
+    return Row(row.request_id, row.new_tokens, row.num_draft, row.buffer_row, params)
+
+
+def _serve(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
+    loop = None
+    try:
+        loop = WorkerLoop(role, config, jobs_endpoint, results_endpoint, run_dir)
+        loop.run()
+    except Exception as exc:  # start-up failure: tell the scheduler why, then exit non-zero
+        if loop is None:
+            _report_startup_failure(role, results_endpoint, exc)
+        raise
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+def _report_startup_failure(role: str, results_endpoint: str, exc: Exception) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(results_endpoint)
+    sock.send(p.encode(p.WorkerError(role, f"{type(exc).__name__}: {exc}", traceback.format_exc())))
+    sock.close()
+    context.term()
+
+
+def main(argv: list[str]) -> int:
+    role, config_path, jobs_endpoint, results_endpoint = argv
+    run_dir = os.path.dirname(config_path)
+    with open(config_path) as f:
+        config = config_from_dict(json.load(f))
+    entry = run_drafter_process if role == "drafter" else run_verifier_process
+    try:
+        entry(config, jobs_endpoint, results_endpoint, run_dir)
+    except Exception:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
