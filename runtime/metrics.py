@@ -51,6 +51,7 @@ class Metrics:
             "output_tokens_per_s": recent / window_s,
             "num_drafted": self.num_drafted,
             "num_accepted": self.num_accepted,
+            "num_verify_rows": self.num_verify_rows,
             "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
             "mean_accepted_length": 1 + self.num_accepted / self.num_verify_rows if self.num_verify_rows else None,
             "busy_s": dict(self.busy_s),
