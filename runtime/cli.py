@@ -17,7 +17,9 @@ import sys
 import time
 
 from minedraft.runtime.client import Client, RequestError
-from minedraft.runtime.config import ConfigError, config_to_dict, format_config, load_config, resolve_run_dir
+from minedraft.runtime.config import (
+    ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
+)
 
 LOG_NAME = "daemon.log"
 
@@ -65,6 +67,9 @@ def cmd_start(args) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_scheduler_process(config, run_dir)
+    if run_dir.startswith(user_run_root() + os.sep):
+        os.makedirs(user_run_root(), mode=0o700, exist_ok=True)
+        os.chmod(user_run_root(), 0o700)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
     config_path = os.path.join(run_dir, "config.json")
@@ -74,7 +79,7 @@ def cmd_start(args) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "minedraft.runtime.server", config_path],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + config.server.startup_timeout_s + 10
-    with Client(config.server.endpoint, timeout_s=1.0) as client:
+    with Client(config.server.endpoint, timeout_s=1.0, curve_dir=config.server.curve_dir or None) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 print(f"error: the runtime exited during start-up (code {proc.returncode}); its log:", file=sys.stderr)
@@ -107,7 +112,7 @@ def cmd_stop(args) -> int:
     config = _load(args)
     run_dir = resolve_run_dir(config)
     pid = _read_pid(run_dir)
-    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
         try:
             num_aborted = client.shutdown()
         except TimeoutError:
@@ -128,7 +133,7 @@ def cmd_stop(args) -> int:
 
 def cmd_status(args) -> int:
     config = _load(args)
-    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
         try:
             status = client.status()
         except TimeoutError:
@@ -156,7 +161,7 @@ def cmd_status(args) -> int:
 
 def cmd_generate(args) -> int:
     config = _load(args)
-    with Client(config.server.endpoint, timeout_s=args.timeout) as client:
+    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
         try:
             completion = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
@@ -173,6 +178,26 @@ def cmd_generate(args) -> int:
         m = completion.metrics
         print(f"[{m['num_output_tokens']} tokens, finish {completion.finish_reason}, e2e {m['e2e_s']:.3f} s, "
               f"accepted {m['num_accepted']}/{m['num_drafted']} drafts]", file=sys.stderr)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """CURVE key pairs for remote access: the server's, one client's, and the allow-list."""
+    import zmq.auth
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    allowed = os.path.join(args.dir, "authorized_clients")
+    os.makedirs(allowed, mode=0o700, exist_ok=True)
+    for name in ("server", "client"):
+        if os.path.exists(os.path.join(args.dir, f"{name}.key_secret")):
+            print(f"error: {args.dir} already holds {name} keys", file=sys.stderr)
+            return 1
+        zmq.auth.create_certificates(args.dir, name)
+        os.chmod(os.path.join(args.dir, f"{name}.key_secret"), 0o600)
+    with open(os.path.join(args.dir, "client.key")) as src, open(os.path.join(allowed, "client.key"), "w") as dst:
+        dst.write(src.read())
+    print(f"wrote CURVE keys to {args.dir}: start the daemon with --set server.allow_remote=true "
+          f"--set server.curve_dir={args.dir}; clients need server.key, client.key and client.key_secret")
     return 0
 
 
@@ -214,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.set_defaults(func=cmd_generate)
+    keys = sub.add_parser("keys", help="make CURVE keys for authenticated remote access")
+    keys.add_argument("dir", help="folder to create (mode 0700)")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -5,6 +5,7 @@ One DEALER socket each; outputs are routed to their request by request_id. Never
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 
 from minedraft.runtime import protocol as p
-from minedraft.runtime.validation import MAX_REQUEST_ID_CHARS
+from minedraft.runtime.validation import validate_generate
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7475"
 POLL_MS = 50
+MAX_REQUEST_BYTES = 1048576  # the runtime's default scheduler.max_request_bytes
 
 
 class RequestError(RuntimeError):
@@ -55,15 +58,26 @@ def make_request(prompt=None, *, prompt_ids=None, max_tokens=64, temperature=0.0
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, stop=list(stop),
         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
     )
-    p.decode(p.encode(request), (p.GenerateRequest,))  # the protocol's own type checks
-    if not request.request_id or len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise ValueError(f"request_id: must be 1..{MAX_REQUEST_ID_CHARS} characters")
+    try:
+        frame = p.encode(request)
+        p.decode(frame, (p.GenerateRequest,))  # the protocol's own type checks
+    except (p.ProtocolError, TypeError, OverflowError) as exc:
+        raise ValueError(str(exc)) from None
+    if len(frame) > MAX_REQUEST_BYTES:
+        raise ValueError(f"request: {len(frame)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
+    error = validate_generate(request)  # limits the client knows; the runtime checks the rest
+    if error is not None:
+        raise ValueError(error)
     return request
 
 
-def _socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+def _socket(context: zmq.Context, endpoint: str, curve_dir: str | None) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve_dir:  # keys made by `minedraft-runtime keys`
+        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(
+            os.path.join(curve_dir, "client.key_secret"))
+        sock.curve_serverkey, _ = zmq.auth.load_certificate(os.path.join(curve_dir, "server.key"))
     sock.connect(endpoint)
     return sock
 
@@ -77,11 +91,11 @@ class Client:
     """Blocking client. Safe to share between threads: one thread at a time reads the socket and
     routes every output to its request's queue."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 600.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 600.0, curve_dir: str | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context = zmq.Context()
-        self._socket = _socket(self._context, endpoint)
+        self._socket = _socket(self._context, endpoint, curve_dir)
         self._lock = threading.Lock()  # guards the socket
         self._queues: dict[str | None, queue.Queue] = {}
 
@@ -173,11 +187,11 @@ class AsyncClient:
     """asyncio client: many concurrent requests over one socket. Cancelling a stream aborts its
     request in the runtime."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 600.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 600.0, curve_dir: str | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context = zmq.asyncio.Context()
-        self._socket = _socket(self._context, endpoint)
+        self._socket = _socket(self._context, endpoint, curve_dir)
         self._queues: dict[str | None, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._call_lock: asyncio.Lock | None = None

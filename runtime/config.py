@@ -119,6 +119,8 @@ class SchedulerSection:
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for
     max_queued_requests: int = 256  # admission queue bound; beyond it requests get "overloaded"
     max_request_bytes: int = 1048576  # largest client frame accepted
+    job_timeout_s: float = 60.0  # a worker job not answered within this is a hung worker
+    restart_workers: bool = False  # on a dead or hung worker: restart both workers (else the daemon exits 1)
 
     def __post_init__(self):
         _check_field_types(self)
@@ -130,6 +132,7 @@ class SchedulerSection:
                f"must be >= 1 and < max_len ({self.max_len}), got {self.max_tokens_cap}")
         _check(self.max_queued_requests >= 1, "max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
         _check(self.max_request_bytes >= 1024, "max_request_bytes", f"must be >= 1024, got {self.max_request_bytes}")
+        _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,30 @@ class ServerSection:
     endpoint: str = "tcp://127.0.0.1:7475"  # client endpoint: loopback tcp or ipc:// path
     run_dir: str = ""  # "" = <tmp>/minedraft-<uid>/<name derived from endpoint>
     startup_timeout_s: float = 120.0  # how long `start` waits for the daemon to serve
+    client_timeout_s: float = 30.0  # a client that leaves its outputs unread this long has its requests aborted
+    dead_linger_s: float = 5.0  # after a worker dies: answer "runtime_dead" this long, then exit 1
+    allow_remote: bool = False  # required to bind a non-loopback tcp address
+    curve_dir: str = ""  # CURVE keys (`minedraft-runtime keys`); required with allow_remote
 
     def __post_init__(self):
         _check_field_types(self)
         _check(re.fullmatch(r"(tcp|ipc)://.+", self.endpoint) is not None, "endpoint",
                f"expected tcp://HOST:PORT or ipc://PATH, got {self.endpoint!r}")
         _check(self.startup_timeout_s > 0, "startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
+        _check(self.client_timeout_s > 0, "client_timeout_s", f"must be > 0, got {self.client_timeout_s}")
+        _check(self.dead_linger_s >= 0, "dead_linger_s", f"must be >= 0, got {self.dead_linger_s}")
+        _check(is_loopback(self.endpoint) or (self.allow_remote and self.curve_dir), "endpoint",
+               f"refusing to bind the non-loopback address {self.endpoint!r}: set server.allow_remote=true "
+               "and server.curve_dir (CURVE keys from `minedraft-runtime keys`) to serve remote clients")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc:// paths and tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or re.fullmatch(r"127(\.\d{1,3}){3}", host) is not None
 
 
 @dataclass(frozen=True)
@@ -290,7 +311,12 @@ def default_run_dir(endpoint: str) -> str:
         name = "ipc-" + hashlib.sha1(rest.encode()).hexdigest()[:12]
     else:
         name = scheme + "-" + re.sub(r"[^A-Za-z0-9.]+", "-", rest).strip("-")
-    return os.path.join(tempfile.gettempdir(), f"minedraft-{os.getuid()}", name)
+    return os.path.join(user_run_root(), name)
+
+
+def user_run_root() -> str:
+    """<tmp>/minedraft-<uid>: the parent of default run directories (created 0700 by the CLI)."""
+    return os.path.join(tempfile.gettempdir(), f"minedraft-{os.getuid()}")
 
 
 def resolve_run_dir(config: Config) -> str:

@@ -115,10 +115,24 @@ class SchedulerCore:
         return True
 
     def abort_all(self, code: str, message: str) -> None:
-        """Terminal error for every live request (runtime dead, shutdown)."""
+        """Terminal error for every live request (the runtime died)."""
         for request in list(self.requests.values()):
             self._error(request.client_id, request.request_id, code, message)
             self._drop(request, "error")
+
+    def abort_client(self, client_id: bytes) -> list[str]:
+        """Abort every request of a client that went away."""
+        request_ids = [r.request_id for r in self.requests.values() if r.client_id == client_id]
+        for request_id in request_ids:
+            self.abort(request_id)
+        return request_ids
+
+    def reset_workers(self) -> None:
+        """Fresh workers hold nothing: forget in-flight jobs and pending releases."""
+        assert not self.requests, "reset_workers with live requests"
+        self.batches = [Batch(b.batch_id) for b in self.batches]
+        self.is_busy = {DRAFTER: False, VERIFIER: False}
+        self.release = {DRAFTER: [], VERIFIER: []}
 
     def take_outputs(self) -> list[tuple[bytes, object]]:
         outputs, self.outputs = self.outputs, []
@@ -173,6 +187,7 @@ class SchedulerCore:
         # Alternate: prefer the batch not drafted last (two ready batches only at start-up).
         candidates.sort(key=lambda b: b.batch_id == self.last_drafted)
         batch = candidates[0]
+        self._rebalance(batch)
         self._admit(batch)
         return batch if batch.requests else None
 
@@ -186,6 +201,15 @@ class SchedulerCore:
             return None
         drafted = [b for b in self.batches if b.state == "drafted"]
         return drafted[0] if drafted else None
+
+    def _rebalance(self, batch: Batch) -> None:
+        """After aborts and finishes, move requests from this batch (between steps, holding no
+        drafts) to the other one so the two stay within one request of each other. Slots belong
+        to requests, not batches, so a move costs nothing."""
+        if len(self.batches) == 2:
+            other = self.batches[1 - batch.batch_id]
+            while len(batch.requests) > len(other.requests) + 1 and len(other.requests) < self.max_batch:
+                other.requests.append(batch.requests.pop())
 
     def _admit(self, batch: Batch) -> None:
         """New requests join the batch drafted next, keeping the two batches balanced."""

@@ -1,6 +1,6 @@
-"""The scheduler process (the daemon's main process): sockets, worker processes, the event loop
-around SchedulerCore, and clean-up. Never imports torch; workers are started as subprocesses.
-Run as `python -m minedraft.runtime.server RUN_DIR` (RUN_DIR holds config.json).
+"""The scheduler process (the daemon's main process): the client socket, the event loop around
+SchedulerCore and the WorkerPool, failure handling and clean-up. Never imports torch.
+Run as `python -m minedraft.runtime.server CONFIG_JSON` (the CLI does this).
 """
 
 from __future__ import annotations
@@ -10,125 +10,133 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
+from collections import deque
 
-import _posixshmem
+import msgpack
 import zmq
 
 from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, config_from_dict, format_config
-from minedraft.runtime.scheduler import DRAFTER, VERIFIER, SchedulerCore
+from minedraft.runtime.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
+from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import make_tokenizer
+from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
 
 log = logging.getLogger("minedraft.server")
-POLL_MS = 100
-WORKER_EXIT_WAIT_S = 5.0
+POLL_MS = 50
 LOG_NAME = "daemon.log"
-CLIENT_HWM = 10000  # queued frames per client socket before zmq pushes back
-
-
-class StartupError(RuntimeError):
-    pass
+CLIENT_HWM = 10000  # queued frames per client before sends would block (then backlogged)
+MAX_FRAMES_PER_LOOP = 1000  # client frames handled before worker results get a turn
 
 
 class Server:
     def __init__(self, config: Config, run_dir: str):
         self.config = config
         self.run_dir = run_dir
-        self.roles = [VERIFIER] if config.scheduler.mode == "ar" else [DRAFTER, VERIFIER]
         self.context = zmq.Context()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.ready: dict[str, p.ReadyResult] = {}
-        self.send_to: dict[str, zmq.Socket] = {}
+        self.pool = WorkerPool(config, run_dir, self.context)
         self.core: SchedulerCore | None = None
-        self.is_stopping = False
+        self.state = "starting"  # starting -> serving -> stopping | dead
+        self.dead_reason: str | None = None
+        self.dead_since_s = 0.0
+        self.num_restarts = 0
         self.exit_code = 0
-        self.max_worker_frame_bytes = 0
+        self.backlog: dict[bytes, deque[tuple[float, bytes]]] = {}  # outputs a slow client has not taken
+        self.auth = None
+        self.is_term_requested = False  # set by SIGTERM; acted on in the loop
 
     # --- start-up ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        cfg = self.config
+        server = self.config.server
         self.frontend = self.context.socket(zmq.ROUTER)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.scheduler.max_request_bytes)
+        # Frames beyond max_request_bytes get an error; beyond twice that the peer is dropped.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.scheduler.max_request_bytes)
         self.frontend.setsockopt(zmq.SNDHWM, CLIENT_HWM)
         self.frontend.setsockopt(zmq.RCVHWM, CLIENT_HWM)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of dropping
         self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.bind(cfg.server.endpoint)
-        self.recv_from_workers = self.context.socket(zmq.PULL)
-        self.recv_from_workers.bind(self._ipc("results"))
-        for role in self.roles:
-            self.send_to[role] = self.context.socket(zmq.PUSH)
-            self.send_to[role].setsockopt(zmq.LINGER, 0)
-            self.send_to[role].bind(self._ipc(role))
-        config_path = os.path.join(self.run_dir, "config.json")
-        for role in self.roles:
-            cmd = [sys.executable, "-m", "minedraft.workers.process", role, config_path, self._ipc(role), self._ipc("results")]
-            self.procs[role] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        self._handshake()
-        verifier = self.ready[VERIFIER]
-        if DRAFTER in self.ready:
-            drafter = self.ready[DRAFTER]
-            if drafter.vocab_size != verifier.vocab_size:
-                raise StartupError(f"vocab mismatch: draft {cfg.model.draft} has {drafter.vocab_size} ids, "
-                                   f"target {cfg.model.target} has {verifier.vocab_size}")
-            self._send(VERIFIER, p.ConnectJob(drafter.buffers))
-        max_len = min(r.max_len for r in self.ready.values())
-        self.core = SchedulerCore(cfg, make_tokenizer(verifier.tokenizer), verifier.vocab_size, max_len,
+        if server.curve_dir:
+            self._enable_curve(server.curve_dir)
+        self.frontend.bind(server.endpoint)
+        self.pool.start()
+        verifier = self.pool.ready[VERIFIER]
+        max_len = min(r.max_len for r in self.pool.ready.values())
+        self.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size, max_len,
                                   verifier.eos_token_ids)
+        self.state = "serving"
 
-    def _handshake(self) -> None:
-        deadline = time.monotonic() + self.config.server.startup_timeout_s
-        while len(self.ready) < len(self.roles):
-            for role, proc in self.procs.items():
-                if proc.poll() is not None and role not in self.ready:
-                    self._drain_startup_errors()
-                    raise StartupError(f"{role} exited with code {proc.returncode} during start-up")
-            if time.monotonic() > deadline:
-                raise StartupError(f"workers not ready within {self.config.server.startup_timeout_s} s")
-            if not self.recv_from_workers.poll(POLL_MS):
-                continue
-            message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
-            if isinstance(message, p.WorkerError):
-                raise StartupError(f"{message.role} failed to start: {message.message}")
-            if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
-                raise StartupError(f"unexpected start-up message {message!r}")
-            self.ready[message.role] = message
-            log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model, message.vocab_size)
+    def _enable_curve(self, curve_dir: str) -> None:
+        """CURVE encryption and authentication: only clients whose public key is in
+        curve_dir/authorized_clients may talk to the runtime."""
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
 
-    def _drain_startup_errors(self) -> None:
-        while self.recv_from_workers.poll(200):
-            message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
-            if isinstance(message, p.WorkerError):
-                raise StartupError(f"{message.role} failed to start: {message.message}")
+        self.auth = ThreadAuthenticator(self.context)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=os.path.join(curve_dir, "authorized_clients"))
+        public, secret = zmq.auth.load_certificate(os.path.join(curve_dir, "server.key_secret"))
+        self.frontend.curve_publickey, self.frontend.curve_secretkey = public, secret
+        self.frontend.curve_server = True
 
-    # --- serving ----------------------------------------------------------------------------
+    # --- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> int:
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.recv_from_workers, zmq.POLLIN)
-        while not self.is_stopping or self.core.requests:
-            events = dict(poller.poll(POLL_MS))
-            if self.recv_from_workers in events:
-                self._on_worker_frames()
-            if self.frontend in events:
-                self._on_client_frames()
-            self._check_workers()
-            if self.exit_code:
-                break
-            for role, job in self.core.next_jobs():
-                self._send(role, job)
+        while True:
+            if self.frontend.poll(0) == 0 and self.pool.recv_from_workers.poll(0) == 0:
+                zmq.select([self.frontend, self.pool.recv_from_workers], [], [], POLL_MS / 1000)
+            if self.is_term_requested:
+                self.is_term_requested = False
+                self.begin_shutdown()
+            self._on_worker_messages()
+            self._on_client_frames()
+            if self.state != "dead":
+                reason = self.pool.failure()
+                if reason is not None:
+                    self._on_worker_failure(reason)
+            if self.state in ("serving", "stopping"):
+                for role, job in self.core.next_jobs():
+                    self.pool.send(role, job)
             self._flush_outputs()
+            if self.state == "stopping" and not self.core.requests:
+                return 0
+            if self.state == "dead" and time.monotonic() - self.dead_since_s >= self.config.server.dead_linger_s:
+                return 1
+
+    def _on_worker_messages(self) -> None:
+        while self.state != "dead" and (message := self.pool.recv()) is not None:
+            if isinstance(message, p.DraftResult):
+                self.core.on_draft_result(message)
+            elif isinstance(message, p.VerifyResult):
+                self.core.on_verify_result(message)
+            elif isinstance(message, p.WorkerError):
+                log.error("%s failed batch_id=%s: %s\n%s", message.role, message.batch_id, message.message,
+                          message.traceback)
+                self._on_worker_failure(f"{message.role} failed: {message.message}")
+
+    def _on_worker_failure(self, reason: str) -> None:
+        """Every live request fails now; then restart the workers, or linger as dead and exit 1."""
+        log.error("runtime dead: %s", reason)
+        self.core.abort_all("runtime_dead", f"runtime dead: {reason}")
         self._flush_outputs()
-        return self.exit_code
+        self.pool.stop()
+        if self.config.scheduler.restart_workers and self.state != "stopping":
+            try:
+                self.pool.start()
+                self.core.reset_workers()
+                self.num_restarts += 1
+                log.info("workers restarted (restart %d)", self.num_restarts)
+                return
+            except StartupError as exc:
+                reason = f"{reason}; restart failed: {exc}"
+                log.error("%s", reason)
+        self.state, self.dead_reason, self.dead_since_s = "dead", reason, time.monotonic()
 
     def _on_client_frames(self) -> None:
-        while True:
+        for _ in range(MAX_FRAMES_PER_LOOP):
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 2:
@@ -137,15 +145,26 @@ class Server:
             try:
                 message = p.decode(frame, p.CLIENT_REQUESTS, self.config.scheduler.max_request_bytes)
             except p.ProtocolError as exc:
-                self.core.outputs.append((client_id, p.ErrorOutput(None, "bad_frame", str(exc))))
+                request_id = _request_id_of(frame)
+                code = "invalid_request" if request_id is not None else "bad_frame"
+                self.core.outputs.append((client_id, p.ErrorOutput(request_id, code, str(exc))))
                 continue
-            self._on_client_message(client_id, message)
+            try:
+                self._on_client_message(client_id, message)
+            except Exception as exc:  # a bug must fail one request, not the runtime
+                log.exception("request handling failed: %r", message)
+                self.core.outputs.append((client_id, p.ErrorOutput(getattr(message, "request_id", None),
+                                                                   "internal_error", repr(exc))))
 
     def _on_client_message(self, client_id: bytes, message) -> None:
         core = self.core
         if isinstance(message, p.GenerateRequest):
-            if self.is_stopping:
-                core.outputs.append((client_id, p.ErrorOutput(message.request_id, "shutting_down", "the runtime is stopping")))
+            if self.state == "dead":
+                core.outputs.append((client_id, p.ErrorOutput(message.request_id, "runtime_dead",
+                                                              f"runtime dead: {self.dead_reason}")))
+            elif self.state == "stopping":
+                core.outputs.append((client_id, p.ErrorOutput(message.request_id, "shutting_down",
+                                                              "the runtime is stopping")))
             else:
                 core.add_request(client_id, message)
         elif isinstance(message, p.AbortRequest):
@@ -153,60 +172,59 @@ class Server:
         elif isinstance(message, p.StatusRequest):
             core.outputs.append((client_id, p.StatusOutput(self.status(message.is_detailed))))
         elif isinstance(message, p.ShutdownRequest):
-            num_aborted = len(core.requests)
-            for request_id in list(core.requests):
-                core.abort(request_id)
-            self.is_stopping = True
+            num_aborted = self.begin_shutdown()
             core.outputs.append((client_id, p.ShutdownOutput(num_aborted)))
 
-    def _on_worker_frames(self) -> None:
-        while True:
-            try:
-                frame = self.recv_from_workers.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.max_worker_frame_bytes = max(self.max_worker_frame_bytes, len(frame))
-            message = p.decode(frame, p.WORKER_RESULTS)
-            if isinstance(message, p.DraftResult):
-                self.core.on_draft_result(message)
-            elif isinstance(message, p.VerifyResult):
-                self.core.on_verify_result(message)
-            elif isinstance(message, p.WorkerError):
-                log.error("%s failed batch_id=%s: %s\n%s", message.role, message.batch_id, message.message, message.traceback)
-                self._die(f"{message.role} failed: {message.message}")
+    def begin_shutdown(self) -> int:
+        """Abort in-flight requests (finish reason "shutdown"); the loop ends once they are gone."""
+        num_aborted = len(self.core.requests)
+        for request_id in list(self.core.requests):
+            self.core.abort(request_id, "shutdown")
+        if self.state != "dead":
+            self.state = "stopping"
+        return num_aborted
 
-    def _check_workers(self) -> None:
-        for role, proc in self.procs.items():
-            if proc.poll() is not None and not self.exit_code:
-                self._die(f"{role} exited with code {proc.returncode}")
-
-    def _die(self, reason: str) -> None:
-        log.error("runtime dead: %s", reason)
-        self.core.abort_all("runtime_dead", f"runtime dead: {reason}")
-        self.exit_code = 1
-
-    def _send(self, role: str, job) -> None:
-        frame = p.encode(job)
-        self.max_worker_frame_bytes = max(self.max_worker_frame_bytes, len(frame))
-        self.send_to[role].send(frame)
+    # --- outputs ----------------------------------------------------------------------------
 
     def _flush_outputs(self) -> None:
+        now = time.monotonic()
         for client_id, message in self.core.take_outputs():
-            try:
-                self.frontend.send_multipart([client_id, p.encode(message)], zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("client output dropped (client not reading): request_id=%s", getattr(message, "request_id", None))
+            self.backlog.setdefault(client_id, deque()).append((now, p.encode(message)))
+        for client_id in list(self.backlog):
+            queue = self.backlog[client_id]
+            while queue:
+                try:
+                    self.frontend.send_multipart([client_id, queue[0][1]], zmq.NOBLOCK)
+                    queue.popleft()
+                except zmq.Again:  # the client is not reading
+                    if now - queue[0][0] > self.config.server.client_timeout_s:
+                        self._drop_client(client_id, "its outputs went unread")
+                    break
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: the client is gone
+                    self._drop_client(client_id, f"it disconnected ({exc})")
+                    break
+            if not queue:
+                self.backlog.pop(client_id, None)
+
+    def _drop_client(self, client_id: bytes, why: str) -> None:
+        aborted = self.core.abort_client(client_id)
+        self.backlog.pop(client_id, None)
+        self.core.take_outputs()  # their final outputs have nowhere to go
+        if aborted:
+            log.warning("aborted %d request(s) of a client: %s", len(aborted), why)
 
     def status(self, is_detailed: bool = False) -> dict:
         status = {
-            "state": "stopping" if self.is_stopping else "serving",
+            "state": self.state,
+            "dead_reason": self.dead_reason,
             "pid": os.getpid(),
             "endpoint": self.config.server.endpoint,
             "target": self.config.model.target,
-            "draft": self.config.model.draft if DRAFTER in self.roles else None,
+            "draft": self.config.model.draft if DRAFTER in self.pool.roles else None,
             "dtype": self.config.model.dtype,
-            "worker_pids": {role: proc.pid for role, proc in self.procs.items()},
-            "max_worker_frame_bytes": self.max_worker_frame_bytes,
+            "worker_pids": self.pool.pids(),
+            "num_restarts": self.num_restarts,
+            "max_worker_frame_bytes": self.pool.max_frame_bytes,
         }
         status.update(self.core.status(is_detailed))
         return status
@@ -214,39 +232,24 @@ class Server:
     # --- shutdown ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        for role, sock in self.send_to.items():
-            if self.procs.get(role) is not None and self.procs[role].poll() is None:
-                try:
-                    sock.send(p.encode(p.ShutdownJob()), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        deadline = time.monotonic() + WORKER_EXIT_WAIT_S
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for ready in self.ready.values():  # segments a killed worker left behind
-            _unlink_segments(ready.buffers)
+        self.pool.stop()
+        if self.auth is not None:
+            self.auth.stop()
         self.context.destroy(linger=0)
         endpoint = self.config.server.endpoint
         if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://"):]):
             os.unlink(endpoint[len("ipc://"):])
         _remove_run_dir(self.run_dir, keep_log=self.exit_code != 0)
 
-    def _ipc(self, name: str) -> str:
-        return f"ipc://{os.path.join(self.run_dir, name + '.sock')}"
 
-
-def _unlink_segments(handles: list[dict]) -> None:
-    """Remove the CPU shared-memory segments named in buffer handles, if they still exist."""
-    for handle in handles:
-        if handle.get("kind") == "shm":
-            try:
-                _posixshmem.shm_unlink("/" + handle["name"].lstrip("/"))
-            except FileNotFoundError:
-                pass
+def _request_id_of(frame: bytes) -> str | None:
+    """The request_id of a refused generate frame, if it has a usable one (to route the error)."""
+    try:
+        body = msgpack.unpackb(frame, raw=False, max_buffer_size=len(frame))
+    except Exception:
+        return None
+    request_id = body.get("request_id") if isinstance(body, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
 
 
 def _remove_run_dir(run_dir: str, keep_log: bool) -> None:
@@ -260,35 +263,29 @@ def _remove_run_dir(run_dir: str, keep_log: bool) -> None:
 
 
 def run_scheduler_process(config: Config, run_dir: str) -> int:
-    """The daemon's entry: start workers, serve until stopped; returns the exit code."""
+    """The daemon's entry: start workers, serve until stopped; returns the exit code
+    (0 after a stop, 1 when the runtime died, 2 when it could not start)."""
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(_config_dict(config), f)
+        json.dump(config_to_dict(config), f)
     with open(os.path.join(run_dir, "daemon.pid"), "w") as f:
         f.write(str(os.getpid()))
     log.info("effective config:\n%s", format_config(config))
     server = Server(config, run_dir)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "is_stopping", True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "is_term_requested", True))
     try:
         server.start()
         log.info("serving on %s (mode %s)", config.server.endpoint, config.scheduler.mode)
-        return server.serve()
+        server.exit_code = server.serve()
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
         server.exit_code = 2
-        return 2
     except Exception:
         log.exception("scheduler failed")
         server.exit_code = 1
-        return 1
     finally:
         server.close()
-
-
-def _config_dict(config: Config) -> dict:
-    from minedraft.runtime.config import config_to_dict
-
-    return config_to_dict(config)
+    return server.exit_code
 
 
 def main(argv: list[str]) -> int:
@@ -296,8 +293,6 @@ def main(argv: list[str]) -> int:
     (config_path,) = argv
     with open(config_path) as f:
         config = config_from_dict(json.load(f))
-    from minedraft.runtime.config import resolve_run_dir
-
     return run_scheduler_process(config, resolve_run_dir(config))
 
 
