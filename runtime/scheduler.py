@@ -149,8 +149,9 @@ class SchedulerCore:
                 jobs.append((DRAFTER, self._draft_job(batch)))
         if not self.is_busy[VERIFIER]:
             batch = self._batch_to_verify()
-            if batch is not None:
-                jobs.append((VERIFIER, self._verify_job(batch)))
+            job = self._verify_job(batch) if batch is not None else None
+            if job is not None:
+                jobs.append((VERIFIER, job))
         return jobs
 
     def on_draft_result(self, result: DraftResult) -> None:
@@ -225,13 +226,16 @@ class SchedulerCore:
         self._start_step(batch, self.num_draft)
         return DraftJob(batch.batch_id, [self._row(r, DRAFTER) for r in batch.rows], self._take_release(DRAFTER))
 
-    def _verify_job(self, batch: Batch) -> VerifyJob:
-        self.is_busy[VERIFIER] = True
-        batch.state = "verifying"
+    def _verify_job(self, batch: Batch) -> VerifyJob | None:
         if self.mode == "ar":
             self._start_step(batch, 0)
         else:  # requests aborted since their draft are dropped; the others keep their buffer rows
             batch.rows = [r for r in batch.rows if r.finish_reason is None]
+        if not batch.rows:  # every row was aborted after its draft
+            batch.state = "ready"
+            return None
+        self.is_busy[VERIFIER] = True
+        batch.state = "verifying"
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
 
     def _start_step(self, batch: Batch, num_draft: int) -> None:

@@ -245,7 +245,7 @@ class Server:
 def _request_id_of(frame: bytes) -> str | None:
     """The request_id of a refused generate frame, if it has a usable one (to route the error)."""
     try:
-        body = msgpack.unpackb(frame, raw=False, max_buffer_size=len(frame))
+        body = msgpack.unpackb(frame, raw=False)
     except Exception:
         return None
     request_id = body.get("request_id") if isinstance(body, dict) else None

@@ -31,6 +31,8 @@ class Verifier:
         """Verify each row's drafts (read in place from draft_tokens[row.buffer_row] and
         draft_probs[row.buffer_row]) in one target forward; return the emitted tokens per row:
         the accepted drafts followed by one corrected or bonus token."""
+        if not rows:
+            return []
         # 1. Apply committed tokens; each row feeds its uncached committed tokens + its drafts.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         num_draft = [r.num_draft for r in rows]
