@@ -78,23 +78,34 @@ def cmd_start(args) -> int:
     with open(os.path.join(run_dir, LOG_NAME), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "minedraft.runtime.server", config_path],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        status = _wait_until_serving(proc, config, run_dir)
+    except BaseException:  # interrupted or crashed while waiting: do not leave a daemon behind
+        proc.terminate()
+        raise
+    if status is None:
+        proc.terminate()
+        return 1
+    print(f"minedraft-runtime serving on {config.server.endpoint} "
+          f"(mode {status['mode']}, pid {status['pid']}, log {os.path.join(run_dir, LOG_NAME)})")
+    return 0
+
+
+def _wait_until_serving(proc: subprocess.Popen, config, run_dir: str) -> dict | None:
+    """The daemon's first status, or None (reason printed) if it died or never answered."""
     deadline = time.monotonic() + config.server.startup_timeout_s + 10
     with Client(config.server.endpoint, timeout_s=1.0, curve_dir=config.server.curve_dir or None) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 print(f"error: the runtime exited during start-up (code {proc.returncode}); its log:", file=sys.stderr)
                 _print_log(run_dir)
-                return 1
+                return None
             try:
-                status = client.status()
+                return client.status()
             except TimeoutError:
                 continue
-            print(f"minedraft-runtime serving on {config.server.endpoint} "
-                  f"(mode {status['mode']}, pid {status['pid']}, log {os.path.join(run_dir, LOG_NAME)})")
-            return 0
     print(f"error: the runtime did not answer within {config.server.startup_timeout_s} s; stopping it", file=sys.stderr)
-    proc.terminate()
-    return 1
+    return None
 
 
 def _print_log(run_dir: str) -> None:
@@ -201,6 +212,16 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    """Prepare the config's draft and target if they are known model names (join the installed
+    parts, check sha256, convert once), in a subprocess, since the CLI never imports torch."""
+    config = _load(args)
+    m = config.model
+    command = [sys.executable, "-m", "minedraft.workers.model.registry", "--skip-unknown",
+               "--cache-dir", m.cache_dir, "--dtype", m.dtype, *dict.fromkeys((m.draft, m.target))]
+    return subprocess.run(command).returncode  # its progress bars go straight to this terminal
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minedraft-runtime", description="Batch parallel speculative decoding runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.set_defaults(func=cmd_generate)
+    prepare = sub.add_parser("prepare", help="prepare the config's known models once (join, check, convert)")
+    common(prepare, with_models=True)
+    prepare.set_defaults(func=cmd_prepare)
     keys = sub.add_parser("keys", help="make CURVE keys for authenticated remote access")
     keys.add_argument("dir", help="folder to create (mode 0700)")
     keys.set_defaults(func=cmd_keys)
