@@ -82,14 +82,14 @@ class WorkerLoop:
         device = place(self.role, config)
         sc, dtype = config.scheduler, DTYPES[config.model.dtype]
         spec = config.model.draft if self.role == "drafter" else config.model.target
-        model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role))
+        model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
         core_cls = Drafter if self.role == "drafter" else Verifier
         self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.num_draft, dtype, device)
         tokenizer = {"kind": "bytes"}
         if self.role == "drafter":
             specs = draft_buffer_specs(sc.max_batch, sc.num_draft, model.config.vocab_size)
             self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
-        elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json")):
+        elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
             tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json")}
         self._send(p.ReadyResult(
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
@@ -126,6 +126,8 @@ class WorkerLoop:
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic()))
         else:
             emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
+            if self.buffers:
+                self.buffers[job.batch_id].sync()  # reads done before the buffer goes back to the drafter
             self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic()))
 
     def _send(self, message) -> None:

@@ -1,5 +1,6 @@
-"""Build a Decoder from a model spec: a built-in tiny random model, a local transformers folder
-(config.json + *.safetensors) or a .gguf file. Reads local files only; never reaches a hub."""
+"""Build a Decoder from a model spec: a built-in tiny random model, a known model name (prepared
+once by registry.py), a local transformers folder (config.json + *.safetensors) or a .gguf file.
+Reads local files only; never reaches a hub."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from safetensors.torch import load_file
 
 from minedraft.workers.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, unsupported_error
 from minedraft.workers.model.llama import Decoder
+from minedraft.workers.model.shapes import is_random, random_decoder
 
 TINY_ARCHS = ("tiny-llama", "tiny-qwen2")
+DEFAULT_CACHE_DIR = "~/.cache/minedraft"  # where known models are prepared (registry.py's default too)
 TINY_BOS_ID = 256  # the byte tokenizer's ids: 0..255 bytes, then bos, eos
 TINY_EOS_ID = 257
 TINY_INIT_STD = 0.02  # transformers' default initializer_range
@@ -78,11 +81,17 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, device="cpu") 
     return _build(config, state, dtype, device, copy=True)
 
 
-def load_decoder(spec: str, dtype: torch.dtype, device="cpu", tiny: TinySpec = TinySpec()) -> Decoder:
-    """spec: "tiny-llama" / "tiny-qwen2", a local transformers folder, or a .gguf file."""
+def load_decoder(
+    spec: str, dtype: torch.dtype, device="cpu", tiny: TinySpec = TinySpec(), cache_dir: str = DEFAULT_CACHE_DIR
+) -> Decoder:
+    """spec: "tiny-llama" / "tiny-qwen2", a random-weight real shape (shapes.RANDOM_MODELS), a
+    known model name (prepared under cache_dir on first use; a name wins over a same-named path,
+    so write ./NAME for that), a local transformers folder, or a .gguf file."""
     if spec in TINY_ARCHS:
         return decoder_from_hf(tiny_hf_model(spec, tiny), dtype, device)
-    path = _existing_path(spec)
+    if is_random(spec):  # random weights, real shapes (shapes.py); seeded by model.tiny_seed
+        return random_decoder(spec, dtype, device, seed=tiny.seed)
+    path = _existing_path(resolve_spec(spec, dtype, cache_dir))
     if path.is_dir():
         config = ModelConfig.from_hf(_folder_config(path))
         files = sorted(path.glob("*.safetensors"))
@@ -101,11 +110,22 @@ def load_decoder(spec: str, dtype: torch.dtype, device="cpu", tiny: TinySpec = T
     )
 
 
-def save_tokenizer_json(spec: str, out_path: str) -> bool:
-    """Write the model's tokenizer.json to out_path; False for tiny-* (byte tokenizer)."""
-    if spec in TINY_ARCHS:
+def resolve_spec(spec: str, dtype: torch.dtype, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+    """A known model name becomes its prepared folder (made on first use); anything else is kept."""
+    # Imported here so `python -m minedraft.workers.model.registry` runs a module not yet imported.
+    from minedraft.workers.model import registry
+
+    return registry.prepare_model(spec, cache_dir, dtype) if registry.is_known(spec) else spec
+
+
+def save_tokenizer_json(
+    spec: str, out_path: str, dtype: torch.dtype = torch.bfloat16, cache_dir: str = DEFAULT_CACHE_DIR
+) -> bool:
+    """Write the model's tokenizer.json to out_path; False for tiny-* (byte tokenizer). A known
+    name uses its prepared folder (pass the dtype load_decoder used, so nothing is prepared twice)."""
+    if spec in TINY_ARCHS or is_random(spec):
         return False
-    path = _existing_path(spec)
+    path = _existing_path(resolve_spec(spec, dtype, cache_dir))
     if path.is_dir() and (path / "tokenizer.json").is_file():
         shutil.copyfile(path / "tokenizer.json", out_path)
         return True
