@@ -82,11 +82,11 @@ def _check_field_types(section) -> None:
 
 @dataclass(frozen=True)
 class ModelSection:
-    target: str = "tiny-llama"  # local HF folder, .gguf file, known model name, or tiny-llama / tiny-qwen2
+    target: str = "tiny-llama"  # HF folder, .gguf, known name, random-qwen2.5-coder-1.5b/-0.5b, tiny-llama / tiny-qwen2
     draft: str = "tiny-llama"  # same forms; must share the target's vocabulary
     dtype: str = "float32"  # float32 | bfloat16
     cache_dir: str = "~/.cache/minedraft"  # where prepared real models are kept
-    tiny_seed: int = 0  # weight seed of tiny-* models
+    tiny_seed: int = 0  # weight seed of tiny-* and random-* models
     tiny_draft_noise: float = 0.0  # std of noise added to a tiny draft's weights (draft = target + noise)
     tiny_vocab_size: int = 512  # vocabulary size of tiny-* models
     tiny_hidden_size: int = 64  # hidden size of tiny-* models

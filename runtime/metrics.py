@@ -14,6 +14,7 @@ class Metrics:
         self.start_s = clock()
         self.busy_s = {"drafter": 0.0, "verifier": 0.0}
         self.intervals = {role: deque(maxlen=MAX_INTERVALS) for role in self.busy_s}
+        self.num_jobs = {role: 0 for role in self.busy_s}  # draft / verify jobs answered (steps)
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_rows = 0
@@ -23,6 +24,7 @@ class Metrics:
 
     def add_busy(self, role: str, start_s: float, end_s: float) -> None:
         self.busy_s[role] += max(0.0, end_s - start_s)
+        self.num_jobs[role] += 1
         self.intervals[role].append((start_s, end_s))
 
     def add_verify_row(self, num_draft: int, num_accepted: int) -> None:
@@ -56,6 +58,7 @@ class Metrics:
             "mean_accepted_length": 1 + self.num_accepted / self.num_verify_rows if self.num_verify_rows else None,
             "busy_s": dict(self.busy_s),
             "busy_fraction": {role: busy / uptime_s for role, busy in self.busy_s.items()},
+            "num_jobs": dict(self.num_jobs),
             "finish_reasons": dict(self.finish_reasons),
         }
         if is_detailed:

@@ -37,7 +37,9 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _TRACKS_ATTACH = sys.version_info < (3, 13)  # before 3.13 attaching registers with the tracker
-_local_cuda: dict[bytes, torch.UntypedStorage] = {}  # producer blocks, for same-process attach
+# Producer blocks, for same-process attach, keyed like torch's own IPC cache: two small blocks can
+# share one cudaMalloc segment, hence one IPC handle, at different offsets.
+_local_cuda: dict[tuple[bytes, int], torch.UntypedStorage] = {}
 
 
 def draft_buffer_specs(max_batch: int, max_draft: int, vocab_size: int) -> dict[str, TensorSpec]:
@@ -141,7 +143,7 @@ class SharedBuffers:
             base = torch.zeros(size_bytes, dtype=torch.uint8, device=f"cuda:{index}")  # [size_bytes] uint8
             dev, ipc, storage_bytes, offset_bytes, rc_handle, rc_offset, event, event_sync = (
                 base.untyped_storage()._share_cuda_())
-            _local_cuda[ipc] = base.untyped_storage()
+            _local_cuda[(ipc, offset_bytes)] = base.untyped_storage()
             handle = {"kind": "cuda_ipc", "device": dev, "size_bytes": storage_bytes, "tensors": fields,
                       "ipc": {"handle": ipc, "offset_bytes": offset_bytes, "ref_counter_handle": rc_handle,
                               "ref_counter_offset": rc_offset, "event_handle": event,
@@ -207,7 +209,7 @@ class SharedBuffers:
         if not isinstance(ipc, dict) or set(ipc) != set(types) or not all(
                 type(ipc[key]) is kind for key, kind in types.items()):
             raise _bad(f"'ipc' must be a map of {types}")
-        storage = _local_cuda.get(ipc["handle"])
+        storage = _local_cuda.get((ipc["handle"], ipc["offset_bytes"]))
         if storage is not None:  # same process: CUDA cannot open its own IPC handle
             torch.UntypedStorage._release_ipc_counter(
                 ipc["ref_counter_handle"], ipc["ref_counter_offset"], device=device)
@@ -233,7 +235,7 @@ class SharedBuffers:
         self.tensors = {}
         self._base = None
         if self.device.type == "cuda" and self._is_owner:
-            _local_cuda.pop(self._handle["ipc"]["handle"], None)
+            _local_cuda.pop((self._handle["ipc"]["handle"], self._handle["ipc"]["offset_bytes"]), None)
         if self._shm is None:
             return
         try:

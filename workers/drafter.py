@@ -52,7 +52,7 @@ class Drafter:
             return
         rows = [rows[i] for i in active]
         states = [states[i] for i in active]
-        temperature, top_k, top_p = batch_params([s.params for s in states], self.cache.data.device)
+        temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
         buffer_rows = torch.tensor([r.buffer_row for r in rows])
         is_sampled = temperature > 0  # [B] bool
         # 2. Catch up on committed tokens; logits after the last one give draft token 1.

@@ -46,11 +46,14 @@ class Engine:
         self.num_draft = num_draft if mode == "sd" else 0
         self.eos_token_ids = tuple(target.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_draft = max(self.num_draft, 1)
-        self.verifier = Verifier(target, max_batch, max_len, max_draft, dtype)
-        self.drafter = Drafter(draft, max_batch, max_len, max_draft, dtype) if mode == "sd" else None
+        # Each cache lives on its model's device; the draft buffers on the drafter's.
+        target_device = target.lm_head.weight.device
+        draft_device = draft.lm_head.weight.device if mode == "sd" else target_device
+        self.verifier = Verifier(target, max_batch, max_len, max_draft, dtype, target_device)
+        self.drafter = Drafter(draft, max_batch, max_len, max_draft, dtype, draft_device) if mode == "sd" else None
         vocab = target.config.vocab_size
-        self.draft_tokens = torch.zeros(max_batch, max_draft, dtype=torch.long)  # [max_batch, k]
-        self.draft_probs = torch.zeros(max_batch, max_draft, vocab)  # [max_batch, k, V] float32
+        self.draft_tokens = torch.zeros(max_batch, max_draft, dtype=torch.long, device=draft_device)  # [max_batch, k]
+        self.draft_probs = torch.zeros(max_batch, max_draft, vocab, device=draft_device)  # [max_batch, k, V] float32
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.finished: dict[str, EngineRequest] = {}
