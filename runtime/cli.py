@@ -34,6 +34,10 @@ def _load(args) -> "Config":  # noqa: F821
     return load_config(args.config, overrides)
 
 
+def _client(config, timeout_s: float) -> Client:
+    return Client(config.server.endpoint, timeout_s=timeout_s, curve_dir=config.server.curve_dir or None)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,7 +98,7 @@ def cmd_start(args) -> int:
 def _wait_until_serving(proc: subprocess.Popen, config, run_dir: str) -> dict | None:
     """The daemon's first status, or None (reason printed) if it died or never answered."""
     deadline = time.monotonic() + config.server.startup_timeout_s + 10
-    with Client(config.server.endpoint, timeout_s=1.0, curve_dir=config.server.curve_dir or None) as client:
+    with _client(config, 1.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 print(f"error: the runtime exited during start-up (code {proc.returncode}); its log:", file=sys.stderr)
@@ -123,7 +127,7 @@ def cmd_stop(args) -> int:
     config = _load(args)
     run_dir = resolve_run_dir(config)
     pid = _read_pid(run_dir)
-    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
+    with _client(config, args.timeout) as client:
         try:
             num_aborted = client.shutdown()
         except TimeoutError:
@@ -144,7 +148,7 @@ def cmd_stop(args) -> int:
 
 def cmd_status(args) -> int:
     config = _load(args)
-    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
+    with _client(config, args.timeout) as client:
         try:
             status = client.status()
         except TimeoutError:
@@ -156,7 +160,8 @@ def cmd_status(args) -> int:
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     busy = status["busy_fraction"]
     lines = [
-        ("state", status["state"]), ("endpoint", status["endpoint"]), ("mode", status["mode"]),
+        ("state", status["state"] + (f" ({status['dead_reason']})" if status.get("dead_reason") else "")),
+        ("endpoint", status["endpoint"]), ("mode", status["mode"]),
         ("target", status["target"]), ("draft", status["draft"]), ("dtype", status["dtype"]),
         ("live requests", f"{status['num_running']} running, {status['num_waiting']} waiting"),
         ("batch sizes", status["batch_sizes"]), ("output tokens/s", fmt(status["output_tokens_per_s"])),
@@ -172,7 +177,7 @@ def cmd_status(args) -> int:
 
 def cmd_generate(args) -> int:
     config = _load(args)
-    with Client(config.server.endpoint, timeout_s=args.timeout, curve_dir=config.server.curve_dir or None) as client:
+    with _client(config, args.timeout) as client:
         try:
             completion = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
