@@ -120,3 +120,11 @@ def test_start_generate_stop_leaves_nothing(tmp_path):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert set(glob.glob("/dev/shm/minedraft-*")) - before == set()
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_workers_do_not_import_the_scheduler():
+    code = ("import sys; import minedraft.workers.process, minedraft.workers.engine; "
+            "bad = [m for m in ('minedraft.runtime.scheduler', 'minedraft.runtime.server', "
+            "'minedraft.runtime.worker_pool', 'minedraft.runtime.client') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
