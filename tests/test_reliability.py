@@ -21,6 +21,10 @@ from minedraft.runtime.client import AsyncClient, Client, RequestError, make_req
 from tests.runtime_utils import ROOT, cli, daemon_args, running_daemon, status
 
 
+# A tiny model slow enough that long requests are still running when a test acts on them.
+SLOW_MODEL = ("model.tiny_hidden_size=512", "model.tiny_intermediate_size=2048", "model.tiny_num_layers=6")
+
+
 def raw_socket(endpoint: str) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -166,7 +170,7 @@ def test_fuzz_hostile_frames_then_still_serves(tiny_daemon):
 
 def test_abort_stops_steps_and_frees_slots(tmp_path):
     # one request per batch and 2 slots per worker: a leaked slot would fail the third request
-    with running_daemon(tmp_path, "sd", "scheduler.max_batch=1") as (endpoint, _):
+    with running_daemon(tmp_path, "sd", "scheduler.max_batch=1", *SLOW_MODEL) as (endpoint, _):
         with Client(endpoint, timeout_s=30) as client:
             chunks = client.stream("long one", max_tokens=250, ignore_eos=True, request_id="long")
             seen = 0
@@ -193,11 +197,14 @@ def test_abort_stops_steps_and_frees_slots(tmp_path):
 def test_cancelled_async_stream_aborts(tmp_path):
     async def main(endpoint):
         async with AsyncClient(endpoint, timeout_s=30) as client:
+            first = asyncio.Event()
+
             async def consume():
                 async for _ in client.stream("cancel me", max_tokens=250, ignore_eos=True):
-                    pass
+                    first.set()
+                    await asyncio.sleep(3600)  # a consumer that is cancelled mid-stream
             task = asyncio.create_task(consume())
-            await asyncio.sleep(0.5)
+            await first.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -208,13 +215,13 @@ def test_cancelled_async_stream_aborts(tmp_path):
                 await asyncio.sleep(0.1)
             return st
 
-    with running_daemon(tmp_path, "psd") as (endpoint, _):
+    with running_daemon(tmp_path, "psd", *SLOW_MODEL) as (endpoint, _):
         st = asyncio.run(main(endpoint))
         assert st["num_running"] == 0 and st["finish_reasons"].get("abort") == 1
 
 
 def test_vanished_client_requests_are_aborted(tmp_path):
-    with running_daemon(tmp_path, "psd") as (endpoint, _):
+    with running_daemon(tmp_path, "psd", *SLOW_MODEL) as (endpoint, _):
         sock = raw_socket(endpoint)
         for i in range(4):
             sock.send(p.encode(p.GenerateRequest(f"gone{i}", prompt="bye", max_tokens=250, ignore_eos=True)))
@@ -262,8 +269,7 @@ def _wait_gone(pids, timeout_s=10.0) -> bool:
 def test_kill_worker_fails_all_requests_fast_and_cleans_up(tmp_path, role):
     shm_before = _shm_segments()
     # a model large enough that no request can finish before the kill
-    args = daemon_args(tmp_path, "psd", "server.dead_linger_s=3", "model.tiny_hidden_size=256",
-                       "model.tiny_intermediate_size=1024", "model.tiny_num_layers=4")
+    args = daemon_args(tmp_path, "psd", "server.dead_linger_s=3", *SLOW_MODEL)
     assert cli("start", *args).returncode == 0
     endpoint = args[args.index("--endpoint") + 1]
     st = status(endpoint)
@@ -310,7 +316,7 @@ def test_hung_worker_is_detected(tmp_path):
 
 
 def test_restart_workers_serves_after_a_kill(tmp_path):
-    with running_daemon(tmp_path, "psd", "scheduler.restart_workers=true") as (endpoint, _):
+    with running_daemon(tmp_path, "psd", "scheduler.restart_workers=true", *SLOW_MODEL) as (endpoint, _):
         st = status(endpoint)
         with Client(endpoint, timeout_s=60) as client:
             stream = client.stream("before", max_tokens=250, ignore_eos=True)
