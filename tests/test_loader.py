@@ -152,3 +152,13 @@ def test_bad_gguf_and_tokenizer_copy(tmp_path):
     out = tmp_path / "out.json"
     assert save_tokenizer_json(str(folder), str(out)) is True
     assert out.read_text() == '{"version": "1.0"}'
+
+
+def test_generation_config_eos_ids_become_stop_ids(tmp_path):
+    """transformers' generate stops on generation_config.json's EOS ids too; so must we."""
+    import json
+
+    hf = tiny_hf_model("tiny-llama", TinySpec())
+    hf.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 300]}))
+    assert load_decoder(str(tmp_path / "m"), torch.float32).config.eos_token_ids == (257, 300)

@@ -4,6 +4,7 @@ Reads local files only; never reaches a hub."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def load_decoder(
         return random_decoder(spec, dtype, device, seed=tiny.seed)
     path = _existing_path(resolve_spec(spec, dtype, cache_dir))
     if path.is_dir():
-        config = ModelConfig.from_hf(_folder_config(path))
+        config = _with_stop_ids(ModelConfig.from_hf(_folder_config(path)), _generation_eos(path) + _known_stop_ids(spec))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ModelError(f"no *.safetensors weights in model folder {path}")
@@ -108,6 +109,28 @@ def load_decoder(
     raise ModelError(
         f"model spec must be a built-in name ({', '.join(TINY_ARCHS)}), a folder or a .gguf file: {spec}"
     )
+
+
+def _with_stop_ids(config: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
+    """The config with extra end-of-generation ids added to its EOS ids (order kept, no repeats)."""
+    ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(i for i in extra if 0 <= i < config.vocab_size)))
+    return dataclasses.replace(config, eos_token_ids=ids)
+
+
+def _generation_eos(path: Path) -> tuple[int, ...]:
+    """EOS ids of a folder's generation_config.json (transformers' generate stops on these too)."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    eos = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in eos if isinstance(i, int) and not isinstance(i, bool))
+
+
+def _known_stop_ids(spec: str) -> tuple[int, ...]:
+    from minedraft.workers.model import registry
+
+    return registry.KNOWN_MODELS[spec].stop_token_ids if registry.is_known(spec) else ()
 
 
 def resolve_spec(spec: str, dtype: torch.dtype, cache_dir: str = DEFAULT_CACHE_DIR) -> str:

