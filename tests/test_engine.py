@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minedraft.workers.engine import Engine, EngineRequest
+from minedraft.workers.model.config import VocabMismatchError
 from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
 from minedraft.workers.sampling import SamplingParams
 
@@ -128,3 +129,6 @@ def test_bad_requests(target):
         engine.add_request(EngineRequest("b", [1] * 30, 4))
     with pytest.raises(ValueError, match="needs a draft model"):
         Engine(target, None, mode="sd")
+    other_vocab = decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(vocab_size=600)))
+    with pytest.raises(VocabMismatchError, match="600"):
+        Engine(target, other_vocab, mode="sd")

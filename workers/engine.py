@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minedraft.workers.drafter import Drafter, Row
+from minedraft.workers.model.config import check_same_vocab
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
 
@@ -42,6 +43,8 @@ class Engine:
             raise ValueError(f"mode must be 'ar' or 'sd', got {mode!r}")
         if mode == "sd" and draft is None:
             raise ValueError("mode 'sd' needs a draft model")
+        if mode == "sd":
+            check_same_vocab(draft.config, target.config)
         self.mode, self.max_batch, self.max_len = mode, max_batch, max_len
         self.num_draft = num_draft if mode == "sd" else 0
         self.eos_token_ids = tuple(target.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
