@@ -97,6 +97,7 @@ class Client:
         self._context = zmq.Context()
         self._socket = _socket(self._context, endpoint, curve_dir)
         self._lock = threading.Lock()  # guards the socket
+        self._call_lock = threading.Lock()  # one status/shutdown call at a time (they share a queue)
         self._queues: dict[str | None, queue.Queue] = {}
 
     def generate(self, prompt=None, **kwargs) -> Completion:
@@ -152,8 +153,6 @@ class Client:
                 _raise_if_error(message)
                 if isinstance(message, reply_type):
                     return message
-
-    _call_lock = threading.Lock()
 
     def _send(self, message) -> None:
         with self._lock:

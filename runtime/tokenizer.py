@@ -3,8 +3,6 @@ the `tokenizers` library for real ones; plus incremental detokenization with sto
 
 from __future__ import annotations
 
-BYTE_BOS, BYTE_EOS = 256, 257
-
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; 256 is BOS, 257 EOS; other ids decode to nothing."""
