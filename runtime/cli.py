@@ -170,6 +170,9 @@ def cmd_status(args) -> int:
         ("busy fraction", f"drafter {busy['drafter']:.3f}, verifier {busy['verifier']:.3f}"),
         ("output tokens", status["num_output_tokens"]), ("uptime s", fmt(status["uptime_s"])),
     ]
+    for role, linear in sorted(status.get("linear_path", {}).items()):
+        shapes = ", ".join(f"{shape} {path}" for shape, path in linear.get("shapes", {}).items())
+        lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}; {shapes}"))
     for key, value in lines:
         print(f"{key:<22}{value}")
     return 0

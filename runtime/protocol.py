@@ -185,6 +185,7 @@ class ReadyResult:
     eos_token_ids: list[int]
     tokenizer: dict  # {"kind": "bytes"} or {"kind": "file", "path": ...}
     buffers: list[dict] = field(default_factory=list)  # handles the worker produces, by batch_id
+    linear: dict = field(default_factory=dict)  # which linear path serves which weight shape (fast_linear.LinearReport)
 
 
 @dataclass(frozen=True)

@@ -225,6 +225,7 @@ class Server:
             "worker_pids": self.pool.pids(),
             "num_restarts": self.num_restarts,
             "max_worker_frame_bytes": self.pool.max_frame_bytes,
+            "linear_path": {role: ready.linear for role, ready in self.pool.ready.items()},
         }
         status.update(self.core.status(is_detailed))
         return status

@@ -81,6 +81,7 @@ class WorkerPool:
                 if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
                     raise StartupError(f"unexpected start-up message {message!r}")
                 self.ready[message.role] = message
+                log.info("%s linear path: %s", message.role, message.linear)
                 log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model,
                          message.vocab_size)
 

@@ -1,25 +1,34 @@
 """Our Decoder against transformers on tiny random models (float32, CPU): prefill of ragged
-batches, incremental decode, rollback + re-append, batch vs alone; plus a bfloat16 smoke test."""
+batches, incremental decode, rollback + re-append, batch vs alone; plus a bfloat16 smoke test.
+Every check runs on each linear path that can serve (plain F.linear and the packed kernel)."""
 
 import pytest
 import torch
 
 from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.model import TINY_ARCHS, TinySpec, decoder_from_hf, tiny_hf_model
+from minedraft.workers.model.fast_linear import apply_linear_path, kernel_unavailable_reason
 
 SPEC = TinySpec(num_heads=4, num_kv_heads=2)  # GQA: 2 query heads per kv head
 TOL = 1e-4
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
+@pytest.fixture(scope="module", params=[(arch, path) for arch in TINY_ARCHS for path in ("plain", "packed")],
+                ids=lambda param: "-".join(param))
 def models(request):
-    hf = tiny_hf_model(request.param, SPEC)
+    arch, path = request.param
+    reason = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
+    if path == "packed" and reason is not None:
+        pytest.skip(f"kernel unavailable: {reason}")
+    hf = tiny_hf_model(arch, SPEC)
     with torch.no_grad():  # sharper than the 0.02 init, so a wrong position or mask shows
         for p in hf.parameters():
             if p.dim() == 2:
                 p.mul_(5)
-    return hf, decoder_from_hf(hf)
+    model = decoder_from_hf(hf)
+    apply_linear_path(model, path, "~/.cache/minedraft")
+    return hf, model
 
 
 def random_tokens(n: int, seed: int) -> list[int]:

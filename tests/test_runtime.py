@@ -38,12 +38,25 @@ def greedy_reference():
     return reference_outputs(workload())
 
 
+@pytest.mark.parametrize("linear_path", ["plain", "packed"])
 @pytest.mark.parametrize("mode", ["psd", "sd", "ar"])
-def test_greedy_equals_reference(tmp_path, mode, greedy_reference):
-    with running_daemon(tmp_path, mode) as (endpoint, _):
+def test_greedy_equals_reference(tmp_path, mode, linear_path, greedy_reference):
+    """Every mode on each linear path against the in-process plain-path reference."""
+    import torch
+    from minedraft.workers.model.fast_linear import kernel_unavailable_reason
+
+    reason = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
+    if linear_path == "packed" and reason is not None:
+        pytest.skip(f"kernel unavailable: {reason}")
+    with running_daemon(tmp_path, mode, f"model.linear_path={linear_path}") as (endpoint, _):
         outputs = asyncio.run(run_load(endpoint, workload()))
         st = status(endpoint)
     assert outputs == greedy_reference
+    roles = ["verifier"] if mode == "ar" else ["drafter", "verifier"]
+    assert sorted(st["linear_path"]) == roles
+    for role in roles:
+        assert st["linear_path"][role]["requested"] == linear_path
+        assert set(st["linear_path"][role]["shapes"].values()) == {linear_path}
     if mode != "ar":
         assert 0 < st["acceptance_rate"] <= 1
         assert 1 < st["mean_accepted_length"] <= 5

@@ -50,8 +50,8 @@ class Engine:
         self.eos_token_ids = tuple(target.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_draft = max(self.num_draft, 1)
         # Each cache lives on its model's device; the draft buffers on the drafter's.
-        target_device = target.lm_head.weight.device
-        draft_device = draft.lm_head.weight.device if mode == "sd" else target_device
+        target_device = target.device
+        draft_device = draft.device if mode == "sd" else target_device
         self.verifier = Verifier(target, max_batch, max_len, max_draft, dtype, target_device)
         self.drafter = Drafter(draft, max_batch, max_len, max_draft, dtype, draft_device) if mode == "sd" else None
         vocab = target.config.vocab_size

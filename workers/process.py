@@ -18,6 +18,7 @@ from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict
 from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs
 from minedraft.workers.drafter import Drafter, Row
+from minedraft.workers.model.fast_linear import apply_linear_path
 from minedraft.workers.model.loader import TinySpec, load_decoder, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
@@ -83,6 +84,7 @@ class WorkerLoop:
         sc, dtype = config.scheduler, DTYPES[config.model.dtype]
         spec = config.model.draft if self.role == "drafter" else config.model.target
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
+        linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir)
         core_cls = Drafter if self.role == "drafter" else Verifier
         self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.num_draft, dtype, device)
         tokenizer = {"kind": "bytes"}
@@ -94,7 +96,7 @@ class WorkerLoop:
         self._send(p.ReadyResult(
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
             min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),
-            tokenizer, [b.handle() for b in self.buffers],
+            tokenizer, [b.handle() for b in self.buffers], linear.to_dict(),
         ))
 
     def run(self) -> None:

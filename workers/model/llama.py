@@ -105,6 +105,11 @@ class Decoder(nn.Module):
         # Kept float32 outside the module's buffers, so .to(bfloat16) cannot round it.
         self.inv_freq = 1.0 / (config.rope_theta**exponents)  # [D/2] float32
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the lm_head may be a packed look-alike: fast_linear.py)."""
+        return self.model.norm.weight.device
+
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, 1, D] for positions [B, T], computed in float32 like transformers."""
         if self.inv_freq.device != positions.device:
@@ -128,7 +133,7 @@ class Decoder(nn.Module):
         B, T = tokens.shape
         num_tokens = [T] * B if num_tokens is None else list(num_tokens)
         starts = self._check(cache, slots, num_tokens, B, T)
-        device = self.lm_head.weight.device
+        device = self.device
         # 1. Positions and the cache cells of the real (unpadded) tokens, built on the host.
         pos = torch.tensor(starts)[:, None] + torch.arange(T)  # [B, T] long
         is_real = torch.arange(T)[None, :] < torch.tensor(num_tokens)[:, None]  # [B, T] bool

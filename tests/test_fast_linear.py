@@ -1,0 +1,190 @@
+"""The small-M CPU linear kernel and its seam (workers/model/fast_linear.py): results against
+F.linear, bitwise batch and thread invariance, the swap into a Decoder (tied embedding read from
+the packed panels, plain weights dropped), the per-M choice from timings, and the fallbacks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minedraft.runtime.config import ConfigError, load_config
+from minedraft.workers.engine import Engine, EngineRequest
+from minedraft.workers.model import fast_linear
+from minedraft.workers.model.fast_linear import (
+    PackedEmbedding, PackedLinear, apply_linear_path, choice_from_timings, describe_choice,
+    kernel_unavailable_reason, load_kernel,
+)
+from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
+
+CACHE_DIR = "~/.cache/minedraft"
+SKIP_REASON = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
+needs_kernel = pytest.mark.skipif(SKIP_REASON is not None, reason=f"kernel unavailable: {SKIP_REASON}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if SKIP_REASON is not None:
+        pytest.skip(SKIP_REASON)
+    return load_kernel(CACHE_DIR)[0]
+
+
+# N not a multiple of 16 (edge panel), K beyond one 256-wide chunk and not a multiple of it.
+SHAPES = [(16, 8), (37, 300), (256, 64), (1000, 513)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_matches_f_linear(ops, n, k, has_bias):
+    gen = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=gen) / k**0.5
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    packed = ops.pack(weight)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    for m in (0, 1, 2, 5, 7, 13, 40, 81):
+        x = torch.randn(m, k, generator=gen)
+        y = ops.linear(x, packed, bias, n)
+        assert y.shape == (m, n)
+        if m:
+            assert (y - F.linear(x, weight, bias)).abs().max().item() < 1e-4
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_their_batch_or_threads(ops):
+    """Each output is one ordered FMA chain: a row alone, in any batch and at any thread count
+    gives the same bits (what keeps greedy output identical across ar, sd and psd)."""
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(200, 700, generator=gen), torch.randn(200, generator=gen)
+    packed = ops.pack(weight)
+    x = torch.randn(23, 700, generator=gen)
+    batch = ops.linear(x, packed, bias, 200)
+    for m in (1, 2, 5, 6, 7, 12, 13):
+        assert torch.equal(ops.linear(x[:m].contiguous(), packed, bias, 200), batch[:m])
+    assert torch.equal(ops.linear(x[9:10].contiguous(), packed, bias, 200)[0], batch[9])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(ops.linear(x, packed, bias, 200), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_rejects_mismatched_inputs(ops):
+    packed = ops.pack(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.linear(torch.randn(2, 65), packed, None, 32)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.linear(torch.randn(64, 2).t(), packed, None, 32)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.linear(torch.randn(2, 64), packed, torch.randn(31), 32)
+
+
+def tiny_decoder(arch: str):
+    return decoder_from_hf(tiny_hf_model(arch, TinySpec(seed=0)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_packed_swaps_every_linear_and_drops_plain_weights(arch):
+    plain, fast = tiny_decoder(arch), tiny_decoder(arch)
+    report = apply_linear_path(fast, "packed", CACHE_DIR)
+    assert set(report.shapes.values()) == {"packed"}
+    assert not any(isinstance(m, nn.Linear) for m in fast.modules())
+    linears = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 7 * fast.config.num_layers + 1 and all(m.weight is None for m in linears)
+    ids = torch.arange(fast.config.vocab_size).reshape(2, -1)
+    if fast.config.tie_word_embeddings:  # the embedding reads the lm_head's panels
+        assert isinstance(fast.model.embed_tokens, PackedEmbedding)
+    assert torch.equal(fast.model.embed_tokens(ids), plain.model.embed_tokens(ids))
+
+
+def test_plain_path_changes_nothing():
+    model = tiny_decoder("tiny-qwen2")
+    report = apply_linear_path(model, "plain", CACHE_DIR)
+    assert set(report.shapes.values()) == {"plain"} and "plain" in report.kernel
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 7 * model.config.num_layers + 1
+
+
+def test_falls_back_where_the_kernel_cannot_serve():
+    assert "CPUs" in kernel_unavailable_reason(torch.device("cuda"), torch.float32)
+    assert "float32" in kernel_unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    model = decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec()), dtype=torch.bfloat16)
+    report = apply_linear_path(model, "auto", CACHE_DIR)
+    assert report.kernel.startswith("unavailable: dtype") and set(report.shapes.values()) == {"plain"}
+    with pytest.raises(RuntimeError, match="linear_path = packed, but the kernel cannot serve"):
+        apply_linear_path(model, "packed", CACHE_DIR)
+    with pytest.raises(ValueError, match="linear_path"):
+        apply_linear_path(model, "fast", CACHE_DIR)
+
+
+def test_failed_build_is_reported_and_falls_back(monkeypatch):
+    monkeypatch.setattr(fast_linear, "_kernel_state", {"error": "kernel build failed: no compiler"})
+    monkeypatch.setattr(fast_linear, "kernel_unavailable_reason", lambda device, dtype: None)
+    report = apply_linear_path(tiny_decoder("tiny-llama"), "auto", CACHE_DIR)
+    assert report.kernel == "unavailable: kernel build failed: no compiler"
+    assert set(report.shapes.values()) == {"plain"}
+
+
+def test_choice_per_m_from_timings():
+    timing = {"rows": [1, 5, 16], "packed_s": [2.0, 1.0, 3.0], "plain_s": [1.0, 2.0, 2.0]}
+    is_packed = choice_from_timings(timing)
+    assert len(is_packed) == 17  # M = 0..16; larger M take the last entry
+    assert is_packed[:2] == [False, False] and all(is_packed[2:6]) and not any(is_packed[6:])
+    assert describe_choice(is_packed) == "packed for M 2-5; plain for M 1, 6+"
+    near_tie = {"rows": [1], "packed_s": [1.05], "plain_s": [1.0]}  # within PLAIN_MARGIN: the kernel
+    assert choice_from_timings(near_tie) == [True, True]
+    assert describe_choice([True] * 4) == "packed" and describe_choice([False] * 4) == "plain"
+
+
+@needs_kernel
+def test_mixed_choice_serves_each_m_on_its_path(ops):
+    linear = nn.Linear(64, 48)
+    layer = PackedLinear(ops, linear, [False, False, True, True, False])  # plain for M 1 and 4+
+    assert layer.weight is not None
+    calls = []
+    original = layer.ops
+
+    class Spy:
+        pack = original.pack
+
+        def linear(self, *args):
+            calls.append(args[0].shape[0])
+            return original.linear(*args)
+
+    layer.ops = Spy()
+    for m in (1, 2, 3, 4, 9):
+        x = torch.randn(m, 64)
+        assert (layer(x) - linear(x)).abs().max().item() < 1e-5
+    assert calls == [2, 3]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["ar", "sd"])
+def test_engine_greedy_on_packed_path_equals_transformers(mode):
+    target_hf = tiny_hf_model("tiny-llama", TinySpec(seed=0))
+    target = decoder_from_hf(target_hf)
+    apply_linear_path(target, "packed", CACHE_DIR)
+    draft = None
+    if mode == "sd":
+        draft = decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(seed=0, noise=0.003)))
+        apply_linear_path(draft, "packed", CACHE_DIR)
+    gen = torch.Generator().manual_seed(5)
+    requests = [EngineRequest(f"r{i}", torch.randint(0, 256, (1 + 5 * i,), generator=gen).tolist(), 6 + 3 * i)
+                for i in range(6)]
+    engine = Engine(target, draft, mode=mode, num_draft=4, max_batch=4, max_len=128)
+    for r in requests:
+        engine.add_request(r)
+    done = engine.run()
+    for r in requests:
+        ids = torch.tensor([r.prompt_ids])
+        ref = target_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens,
+                                 do_sample=False, eos_token_id=target_hf.config.eos_token_id, pad_token_id=0)
+        assert done[r.request_id].output_ids == ref[0, len(r.prompt_ids):].tolist(), r.request_id
+
+
+def test_config_switch():
+    assert load_config().model.linear_path == "auto"
+    assert load_config(overrides=["model.linear_path=plain"]).model.linear_path == "plain"
+    with pytest.raises(ConfigError, match="model.linear_path: expected auto, plain or packed"):
+        load_config(overrides=["model.linear_path=mkl"])

@@ -1,0 +1,234 @@
+"""Kernel-level timings against this machine's own limits: read bandwidth and matmul peak per
+thread count, every linear shape of a model at small M for each implementation, and whole
+forwards (rows x positions) on the plain and the packed linear path. Every time is printed next
+to its bound, max(bytes / bandwidth, FLOPs / peak), as a ratio. Table on stdout, JSON to --out.
+
+    python tools/kernels.py --config default              # the Qwen pair (prepared weights)
+    python tools/kernels.py --models tiny-qwen2 --rows 1,5,16
+    python tools/kernels.py --models random-qwen2.5-coder-1.5b --skip-forwards
+
+Runs pinned to the first --threads cores of this process's affinity. Implementations: plain
+(F.linear, MKL), packed (our small-M kernel, workers/model/csrc), onednn (oneDNN linear with
+the weight prepacked once). Forwards run on a fresh KV cache with 32 tokens of context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minedraft.runtime.config import ConfigError, load_config
+from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model import load_decoder
+from minedraft.workers.model.fast_linear import apply_linear_path, best_time_s, kernel_unavailable_reason, load_kernel
+
+DEFAULT_ROWS = (1, 2, 5, 8, 16, 40, 80)
+FORWARDS = ((1, 1), (1, 5), (8, 1), (8, 5), (16, 5))  # (rows, positions)
+CONTEXT_TOKENS = 32  # tokens already in each row's cache when a forward is timed
+BANDWIDTH_BYTES = 512 * 2**20  # read-bandwidth buffer: far beyond any last-level cache
+PEAK_SIZE = 2048  # n of the n x n x n GEMM that measures the matmul peak
+PEAK_ROWS = 512  # M of the packed kernel's large GEMM (also a candidate for the peak)
+
+
+def measure_limits(num_threads: int, ops) -> dict:
+    """Read bandwidth (a sum over a buffer far larger than the caches) and the matmul peak (the
+    faster of MKL's and our kernel's large float32 GEMM) at num_threads."""
+    torch.set_num_threads(num_threads)
+    buffer = torch.ones(BANDWIDTH_BYTES // 4)
+    bandwidth = BANDWIDTH_BYTES / best_time_s(buffer.sum, repeats=5)
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
+    peaks = {"mkl_gemm": 2 * PEAK_SIZE**3 / best_time_s(lambda: a @ b)}
+    if ops is not None:
+        x, packed = torch.randn(PEAK_ROWS, PEAK_SIZE), ops.pack(b)
+        peaks["packed_gemm"] = 2 * PEAK_ROWS * PEAK_SIZE**2 / best_time_s(lambda: ops.linear(x, packed, None, PEAK_SIZE))
+    return {"threads": num_threads, "read_bytes_per_s": bandwidth, "peak_flops": max(peaks.values()), "peaks": peaks}
+
+
+def bound_s(limits: dict, num_bytes: float, flops: float) -> float:
+    return max(num_bytes / limits["read_bytes_per_s"], flops / limits["peak_flops"])
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """name -> (N out, K in) for every distinct linear of a Llama/Qwen2 decoder."""
+    c = config
+    return {
+        "q_proj / o_proj": (c.num_heads * c.head_dim, c.hidden_size),
+        "k_proj / v_proj": (c.num_kv_heads * c.head_dim, c.hidden_size),
+        "gate_proj / up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+        "lm_head": (c.vocab_size, c.hidden_size),
+    }
+
+
+def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
+    results = []
+    for name, (n, k) in linear_shapes(config).items():
+        weight, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.02 if "_proj" in name else None
+        impls = {"plain": lambda x: F.linear(x, weight, bias)}
+        if ops is not None:
+            packed = ops.pack(weight)
+            impls["packed"] = lambda x: ops.linear(x, packed, bias, n)
+        if torch.backends.mkldnn.is_available():
+            prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+            impls["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, prepacked, bias, "none", [], "")
+        for m in rows:
+            x = torch.randn(m, k)
+            bound = bound_s(limits, 4 * (n * k + m * k + m * n), 2 * m * n * k)
+            with torch.inference_mode():
+                times = {impl: best_time_s(lambda: fn(x)) for impl, fn in impls.items()}
+            results.append({"shape": name, "n": n, "k": k, "m": m, "bound_s": bound, "times_s": times,
+                            "ratios": {impl: t / bound for impl, t in times.items()}})
+        del impls
+        gc.collect()
+    return results
+
+
+def time_forwards(spec: str, dtype: torch.dtype, limits: dict, cache_dir: str, paths: list[str]) -> tuple[dict, list]:
+    """Whole forwards of one model on each linear path (plain first, the others one at a time)."""
+    results, reports = [], {}
+    for path in paths:
+        model = load_decoder(spec, dtype, cache_dir=cache_dir)
+        reports[path] = apply_linear_path(model, path, cache_dir).to_dict()
+        config = model.config
+        weight_bytes = _weight_bytes(config)
+        for num_rows, num_positions in FORWARDS:
+            cache = KVCache(config, num_rows, CONTEXT_TOKENS + num_positions + 8, dtype)
+            slots = [cache.alloc() for _ in range(num_rows)]
+            context = torch.randint(0, config.vocab_size, (num_rows, CONTEXT_TOKENS))
+            model(context, cache, slots, logit_index=torch.zeros(num_rows, 0, dtype=torch.long))
+            tokens = torch.randint(0, config.vocab_size, (num_rows, num_positions))
+            index = torch.arange(num_positions).expand(num_rows, -1)
+
+            def forward():
+                model(tokens, cache, slots, logit_index=index)
+                for slot in slots:
+                    cache.truncate(slot, CONTEXT_TOKENS)
+
+            positions = num_rows * num_positions
+            flops = 2 * positions * _matmul_params(config)
+            elapsed = best_time_s(forward)
+            results.append({"model": spec, "path": path, "rows": num_rows, "positions": num_positions,
+                            "time_s": elapsed, "bound_s": bound_s(limits, weight_bytes, flops),
+                            "flop_bound_s": flops / limits["peak_flops"],
+                            "memory_bound_s": weight_bytes / limits["read_bytes_per_s"]})
+        del model
+        gc.collect()
+    return reports, results
+
+
+def _matmul_params(config) -> int:
+    """Weights multiplied per position: every linear of every layer plus the lm_head."""
+    return sum(n * k for n, k in _all_linears(config))
+
+
+def _all_linears(config):
+    c, shapes = config, linear_shapes(config)
+    per_layer = [shapes["q_proj / o_proj"], shapes["k_proj / v_proj"], shapes["k_proj / v_proj"],
+                 (c.hidden_size, c.num_heads * c.head_dim), shapes["gate_proj / up_proj"],
+                 shapes["gate_proj / up_proj"], shapes["down_proj"]]
+    return per_layer * c.num_layers + [shapes["lm_head"]]
+
+
+def _weight_bytes(config) -> int:
+    return 4 * _matmul_params(config)  # float32; norms and biases are negligible
+
+
+def print_report(report: dict) -> None:
+    for lim in report["limits"]:
+        peaks = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in lim["peaks"].items())
+        print(f"threads {lim['threads']}: read {lim['read_bytes_per_s'] / 1e9:.1f} GB/s; "
+              f"matmul peak {lim['peak_flops'] / 1e9:.1f} GFLOP/s ({peaks})")
+    if report["linears"]:
+        impls = list(report["linears"][0]["times_s"])
+        print(f"\nlinears at {report['threads']} thread(s): ms (ratio to bound)")
+        print(f"{'shape':<22}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls))
+        for r in report["linears"]:
+            cells = "".join(f"{r['times_s'][i] * 1e3:>10.2f} ({r['ratios'][i]:4.2f})" for i in impls)
+            print(f"{r['shape']:<22}{r['n']:>7}x{r['k']:<6}{r['m']:>5}{r['bound_s'] * 1e3:>9.2f}{cells}")
+    if report["forwards"]:
+        print(f"\nwhole forwards at {report['threads']} thread(s) ({CONTEXT_TOKENS} tokens of context)")
+        print(f"{'model':<30}{'path':<8}{'rows x pos':>11}{'ms':>10}{'bound':>9}{'ratio':>7}{'vs 1x1':>8}")
+        ones = {(f["model"], f["path"]): f["time_s"] for f in report["forwards"] if f["rows"] == f["positions"] == 1}
+        for f in report["forwards"]:
+            one = ones.get((f["model"], f["path"]))
+            print(f"{f['model']:<30}{f['path']:<8}{f['rows']:>5} x {f['positions']:<3}{f['time_s'] * 1e3:>10.1f}"
+                  f"{f['bound_s'] * 1e3:>9.1f}{f['time_s'] / f['bound_s']:>7.2f}"
+                  f"{f['time_s'] / one if one else float('nan'):>8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="take the draft and target of this config (e.g. default, tiny)")
+    parser.add_argument("--models", help="comma-separated model specs instead of a config's pair")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (pinned to that many cores)")
+    parser.add_argument("--rows", default=",".join(map(str, DEFAULT_ROWS)), help="M values for the linears")
+    parser.add_argument("--paths", default="plain,auto", help="linear paths for whole forwards")
+    parser.add_argument("--skip-linears", action="store_true")
+    parser.add_argument("--skip-forwards", action="store_true")
+    parser.add_argument("--out", help="write the JSON report here")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config) if args.config else load_config()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    specs = args.models.split(",") if args.models else [config.model.target, config.model.draft]
+    specs = list(dict.fromkeys(specs))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.model.dtype]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < args.threads:
+        print(f"error: --threads {args.threads} but only {len(cores)} core(s) available", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, cores[: args.threads])
+    cache_dir = config.model.cache_dir
+    ops = None
+    if kernel_unavailable_reason(torch.device("cpu"), torch.float32) is None:
+        ops, how = load_kernel(cache_dir)
+        print(f"packed kernel: {how}")
+    limits = [measure_limits(t, ops) for t in range(1, args.threads + 1)]
+    torch.set_num_threads(args.threads)
+    report = {"threads": args.threads, "cpu": _cpu_name(), "torch": torch.__version__, "limits": limits,
+              "linears": [], "forwards": [], "linear_paths": {}}
+    rows = [int(r) for r in args.rows.split(",")]
+    for spec in specs:
+        model_config = _config_of(spec, dtype, cache_dir)
+        if not args.skip_linears:
+            report["linears"] += [dict(r, model=spec) for r in time_linears(model_config, rows, limits[-1], ops)]
+        if not args.skip_forwards:
+            paths, forwards = time_forwards(spec, dtype, limits[-1], cache_dir, args.paths.split(","))
+            report["linear_paths"][spec] = paths
+            report["forwards"] += forwards
+    print_report(report)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as file:
+            json.dump(report, file, indent=1)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def _config_of(spec: str, dtype: torch.dtype, cache_dir: str):
+    model = load_decoder(spec, dtype, cache_dir=cache_dir)
+    config = model.config
+    del model
+    gc.collect()
+    return config
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The linear path of a loaded Decoder: the small-M float32 CPU kernel (csrc/small_gemm.cpp) or
+plain F.linear, chosen once at load per weight shape from timings on this machine, and swapped
+in as look-alike modules so the forward code never asks which one runs. Owns the kernel's
+build (cached on disk) and the choice cache; it must not change a model's results beyond
+float32 rounding (the kernel is batch-invariant; see the C++ file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("minedraft.linear")
+
+LINEAR_PATHS = ("auto", "plain", "packed")  # model.linear_path: measured choice | F.linear | kernel everywhere
+KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "small_gemm.cpp"
+KERNEL_FLAGS = ["-O3", "-mavx2", "-mfma"]
+PANEL_COLS = 16  # output columns per packed panel (NR in the C++ file)
+MEASURED_ROWS = (1, 5, 16, 40, 80, 256)  # rows M timed per shape at load; M between uses the next bucket up
+MAX_LOGIT_ROWS = 80  # lm_head is timed up to here: it only runs at the positions that need logits
+TIMING_REPEATS = 3  # best of this many calls per (shape, M, path)
+PLAIN_MARGIN = 1.1  # F.linear is chosen only where it is this much faster: at M = 1 both read the
+#                     weights at memory speed, and a tie must not cost a second copy of them
+
+
+@dataclass
+class LinearReport:
+    """What serves the model's linears: reported at load, in ReadyResult and in `status`."""
+
+    requested: str  # model.linear_path
+    kernel: str  # "built in 17.3 s", "cached", or why the kernel is unavailable
+    shapes: dict[str, str] = field(default_factory=dict)  # "NxK" (out x in) -> "packed", "plain" or "packed for M 2-80, plain for M 1, 81+"
+    choose_s: float = 0.0  # time spent timing candidates at load (0 when the choices came from the cache)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the kernel ------------------------------------------------------------------------------
+
+_kernel_state: dict = {}  # {"ops": torch.ops namespace} once loaded, or {"error": str}
+
+
+def kernel_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the packed kernel cannot serve this model here, or None when it can."""
+    if device.type != "cpu":
+        return f"device {device} (the kernel is for CPUs)"
+    if dtype != torch.float32:
+        return f"dtype {dtype} (the kernel is float32)"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"CPU architecture {platform.machine()} (the kernel needs x86 AVX2 + FMA)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"CPU capability {capability} (the kernel needs AVX2 + FMA)"
+    return None
+
+
+def kernel_build_dir(cache_dir: str) -> Path:
+    """<cache_dir>/kernels/<hash of source, flags and torch version>: a new build per change."""
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(KERNEL_FLAGS).encode() + torch.__version__.encode())
+    return Path(cache_dir).expanduser() / "kernels" / digest.hexdigest()[:16]
+
+
+def load_kernel(cache_dir: str):
+    """torch.ops.minedraft_kernels, compiled on first use (once per machine and source; tens
+    of seconds) into kernel_build_dir. Returns (ops, how) or raises RuntimeError with the reason."""
+    if "ops" in _kernel_state:
+        return _kernel_state["ops"], "loaded"
+    if "error" in _kernel_state:
+        raise RuntimeError(_kernel_state["error"])
+    from torch.utils import cpp_extension
+
+    build_dir = kernel_build_dir(cache_dir)
+    was_built = (build_dir / "minedraft_small_gemm.so").is_file()
+    start_s = time.monotonic()
+    try:
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            "minedraft_small_gemm", [str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS,
+            build_directory=str(build_dir), is_python_module=False, verbose=False,
+        )
+    except Exception as exc:  # a missing compiler, headers or ninja: report and fall back
+        _kernel_state["error"] = f"kernel build failed: {type(exc).__name__}: {str(exc).strip()[:500]}"
+        raise RuntimeError(_kernel_state["error"]) from exc
+    _kernel_state["ops"] = torch.ops.minedraft_kernels
+    how = "cached" if was_built else f"built in {time.monotonic() - start_s:.1f} s"
+    log.info("small-M linear kernel %s (%s)", how, build_dir)
+    return _kernel_state["ops"], how
+
+
+# --- the look-alike modules --------------------------------------------------------------------
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's forward on weights packed into [P, K, 16] panels. is_packed[M] says which path
+    serves M rows (the last entry serves every larger M); where any M uses F.linear the plain
+    weight is kept too, else it is dropped."""
+
+    def __init__(self, ops, linear: nn.Linear, is_packed: list[bool]):
+        super().__init__()
+        self.ops = ops
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = ops.pack(linear.weight.detach().contiguous())  # [P, K, 16] float32
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()  # [N]
+        self.is_packed = is_packed
+        self.weight = None if all(is_packed) else linear.weight.detach()  # [N, K], for F.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not self.is_packed[min(rows, len(self.is_packed) - 1)]:
+            return F.linear(x, self.weight, self.bias)
+        y = self.ops.linear(x.reshape(rows, self.in_features).contiguous(), self.packed, self.bias, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)  # [..., N]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {describe_choice(self.is_packed)}"
+
+
+class PackedEmbedding(nn.Module):
+    """The tied input embedding read from the lm_head's packed panels (row v is column v % 16
+    of panel v // 16), so a tied model keeps one copy of its largest matrix."""
+
+    def __init__(self, lm_head: PackedLinear):
+        super().__init__()
+        self.lm_head = [lm_head]  # a list: not registered twice as a child module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head[0].packed[ids // PANEL_COLS, :, ids % PANEL_COLS]  # [..., C]
+
+
+# --- choosing and swapping ---------------------------------------------------------------------
+
+
+def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str) -> LinearReport:
+    """Swap the decoder's nn.Linear modules for PackedLinear where the kernel serves (requested
+    "auto": per shape, where timings on this machine say it is faster; "packed": everywhere;
+    "plain": nowhere). Returns what serves which shapes."""
+    if requested not in LINEAR_PATHS:
+        raise ValueError(f"linear_path must be one of {', '.join(LINEAR_PATHS)}, got {requested!r}")
+    weight = decoder.lm_head.weight
+    if requested == "plain":
+        return LinearReport(requested, "not used (model.linear_path = plain)", {s: "plain" for s in _shapes(decoder)})
+    reason = kernel_unavailable_reason(weight.device, weight.dtype)
+    if reason is None:
+        try:
+            ops, how = load_kernel(cache_dir)
+        except RuntimeError as exc:
+            reason = str(exc)
+    if reason is not None:
+        if requested == "packed":
+            raise RuntimeError(f"model.linear_path = packed, but the kernel cannot serve: {reason}")
+        log.warning("linear path: plain F.linear for every shape: %s", reason)
+        return LinearReport(requested, f"unavailable: {reason}", {s: "plain" for s in _shapes(decoder)})
+    report = LinearReport(requested, how)
+    start_s = time.monotonic()
+    choices = {s: [True] for s in _shapes(decoder)} if requested == "packed" else _choose(ops, decoder, cache_dir)
+    report.choose_s = round(time.monotonic() - start_s, 2)
+    _swap(ops, decoder, choices)
+    report.shapes = {s: describe_choice(is_packed) for s, is_packed in choices.items()}
+    log.info("linear path: %s", report.shapes)
+    return report
+
+
+def _shape_key(linear: nn.Linear) -> str:
+    return f"{linear.out_features}x{linear.in_features}"
+
+
+def _shapes(decoder: nn.Module) -> list[str]:
+    return sorted({_shape_key(m) for m in decoder.modules() if isinstance(m, nn.Linear)})
+
+
+def describe_choice(is_packed: list[bool]) -> str:
+    """[False, True, True] -> "packed for M 1; plain for M 2+" style summaries."""
+    if all(is_packed):
+        return "packed"
+    if not any(is_packed):
+        return "plain"
+    runs, start = [], 1 if len(is_packed) > 1 else 0
+    for m in range(start + 1, len(is_packed) + 1):
+        if m == len(is_packed) or is_packed[m] != is_packed[start]:
+            last = "+" if m == len(is_packed) else f"-{m - 1}" if m - 1 > start else ""
+            runs.append((is_packed[start], f"{start}{last}"))
+            start = m
+    parts = [f"{'packed' if path else 'plain'} for M {', '.join(r for p, r in runs if p == path)}" for path in (True, False)]
+    return "; ".join(parts)
+
+
+def _swap(ops, decoder: nn.Module, choices: dict[str, list[bool]]) -> None:
+    """Replace each nn.Linear that the kernel serves at some M by a PackedLinear."""
+    lm_head = decoder.lm_head
+    is_tied = lm_head.weight is decoder.model.embed_tokens.weight
+    for name, module in list(decoder.named_modules()):
+        if not isinstance(module, nn.Linear) or not any(choices[_shape_key(module)]):
+            continue
+        owner_name, _, child = name.rpartition(".")
+        owner = decoder.get_submodule(owner_name) if owner_name else decoder
+        packed = PackedLinear(ops, module, choices[_shape_key(module)])
+        setattr(owner, child, packed)
+        if module is lm_head and is_tied:
+            decoder.model.embed_tokens = PackedEmbedding(packed)
+
+
+def _choose(ops, decoder: nn.Module, cache_dir: str) -> dict[str, list[bool]]:
+    """Per shape, is_packed[M] for M = 0..max(MEASURED_ROWS): the kernel wherever it was no
+    slower than F.linear (within PLAIN_MARGIN) at the next measured M up. The timings are
+    cached per machine, thread count, torch and kernel source."""
+    cache_path = Path(cache_dir).expanduser() / "kernels" / "choices.json"
+    machine = _machine_key()
+    cached = _read_json(cache_path).get(machine, {})
+    linears = {_shape_key(m): m for m in decoder.modules() if isinstance(m, nn.Linear)}
+    lm_key = _shape_key(decoder.lm_head)
+    choices = {}
+    for key, linear in sorted(linears.items()):
+        if key not in cached:
+            rows = [m for m in MEASURED_ROWS if key != lm_key or m <= MAX_LOGIT_ROWS]
+            cached[key] = _time_candidates(ops, linear.weight.detach(), linear.bias, rows)
+        choices[key] = choice_from_timings(cached[key])
+    _merge_json(cache_path, machine, cached)
+    return choices
+
+
+def _time_candidates(ops, weight: torch.Tensor, bias, rows: list[int]) -> dict[str, list[float]]:
+    """{"rows": [...], "packed_s": [...], "plain_s": [...]}: best-of-N time of one call each."""
+    packed = ops.pack(weight.contiguous())
+    bias = None if bias is None else bias.detach().contiguous()
+    out = {"rows": rows, "packed_s": [], "plain_s": []}
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, weight.shape[1])
+            out["packed_s"].append(best_time_s(lambda: ops.linear(x, packed, bias, weight.shape[0])))
+            out["plain_s"].append(best_time_s(lambda: F.linear(x, weight, bias)))
+    return out
+
+
+def choice_from_timings(timing: dict) -> list[bool]:
+    """is_packed[M] for M = 0..max(rows): each M takes the choice of the next measured M up."""
+    is_packed, previous = [], 0
+    for m, packed_s, plain_s in zip(timing["rows"], timing["packed_s"], timing["plain_s"]):
+        is_packed += [packed_s <= PLAIN_MARGIN * plain_s] * (m - previous + (previous == 0))
+        previous = m
+    return is_packed
+
+
+def best_time_s(fn, repeats: int = TIMING_REPEATS) -> float:
+    fn()  # warm: caches, page faults, lazy init
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _machine_key() -> str:
+    """What the timings depend on: CPU model, ISA, threads, torch, kernel source."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "?")
+    source = hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()[:12]
+    return (f"{model}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
+            f"|torch={torch.__version__}|kernel={source}")
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _merge_json(path: Path, machine: str, choices: dict) -> None:
+    """Add this machine's choices; written atomically, since both workers may write at once."""
+    data = _read_json(path)
+    data[machine] = {**data.get(machine, {}), **choices}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".choices-")
+    with os.fdopen(fd, "w") as file:
+        json.dump(data, file, indent=1, sort_keys=True)
+    os.replace(tmp, path)
