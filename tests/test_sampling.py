@@ -13,6 +13,7 @@ from minedraft.workers.sampling import (
     SamplingParams,
     batch_params,
     draw_uniforms,
+    greedy_accept,
     make_generator,
     probs_from_logits,
     sample,
@@ -308,6 +309,26 @@ def test_greedy_accepts_while_draft_matches_argmax(pass_is_greedy):
     want_n = torch.minimum(num_match, num_draft)
     assert torch.equal(n, want_n)
     assert torch.equal(nxt, target[torch.arange(batch), want_n])
+
+
+def test_greedy_accept_equals_the_general_scheme_on_greedy_rows():
+    """The verifier's all-greedy shortcut gives what speculative_accept gives on one-hot p,
+    including ties in the logits (first index wins in both) and rows drafting 0..k tokens."""
+    g = torch.Generator().manual_seed(21)
+    batch, k, vocab = 60, 4, 6
+    logits = torch.randint(0, 3, (batch, k + 1, vocab), generator=g).float()  # many ties
+    target = logits.argmax(-1)  # [B, k+1]
+    num_match = torch.arange(batch) % (k + 1)
+    num_draft = (torch.arange(batch) // (k + 1)) % (k + 1)
+    is_match = torch.arange(k) < num_match[:, None]
+    draft_tokens = torch.where(is_match, target[:, :k], (target[:, :k] + 1) % vocab)  # [B, k]
+    p = probs_from_logits(logits, *batch_params([SamplingParams()] * batch))
+    uniforms = torch.rand(batch, k + 1, generator=g, dtype=torch.float64)
+    q = torch.full((batch, k, vocab), float("nan"))
+    want = speculative_accept(draft_tokens, q, p, num_draft, uniforms, torch.ones(batch, dtype=torch.bool))
+    got = greedy_accept(draft_tokens, logits, num_draft)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0], torch.minimum(num_match, num_draft))
 
 
 def test_greedy_rows_mixed_with_sampled_rows():

@@ -5,6 +5,7 @@ the CLI (private ipc:// endpoint and run dir under a temp dir), the same load ru
 
     python tools/bench.py --config tiny --requests 32 --concurrency 16 --max-tokens 64
     python tools/bench.py --config tiny --modes sd,psd --sweep-k 2,4,6 --sweep-batch 4,8
+    python tools/bench.py --config default --modes ar,sd,psd --linear-paths auto,plain
 
 Modes: ar, sd, psd, and sd-2t (sd with two threads per worker on both cores, so psd is compared
 with sd given the same total cores). At temperature 0 in float32 a greedy difference between
@@ -69,9 +70,14 @@ def running_daemon(config: str | None, overrides: list[str]):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plan_runs(modes: list[str], sweep_k: list[int], sweep_batch: list[int]) -> list[dict]:
-    """(label, mode, extra overrides) of every daemon to start, in order."""
-    runs = [{"label": m, "mode": m, "overrides": MODE_OVERRIDES[m], "sd_label": "sd"} for m in modes]
+def plan_runs(modes: list[str], sweep_k: list[int], sweep_batch: list[int], linear_paths: list[str] = ()) -> list[dict]:
+    """(label, mode, extra overrides) of every daemon to start, in order. With several linear
+    paths each mode runs on each (label "mode/path"), compared with sd on the same path."""
+    if len(linear_paths) > 1:
+        return [{"label": f"{m}/{path}", "mode": m, "overrides": MODE_OVERRIDES[m] + [f"model.linear_path={path}"],
+                 "sd_label": f"sd/{path}", "linear_path": path} for m in modes for path in linear_paths]
+    overrides = [f"model.linear_path={linear_paths[0]}"] if linear_paths else []
+    runs = [{"label": m, "mode": m, "overrides": MODE_OVERRIDES[m] + overrides, "sd_label": "sd"} for m in modes]
     for key, values, name in (("scheduler.num_draft", sweep_k, "k"), ("scheduler.max_batch", sweep_batch, "batch")):
         for value in values:
             for mode in ("psd", "sd"):
@@ -100,6 +106,18 @@ def greedy_check(runs: list[dict]) -> dict:
         match_rate[run["label"]] = num_same / num_requests if num_requests else None
     return {"baseline": base["label"], "num_requests": num_requests, "is_identical": not differences,
             "differences": differences, "match_rate": match_rate}
+
+
+def path_speedups(runs: list[dict], linear_paths: list[str]) -> str:
+    """One line per mode: each path's throughput over the last path's (e.g. auto vs plain)."""
+    by_label = {run["label"]: run["result"]["output_throughput"] for run in runs}
+    base = linear_paths[-1]
+    lines = []
+    for mode in dict.fromkeys(run["mode"] for run in runs):
+        ratios = [f"{path} {by_label[f'{mode}/{path}'] / by_label[f'{mode}/{base}']:.2f}x"
+                  for path in linear_paths[:-1] if by_label.get(f"{mode}/{base}")]
+        lines.append(f"{mode}: " + ", ".join(ratios) + f" of {mode}/{base}")
+    return "\n".join(lines)
 
 
 def _fmt(value, spec: str = ".1f") -> str:
@@ -174,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help=f"requests of {WARMUP_MAX_TOKENS} tokens before the window")
     parser.add_argument("--sweep-k", type=_ints, default=[], help="e.g. 2,4,6: psd and sd per scheduler.num_draft")
     parser.add_argument("--sweep-batch", type=_ints, default=[], help="e.g. 4,8: psd and sd per scheduler.max_batch")
+    parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
     parser.add_argument("--out", default="out/bench", help="folder for bench.json and bench.png")
     return parser
 
@@ -191,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     prompts = load_prompts(args.prompts)
-    runs = plan_runs(modes, args.sweep_k, args.sweep_batch)
+    linear_paths = [v.strip() for v in args.linear_paths.split(",") if v.strip()]
+    runs = plan_runs(modes, args.sweep_k, args.sweep_batch, linear_paths)
     for number, run in enumerate(runs, 1):
         print(f"[{number}/{len(runs)}] {run['label']}: starting a daemon", file=sys.stderr, flush=True)
         try:
@@ -207,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     print(format_table(runs))
+    if len(linear_paths) > 1:
+        print(path_speedups(runs, linear_paths))
     status = 0
     check = None
     if args.temperature == 0 and len(runs) > 1:

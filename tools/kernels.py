@@ -9,7 +9,9 @@ to its bound, max(bytes / bandwidth, FLOPs / peak), as a ratio. Table on stdout,
 
 Runs pinned to the first --threads cores of this process's affinity. Implementations: plain
 (F.linear, MKL), packed (our small-M kernel, workers/model/csrc), onednn (oneDNN linear with
-the weight prepacked once). Forwards run on a fresh KV cache with 32 tokens of context.
+the weight prepacked once). Each linear call reads a different copy of its weight (128 MiB of
+copies in all), so small weights are timed from memory as in a forward, not from the caches.
+Forwards run on a fresh KV cache with 32 tokens of context.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CONTEXT_TOKENS = 32  # tokens already in each row's cache when a forward is time
 BANDWIDTH_BYTES = 512 * 2**20  # read-bandwidth buffer: far beyond any last-level cache
 PEAK_SIZE = 2048  # n of the n x n x n GEMM that measures the matmul peak
 PEAK_ROWS = 512  # M of the packed kernel's large GEMM (also a candidate for the peak)
+ROTATE_BYTES = 128 * 2**20  # linears cycle through copies of their weight totalling this: as in a
+#                             forward, every call reads its weight from memory, not from the caches
 
 
 def measure_limits(num_threads: int, ops) -> dict:
@@ -67,17 +71,30 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     }
 
 
+def rotating(weights: list):
+    """A callable returning the next of the weights each call."""
+    state = {"i": 0}
+
+    def next_weight():
+        state["i"] = (state["i"] + 1) % len(weights)
+        return weights[state["i"]]
+    return next_weight
+
+
 def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
     results = []
     for name, (n, k) in linear_shapes(config).items():
-        weight, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.02 if "_proj" in name else None
-        impls = {"plain": lambda x: F.linear(x, weight, bias)}
+        num_copies = max(1, -(-ROTATE_BYTES // (4 * n * k)))
+        weights = [torch.randn(n, k) * 0.02 for _ in range(num_copies)]
+        bias = torch.randn(n) * 0.02 if "_proj" in name else None
+        plain = rotating(weights)
+        impls = {"plain": lambda x: F.linear(x, plain(), bias)}
         if ops is not None:
-            packed = ops.pack(weight)
-            impls["packed"] = lambda x: ops.linear(x, packed, bias, n)
+            packed = rotating([ops.pack(w) for w in weights])
+            impls["packed"] = lambda x: ops.linear(x, packed(), bias, n)
         if torch.backends.mkldnn.is_available():
-            prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
-            impls["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, prepacked, bias, "none", [], "")
+            prepacked = rotating([torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights])
+            impls["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, prepacked(), bias, "none", [], "")
         for m in rows:
             x = torch.randn(m, k)
             bound = bound_s(limits, 4 * (n * k + m * k + m * n), 2 * m * n * k)
@@ -85,7 +102,7 @@ def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
                 times = {impl: best_time_s(lambda: fn(x)) for impl, fn in impls.items()}
             results.append({"shape": name, "n": n, "k": k, "m": m, "bound_s": bound, "times_s": times,
                             "ratios": {impl: t / bound for impl, t in times.items()}})
-        del impls
+        del impls, weights, plain
         gc.collect()
     return results
 

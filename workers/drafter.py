@@ -58,17 +58,20 @@ class Drafter:
         # 2. Catch up on committed tokens; logits after the last one give draft token 1.
         feeds = [s.tokens_to_feed(self.cache) for s in states]
         logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
-        # 3. Draft token i from logits after token i-1; rows stop at their own num_draft.
+        # 3. Draft token i from logits after token i-1; rows stop at their own num_draft. Greedy
+        #    rows take the argmax (what their one-hot distribution would sample); only sampled
+        #    rows pay for a distribution over the vocabulary, and only theirs is written.
         live = list(range(len(rows)))
         for i in range(max(r.num_draft for r in rows)):
-            probs = probs_from_logits(logits, temperature[live], top_k[live], top_p[live])[:, 0]  # [b, V]
-            uniforms = draw_uniforms([states[j].generator for j in live], 1, probs.device)[:, 0]
-            tokens = sample(probs, uniforms)  # [b]
-            out_tokens[buffer_rows[live], i] = tokens.to(out_tokens.device)
-            sampled = [j for n, j in enumerate(live) if is_sampled[j]]
+            tokens = logits[:, 0].argmax(-1)  # [b] long, first index on ties
+            sampled = [n for n, j in enumerate(live) if is_sampled[j]]  # positions within live
             if sampled:
-                keep = torch.tensor([n for n, j in enumerate(live) if is_sampled[j]])
-                out_probs[buffer_rows[sampled], i] = probs[keep].to(out_probs.device)
+                keep, who = torch.tensor(sampled), [live[n] for n in sampled]
+                probs = probs_from_logits(logits[keep], temperature[who], top_k[who], top_p[who])[:, 0]  # [s, V]
+                uniforms = draw_uniforms([states[j].generator for j in who], 1, probs.device)[:, 0]
+                tokens[keep.to(tokens.device)] = sample(probs, uniforms)
+                out_probs[buffer_rows[who], i] = probs.to(out_probs.device)
+            out_tokens[buffer_rows[live], i] = tokens.to(out_tokens.device)
             live_next = [n for n, j in enumerate(live) if rows[j].num_draft > i + 1]
             if not live_next:
                 break

@@ -172,3 +172,16 @@ def speculative_accept(
     # 3. One draw for the next token, with the row's uniform after its accept tests.
     next_token = sample(residual, uniforms[rows, num_draft])  # [B] long
     return num_accepted, next_token
+
+
+def greedy_accept(draft_tokens: Tensor, logits: Tensor, num_draft: Tensor) -> tuple[Tensor, Tensor]:
+    """speculative_accept for a batch of greedy rows, from the logits alone: p is one-hot at the
+    argmax, so a draft is accepted iff it equals the argmax (u * 1 < p(x) iff p(x) = 1) and the
+    next token is the argmax after the accepted ones. Same results, no [B, k+1, V] distribution.
+    draft_tokens [B, k], logits [B, k+1, V], num_draft [B] -> (num_accepted [B], next_token [B])."""
+    batch, k = draft_tokens.shape
+    argmax = logits.argmax(-1)  # [B, k+1] long, first index on ties (as probs_from_logits)
+    is_drafted = torch.arange(k, device=logits.device) < num_draft[:, None]  # [B, k]
+    accept = (draft_tokens == argmax[:, :k]) & is_drafted  # [B, k]
+    num_accepted = accept.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    return num_accepted, argmax[torch.arange(batch, device=logits.device), num_accepted]

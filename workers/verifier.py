@@ -11,7 +11,7 @@ import torch
 from minedraft.workers.drafter import Row
 from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.sampling import (
-    VERIFY_SALT, batch_params, draw_uniforms, probs_from_logits, speculative_accept,
+    VERIFY_SALT, batch_params, draw_uniforms, greedy_accept, probs_from_logits, speculative_accept,
 )
 from minedraft.workers.slots import SlotTable, feed_batch
 
@@ -49,6 +49,9 @@ class Verifier:
         index = [[max(len(f) - d - 1 + j, 0) if j <= d else len(f) - 1 for j in range(k + 1)] for f, d in zip(feeds, num_draft)]
         logits = feed_batch(self.model, self.cache, states, feeds, index, self.max_draft + 1)  # [B, k+1, V]
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
+        if bool((temperature == 0).all()):  # no distribution over the vocabulary needed
+            num_accepted, next_token = greedy_accept(drafts, logits, torch.tensor(num_draft, device=device))
+            return [host_drafts[i][:n] + [t] for i, (n, t) in enumerate(zip(num_accepted.tolist(), next_token.tolist()))]
         target_probs = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k+1, V] float32
         # 3. Exact acceptance; each request draws its uniforms from its own generator.
         uniforms = torch.zeros(len(rows), k + 1, dtype=torch.float64, device=device)

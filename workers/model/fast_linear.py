@@ -25,6 +25,7 @@ log = logging.getLogger("minedraft.linear")
 LINEAR_PATHS = ("auto", "plain", "packed")  # model.linear_path: measured choice | F.linear | kernel everywhere
 KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "small_gemm.cpp"
 KERNEL_FLAGS = ["-O3", "-mavx2", "-mfma"]
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build
 PANEL_COLS = 16  # output columns per packed panel (NR in the C++ file)
 MEASURED_ROWS = (1, 5, 16, 40, 80, 256)  # rows M timed per shape at load; M between uses the next bucket up
 MAX_LOGIT_ROWS = 80  # lm_head is timed up to here: it only runs at the positions that need logits
@@ -87,6 +88,10 @@ def load_kernel(cache_dir: str):
         if not cpp_extension.is_ninja_available():
             raise RuntimeError("ninja is not installed (pip install ninja)")
         build_dir.mkdir(parents=True, exist_ok=True)
+        lock = build_dir / "lock"  # torch's FileBaton: held while one process builds, others wait
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock %s", lock)
+            lock.unlink(missing_ok=True)
         cpp_extension.load(
             "minedraft_small_gemm", [str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS,
             build_directory=str(build_dir), is_python_module=False, verbose=False,

@@ -108,9 +108,10 @@ at::Tensor pack(const at::Tensor& weight) {
               "pack: expected a 2-D float32 CPU weight, got ", weight.sizes(), " ", weight.scalar_type());
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  at::Tensor packed = at::zeros({P, K, NR}, w.options());
+  at::Tensor packed = at::empty({P, K, NR}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
+  if (N % NR != 0) packed.select(0, P - 1).zero_();  // columns past N of the last panel
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t num_cols = std::min(NR, N - p * NR);
