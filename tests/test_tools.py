@@ -79,3 +79,21 @@ def test_bench_hf_tiny(endpoint, tmp_path):
     base = report["results"]["hf_generate"]["outputs"]
     assert report["results"]["hf_assisted"]["outputs"] == base
     assert report["results"]["runtime_psd"]["outputs"] == base  # float32 greedy: the target's own output
+
+
+def test_kernels_tool_tiny(tmp_path):
+    out = tmp_path / "kernels.json"
+    done = tool("kernels.py", "--models", "tiny-qwen2", "--rows", "1,5", "--out", str(out))
+    report = json.loads(out.read_text())
+    (limits,) = report["limits"]
+    assert limits["threads"] == 1 and limits["read_bytes_per_s"] > 1e8 and limits["peak_flops"] > 1e8
+    shapes = {r["shape"] for r in report["linears"]}
+    assert shapes == {"q_proj / o_proj", "k_proj / v_proj", "gate_proj / up_proj", "down_proj", "lm_head"}
+    for r in report["linears"]:
+        assert r["m"] in (1, 5) and r["bound_s"] > 0 and "plain" in r["times_s"]
+        assert all(t > 0 and r["ratios"][impl] == t / r["bound_s"] for impl, t in r["times_s"].items())
+    forwards = {(f["path"], f["rows"], f["positions"]) for f in report["forwards"]}
+    assert forwards == {(path, r, p) for path in ("plain", "auto") for r, p in ((1, 1), (1, 5), (8, 1), (8, 5), (16, 5))}
+    assert report["linear_paths"]["tiny-qwen2"]["plain"]["shapes"]
+    for label in ("read", "GB/s", "matmul peak", "whole forwards", "lm_head"):
+        assert label in done.stdout
