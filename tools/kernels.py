@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -102,42 +101,46 @@ def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
                 times = {impl: best_time_s(lambda: fn(x)) for impl, fn in impls.items()}
             results.append({"shape": name, "n": n, "k": k, "m": m, "bound_s": bound, "times_s": times,
                             "ratios": {impl: t / bound for impl, t in times.items()}})
-        del impls, weights, plain
-        gc.collect()
     return results
 
 
 def time_forwards(spec: str, dtype: torch.dtype, limits: dict, cache_dir: str, paths: list[str]) -> tuple[dict, list]:
     """Whole forwards of one model on each linear path (plain first, the others one at a time)."""
     results, reports = [], {}
-    for path in paths:
-        model = load_decoder(spec, dtype, cache_dir=cache_dir)
-        reports[path] = apply_linear_path(model, path, cache_dir).to_dict()
-        config = model.config
-        weight_bytes = _weight_bytes(config)
-        for num_rows, num_positions in FORWARDS:
-            cache = KVCache(config, num_rows, CONTEXT_TOKENS + num_positions + 8, dtype)
-            slots = [cache.alloc() for _ in range(num_rows)]
-            context = torch.randint(0, config.vocab_size, (num_rows, CONTEXT_TOKENS))
-            model(context, cache, slots, logit_index=torch.zeros(num_rows, 0, dtype=torch.long))
-            tokens = torch.randint(0, config.vocab_size, (num_rows, num_positions))
-            index = torch.arange(num_positions).expand(num_rows, -1)
-
-            def forward():
-                model(tokens, cache, slots, logit_index=index)
-                for slot in slots:
-                    cache.truncate(slot, CONTEXT_TOKENS)
-
-            positions = num_rows * num_positions
-            flops = 2 * positions * _matmul_params(config)
-            elapsed = best_time_s(forward)
-            results.append({"model": spec, "path": path, "rows": num_rows, "positions": num_positions,
-                            "time_s": elapsed, "bound_s": bound_s(limits, weight_bytes, flops),
-                            "flop_bound_s": flops / limits["peak_flops"],
-                            "memory_bound_s": weight_bytes / limits["read_bytes_per_s"]})
-        del model
+    for path in paths:  # one model at a time: it is freed when _time_path returns
+        reports[path], path_results = _time_path(spec, path, dtype, limits, cache_dir)
+        results += path_results
         gc.collect()
     return reports, results
+
+
+def _time_path(spec: str, path: str, dtype: torch.dtype, limits: dict, cache_dir: str) -> tuple[dict, list]:
+    model = load_decoder(spec, dtype, cache_dir=cache_dir)
+    report = apply_linear_path(model, path, cache_dir).to_dict()
+    config = model.config
+    weight_bytes = _weight_bytes(config)
+    results = []
+    for num_rows, num_positions in FORWARDS:
+        cache = KVCache(config, num_rows, CONTEXT_TOKENS + num_positions + 8, dtype)
+        slots = [cache.alloc() for _ in range(num_rows)]
+        context = torch.randint(0, config.vocab_size, (num_rows, CONTEXT_TOKENS))
+        model(context, cache, slots, logit_index=torch.zeros(num_rows, 0, dtype=torch.long))
+        tokens = torch.randint(0, config.vocab_size, (num_rows, num_positions))
+        index = torch.arange(num_positions).expand(num_rows, -1)
+
+        def forward():
+            model(tokens, cache, slots, logit_index=index)
+            for slot in slots:
+                cache.truncate(slot, CONTEXT_TOKENS)
+
+        positions = num_rows * num_positions
+        flops = 2 * positions * _matmul_params(config)
+        elapsed = best_time_s(forward)
+        results.append({"model": spec, "path": path, "rows": num_rows, "positions": num_positions,
+                        "time_s": elapsed, "bound_s": bound_s(limits, weight_bytes, flops),
+                        "flop_bound_s": flops / limits["peak_flops"],
+                        "memory_bound_s": weight_bytes / limits["read_bytes_per_s"]})
+    return report, results
 
 
 def _matmul_params(config) -> int:
