@@ -74,6 +74,8 @@ def test_rejects_mismatched_inputs(ops):
     packed = ops.pack(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="does not fit"):
         ops.linear(torch.randn(2, 65), packed, None, 32)
+    with pytest.raises(RuntimeError, match="does not fit"):  # panels for 32 columns, asked for 16
+        ops.linear(torch.randn(2, 64), packed, None, 16)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.linear(torch.randn(64, 2).t(), packed, None, 32)
     with pytest.raises(RuntimeError, match="bias"):

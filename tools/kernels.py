@@ -118,7 +118,7 @@ def _time_path(spec: str, path: str, dtype: torch.dtype, limits: dict, cache_dir
     model = load_decoder(spec, dtype, cache_dir=cache_dir)
     report = apply_linear_path(model, path, cache_dir).to_dict()
     config = model.config
-    weight_bytes = _weight_bytes(config)
+    weight_bytes = _matmul_params(config) * dtype.itemsize  # norms and biases are negligible
     results = []
     for num_rows, num_positions in FORWARDS:
         cache = KVCache(config, num_rows, CONTEXT_TOKENS + num_positions + 8, dtype)
@@ -154,10 +154,6 @@ def _all_linears(config):
                  (c.hidden_size, c.num_heads * c.head_dim), shapes["gate_proj / up_proj"],
                  shapes["gate_proj / up_proj"], shapes["down_proj"]]
     return per_layer * c.num_layers + [shapes["lm_head"]]
-
-
-def _weight_bytes(config) -> int:
-    return 4 * _matmul_params(config)  # float32; norms and biases are negligible
 
 
 def print_report(report: dict) -> None:

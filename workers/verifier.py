@@ -49,22 +49,24 @@ class Verifier:
         index = [[max(len(f) - d - 1 + j, 0) if j <= d else len(f) - 1 for j in range(k + 1)] for f, d in zip(feeds, num_draft)]
         logits = feed_batch(self.model, self.cache, states, feeds, index, self.max_draft + 1)  # [B, k+1, V]
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
-        if bool((temperature == 0).all()):  # no distribution over the vocabulary needed
-            num_accepted, next_token = greedy_accept(drafts, logits, torch.tensor(num_draft, device=device))
-            return [host_drafts[i][:n] + [t] for i, (n, t) in enumerate(zip(num_accepted.tolist(), next_token.tolist()))]
-        target_probs = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k+1, V] float32
-        # 3. Exact acceptance; each request draws its uniforms from its own generator.
-        uniforms = torch.zeros(len(rows), k + 1, dtype=torch.float64, device=device)
-        for i, s in enumerate(states):
-            uniforms[i, : num_draft[i] + 1] = draw_uniforms([s.generator], num_draft[i] + 1, device)[0]
         is_greedy = temperature == 0  # [B] bool, CPU
-        if k > 0 and not bool(is_greedy.all()):
-            q = draft_probs[buffer_rows, :k].to(device)  # [B, k, V] float32, in place when rows are 0..B-1
-        else:  # all greedy: q is never read
-            q = torch.zeros(1, 1, 1, device=device).expand(len(rows), k, target_probs.shape[-1])
-        num_accepted, next_token = speculative_accept(
-            drafts, q, target_probs, torch.tensor(num_draft, device=device), uniforms, is_greedy.to(device)
-        )
+        num_draft_t = torch.tensor(num_draft, device=device)  # [B]
+        # 3. Exact acceptance. All-greedy batches decide from the logits alone; otherwise each
+        #    request draws its uniforms from its own generator.
+        if bool(is_greedy.all()):
+            num_accepted, next_token = greedy_accept(drafts, logits, num_draft_t)
+        else:
+            target_probs = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k+1, V] float32
+            uniforms = torch.zeros(len(rows), k + 1, dtype=torch.float64, device=device)
+            for i, s in enumerate(states):
+                uniforms[i, : num_draft[i] + 1] = draw_uniforms([s.generator], num_draft[i] + 1, device)[0]
+            if k > 0:
+                q = draft_probs[buffer_rows, :k].to(device)  # [B, k, V] float32, in place when rows are 0..B-1
+            else:  # nothing drafted: q is never read
+                q = torch.zeros(1, 1, 1, device=device).expand(len(rows), k, target_probs.shape[-1])
+            num_accepted, next_token = speculative_accept(
+                drafts, q, target_probs, num_draft_t, uniforms, is_greedy.to(device)
+            )
         return [host_drafts[i][:n] + [t] for i, (n, t) in enumerate(zip(num_accepted.tolist(), next_token.tolist()))]
 
 

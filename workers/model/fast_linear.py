@@ -154,10 +154,9 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str) -> Lin
     "plain": nowhere). Returns what serves which shapes."""
     if requested not in LINEAR_PATHS:
         raise ValueError(f"linear_path must be one of {', '.join(LINEAR_PATHS)}, got {requested!r}")
-    weight = decoder.lm_head.weight
     if requested == "plain":
         return LinearReport(requested, "not used (model.linear_path = plain)", {s: "plain" for s in _shapes(decoder)})
-    reason = kernel_unavailable_reason(weight.device, weight.dtype)
+    reason = kernel_unavailable_reason(decoder.device, decoder.model.norm.weight.dtype)
     if reason is None:
         try:
             ops, how = load_kernel(cache_dir)

@@ -16,7 +16,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -133,7 +132,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "linear: x must be a contiguous 2-D float32 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == NR &&
-                  packed.size(1) == x.size(1) && packed.size(0) * NR >= N && packed.scalar_type() == at::kFloat,
+                  packed.size(1) == x.size(1) && packed.size(0) == (N + NR - 1) / NR && N > 0 &&
+                  packed.scalar_type() == at::kFloat,
               "linear: packed weight ", packed.sizes(), " does not fit x ", x.sizes(), " and N=", N);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "linear: packed weight not 32-byte aligned");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
