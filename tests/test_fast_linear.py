@@ -91,14 +91,30 @@ def tiny_decoder(arch: str):
 def test_packed_swaps_every_linear_and_drops_plain_weights(arch):
     plain, fast = tiny_decoder(arch), tiny_decoder(arch)
     report = apply_linear_path(fast, "packed", CACHE_DIR)
-    assert set(report.shapes.values()) == {"packed"}
+    assert set(report.shapes.values()) == {"packed"} and report.fused == ["gate/up", "q/k/v"]
     assert not any(isinstance(m, nn.Linear) for m in fast.modules())
     linears = [m for m in fast.modules() if isinstance(m, PackedLinear)]
-    assert len(linears) == 7 * fast.config.num_layers + 1 and all(m.weight is None for m in linears)
+    # per layer: q/k/v, o, gate/up, down; plus the lm_head
+    assert len(linears) == 4 * fast.config.num_layers + 1 and all(m.weight is None for m in linears)
     ids = torch.arange(fast.config.vocab_size).reshape(2, -1)
     if fast.config.tie_word_embeddings:  # the embedding reads the lm_head's panels
         assert isinstance(fast.model.embed_tokens, PackedEmbedding)
     assert torch.equal(fast.model.embed_tokens(ids), plain.model.embed_tokens(ids))
+
+
+@needs_kernel
+def test_fused_projections_give_the_separate_projections_bits():
+    plain, fast = tiny_decoder("tiny-qwen2"), tiny_decoder("tiny-qwen2")
+    apply_linear_path(fast, "packed", CACHE_DIR)
+    ops, _ = load_kernel(CACHE_DIR)
+    attn, mlp = plain.model.layers[1].self_attn, plain.model.layers[1].mlp
+    x = torch.randn(5, plain.config.hidden_size)
+    with torch.inference_mode():
+        q, k, v = fast.model.layers[1].self_attn.qkv_proj(x).split(fast.model.layers[1].self_attn.qkv_sizes, -1)
+        gate, up = fast.model.layers[1].mlp.gate_up_proj(x).chunk(2, -1)
+        for got, linear in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj), (gate, mlp.gate_proj), (up, mlp.up_proj)):
+            alone = ops.linear(x, ops.pack(linear.weight), linear.bias, linear.out_features)
+            assert torch.equal(got, alone)
 
 
 def test_plain_path_changes_nothing():

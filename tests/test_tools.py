@@ -88,7 +88,9 @@ def test_kernels_tool_tiny(tmp_path):
     (limits,) = report["limits"]
     assert limits["threads"] == 1 and limits["read_bytes_per_s"] > 1e8 and limits["peak_flops"] > 1e8
     shapes = {r["shape"] for r in report["linears"]}
-    assert shapes == {"q_proj / o_proj", "k_proj / v_proj", "gate_proj / up_proj", "down_proj", "lm_head"}
+    assert shapes == {"q_proj / o_proj", "k_proj / v_proj", "qkv_proj (merged)", "gate_proj / up_proj",
+                      "gate_up_proj (merged)", "down_proj", "lm_head"}
+    assert {r["shape"] for r in report["linears"] if r["plain_path_only"]} == {"k_proj / v_proj", "gate_proj / up_proj"}
     for r in report["linears"]:
         assert r["m"] in (1, 5) and r["bound_s"] > 0 and "plain" in r["times_s"]
         assert all(t > 0 and r["ratios"][impl] == t / r["bound_s"] for impl, t in r["times_s"].items())

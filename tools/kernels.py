@@ -58,13 +58,21 @@ def bound_s(limits: dict, num_bytes: float, flops: float) -> float:
     return max(num_bytes / limits["read_bytes_per_s"], flops / limits["peak_flops"])
 
 
+# Shapes only the plain path runs: the kernel path merges q/k/v and gate/up (fuse_projections).
+PLAIN_ONLY = ("k_proj / v_proj", "gate_proj / up_proj")
+
+
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """name -> (N out, K in) for every distinct linear of a Llama/Qwen2 decoder."""
+    """name -> (N out, K in) for every distinct linear of a Llama/Qwen2 decoder, separate (the
+    plain path) and merged (the kernel path)."""
     c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     return {
-        "q_proj / o_proj": (c.num_heads * c.head_dim, c.hidden_size),
-        "k_proj / v_proj": (c.num_kv_heads * c.head_dim, c.hidden_size),
+        "q_proj / o_proj": (q, c.hidden_size),
+        "k_proj / v_proj": (kv, c.hidden_size),
+        "qkv_proj (merged)": (q + 2 * kv, c.hidden_size),
         "gate_proj / up_proj": (c.intermediate_size, c.hidden_size),
+        "gate_up_proj (merged)": (2 * c.intermediate_size, c.hidden_size),
         "down_proj": (c.hidden_size, c.intermediate_size),
         "lm_head": (c.vocab_size, c.hidden_size),
     }
@@ -100,6 +108,7 @@ def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
             with torch.inference_mode():
                 times = {impl: best_time_s(lambda: fn(x)) for impl, fn in impls.items()}
             results.append({"shape": name, "n": n, "k": k, "m": m, "bound_s": bound, "times_s": times,
+                            "plain_path_only": name in PLAIN_ONLY,
                             "ratios": {impl: t / bound for impl, t in times.items()}})
     return results
 
@@ -149,7 +158,7 @@ def _matmul_params(config) -> int:
 
 
 def _all_linears(config):
-    c, shapes = config, linear_shapes(config)
+    c, shapes = config, linear_shapes(config)  # the separate projections: same weights as merged
     per_layer = [shapes["q_proj / o_proj"], shapes["k_proj / v_proj"], shapes["k_proj / v_proj"],
                  (c.hidden_size, c.num_heads * c.head_dim), shapes["gate_proj / up_proj"],
                  shapes["gate_proj / up_proj"], shapes["down_proj"]]
@@ -163,11 +172,12 @@ def print_report(report: dict) -> None:
               f"matmul peak {lim['peak_flops'] / 1e9:.1f} GFLOP/s ({peaks})")
     if report["linears"]:
         impls = list(report["linears"][0]["times_s"])
-        print(f"\nlinears at {report['threads']} thread(s): ms (ratio to bound)")
-        print(f"{'shape':<22}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls))
+        print(f"\nlinears at {report['threads']} thread(s): ms (ratio to bound); * = run by the plain path only")
+        print(f"{'shape':<24}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls))
         for r in report["linears"]:
             cells = "".join(f"{r['times_s'][i] * 1e3:>10.2f} ({r['ratios'][i]:4.2f})" for i in impls)
-            print(f"{r['shape']:<22}{r['n']:>7}x{r['k']:<6}{r['m']:>5}{r['bound_s'] * 1e3:>9.2f}{cells}")
+            name = r["shape"] + (" *" if r["plain_path_only"] else "")
+            print(f"{name:<24}{r['n']:>7}x{r['k']:<6}{r['m']:>5}{r['bound_s'] * 1e3:>9.2f}{cells}")
     if report["forwards"]:
         print(f"\nwhole forwards at {report['threads']} thread(s) ({CONTEXT_TOKENS} tokens of context)")
         print(f"{'model':<30}{'path':<8}{'rows x pos':>11}{'ms':>10}{'bound':>9}{'ratio':>7}{'vs 1x1':>8}")

@@ -39,15 +39,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
         # Llama's attention_bias also biases o_proj; Qwen2's o_proj never has a bias.
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=bias and c.arch == "llama")
+        # q/k/v as one matmul ([q; k; v] rows), set by fast_linear.fuse_projections in place of
+        # the three: one weight stream and one call instead of three small ones.
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
 
     def forward(self, x, cos, sin, kv, write, read_slots, mask):
         """x [B, T, C]; cos/sin [B, T, 1, D]; kv: this layer's cache [2, S, Hkv, max_len, D];
         write: (rows, cols, slot_idx, pos_idx) of the N real tokens; read_slots [B];
         mask [B, 1, T, L] bool."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)
+        q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = v.view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         rows, cols, slot_idx, pos_idx = write
@@ -65,9 +73,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # [gate; up] as one matmul (fast_linear.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, C]
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)  # each [B, T, I]
+        return self.down_proj(F.silu(gate) * up)  # [B, T, C]
 
 
 class DecoderLayer(nn.Module):
