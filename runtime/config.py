@@ -124,6 +124,7 @@ class SchedulerSection:
     max_request_bytes: int = 1048576  # largest client frame accepted
     job_timeout_s: float = 60.0  # a worker job not answered within this is a hung worker
     restart_workers: bool = False  # on a dead or hung worker: restart both workers (else the daemon exits 1)
+    prefill_ahead: bool = True  # sd/psd: an idle verifier caches new prompts while the drafter drafts them
 
     def __post_init__(self):
         _check_field_types(self)

@@ -15,6 +15,7 @@ class Metrics:
         self.busy_s = {"drafter": 0.0, "verifier": 0.0}
         self.intervals = {role: deque(maxlen=MAX_INTERVALS) for role in self.busy_s}
         self.num_jobs = {role: 0 for role in self.busy_s}  # draft / verify jobs answered (steps)
+        self.num_prefill_jobs = 0  # verifier prefill-ahead jobs (not steps; their time is in busy_s)
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_rows = 0
@@ -22,9 +23,10 @@ class Metrics:
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.finish_reasons: Counter[str] = Counter()
 
-    def add_busy(self, role: str, start_s: float, end_s: float) -> None:
+    def add_busy(self, role: str, start_s: float, end_s: float, is_step: bool = True) -> None:
         self.busy_s[role] += max(0.0, end_s - start_s)
-        self.num_jobs[role] += 1
+        self.num_jobs[role] += is_step
+        self.num_prefill_jobs += not is_step
         self.intervals[role].append((start_s, end_s))
 
     def add_verify_row(self, num_draft: int, num_accepted: int) -> None:
@@ -59,6 +61,7 @@ class Metrics:
             "busy_s": dict(self.busy_s),
             "busy_fraction": {role: busy / uptime_s for role, busy in self.busy_s.items()},
             "num_jobs": dict(self.num_jobs),
+            "num_prefill_jobs": self.num_prefill_jobs,
             "finish_reasons": dict(self.finish_reasons),
         }
         if is_detailed:

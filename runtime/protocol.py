@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -154,6 +154,17 @@ class VerifyJob:
 
 
 @dataclass(frozen=True)
+class PrefillJob:
+    """Scheduler to verifier, while the drafter drafts these requests' first step: cache each
+    prompt but its last token, so their first verify feeds only that token and the drafts. Uses
+    the verifier's idle time (sd, psd); changes no result."""
+
+    TYPE: ClassVar[str] = "prefill_job"
+    rows: list[JobRow]  # num_draft and buffer_row unused
+    release: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ConnectJob:
     """Scheduler to verifier: attach the drafter's draft buffers (once, after start-up)."""
 
@@ -211,6 +222,16 @@ class VerifyResult:
 
 
 @dataclass(frozen=True)
+class PrefillResult:
+    """Verifier to scheduler: the prefill job is done."""
+
+    TYPE: ClassVar[str] = "prefill_result"
+    num_rows: int
+    busy_start_s: float
+    busy_end_s: float
+
+
+@dataclass(frozen=True)
 class WorkerError:
     """Worker to scheduler: a job or the start-up failed; the scheduler decides what follows."""
 
@@ -226,8 +247,8 @@ MESSAGE_TYPES: dict[str, type] = {
     for cls in (
         GenerateRequest, AbortRequest, StatusRequest, ShutdownRequest,
         GenerateOutput, ErrorOutput, StatusOutput, ShutdownOutput,
-        DraftJob, VerifyJob, ConnectJob, ShutdownJob,
-        ReadyResult, DraftResult, VerifyResult, WorkerError,
+        DraftJob, VerifyJob, PrefillJob, ConnectJob, ShutdownJob,
+        ReadyResult, DraftResult, VerifyResult, PrefillResult, WorkerError,
     )
 }
 _NESTED = (SamplingSpec, JobRow)
@@ -342,5 +363,5 @@ def _hints(cls: type) -> dict:
 
 CLIENT_REQUESTS = (GenerateRequest, AbortRequest, StatusRequest, ShutdownRequest)
 CLIENT_OUTPUTS = (GenerateOutput, ErrorOutput, StatusOutput, ShutdownOutput)
-WORKER_JOBS = (DraftJob, VerifyJob, ConnectJob, ShutdownJob)
-WORKER_RESULTS = (ReadyResult, DraftResult, VerifyResult, WorkerError)
+WORKER_JOBS = (DraftJob, VerifyJob, PrefillJob, ConnectJob, ShutdownJob)
+WORKER_RESULTS = (ReadyResult, DraftResult, VerifyResult, PrefillResult, WorkerError)

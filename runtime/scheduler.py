@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from minedraft.runtime.config import Config
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.protocol import (
-    DraftJob, DraftResult, ErrorOutput, GenerateOutput, GenerateRequest, JobRow, SamplingSpec,
-    VerifyJob, VerifyResult,
+    DraftJob, DraftResult, ErrorOutput, GenerateOutput, GenerateRequest, JobRow, PrefillJob, PrefillResult,
+    SamplingSpec, VerifyJob, VerifyResult,
 )
 from minedraft.runtime.tokenizer import Detokenizer
 from minedraft.runtime.validation import validate_generate
 
 DRAFTER, VERIFIER = "drafter", "verifier"
+MIN_PREFILL_TOKENS = 8  # shorter prompts are not worth a separate verifier job
 
 
 @dataclass
@@ -62,6 +63,7 @@ class SchedulerCore:
         sc = config.scheduler
         self.mode = sc.mode
         self.num_draft = sc.num_draft if sc.mode != "ar" else 0
+        self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
         self.max_batch = sc.max_batch
         self.max_queued = sc.max_queued_requests
         self.max_tokens_cap = sc.max_tokens_cap
@@ -150,6 +152,8 @@ class SchedulerCore:
         if not self.is_busy[VERIFIER]:
             batch = self._batch_to_verify()
             job = self._verify_job(batch) if batch is not None else None
+            if job is None and self.prefill_ahead:
+                job = self._prefill_job()
             if job is not None:
                 jobs.append((VERIFIER, job))
         return jobs
@@ -160,6 +164,10 @@ class SchedulerCore:
         self.is_busy[DRAFTER] = False
         self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s)
         batch.state = "drafted"
+
+    def on_prefill_result(self, result: PrefillResult) -> None:
+        self.is_busy[VERIFIER] = False
+        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, is_step=False)
 
     def on_verify_result(self, result: VerifyResult) -> None:
         batch = self.batches[result.batch_id]
@@ -237,6 +245,16 @@ class SchedulerCore:
         self.is_busy[VERIFIER] = True
         batch.state = "verifying"
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
+
+    def _prefill_job(self) -> PrefillJob | None:
+        """The prompts of requests being drafted that the verifier has not seen yet: it caches
+        them while the drafter works, instead of after (the verify would feed them anyway)."""
+        rows = [r for b in self.batches if b.state == "drafting" for r in b.rows
+                if r.num_sent[VERIFIER] == 0 and r.finish_reason is None and len(r.tokens) >= MIN_PREFILL_TOKENS]
+        if not rows:
+            return None
+        self.is_busy[VERIFIER] = True
+        return PrefillJob([self._row(r, VERIFIER) for r in rows], self._take_release(VERIFIER))
 
     def _start_step(self, batch: Batch, num_draft: int) -> None:
         batch.rows = list(batch.requests)

@@ -110,6 +110,8 @@ class Server:
                 self.core.on_draft_result(message)
             elif isinstance(message, p.VerifyResult):
                 self.core.on_verify_result(message)
+            elif isinstance(message, p.PrefillResult):
+                self.core.on_prefill_result(message)
             elif isinstance(message, p.WorkerError):
                 log.error("%s failed batch_id=%s: %s\n%s", message.role, message.batch_id, message.message,
                           message.traceback)

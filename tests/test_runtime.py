@@ -80,20 +80,29 @@ def test_psd_overlap_and_zero_copy_frames(tmp_path):
     with running_daemon(tmp_path, "psd", "model.tiny_vocab_size=32768", "model.tiny_num_layers=4") as (endpoint, _):
         asyncio.run(run_load(endpoint, workload(24, temperature=0.7), stagger_s=0.0))
         st = status(endpoint, is_detailed=True)
-    drafter, verifier = st["busy_intervals"]["drafter"], st["busy_intervals"]["verifier"]
-    overlap_s = sum(max(0.0, min(d1, v1) - max(d0, v0)) for d0, d1 in drafter for v0, v1 in verifier)
-    assert overlap_s > 0.2 * min(st["busy_s"]["drafter"], st["busy_s"]["verifier"])
+    assert overlap_s(st) > 0.2 * min(st["busy_s"]["drafter"], st["busy_s"]["verifier"])
     assert 0 < st["busy_fraction"]["drafter"] <= 1 and 0 < st["busy_fraction"]["verifier"] <= 1
     assert st["max_worker_frame_bytes"] < 4096, st["max_worker_frame_bytes"]
 
 
-def test_sd_never_overlaps(tmp_path):
-    with running_daemon(tmp_path, "sd") as (endpoint, _):
-        asyncio.run(run_load(endpoint, workload(8), stagger_s=0.0))
-        st = status(endpoint, is_detailed=True)
+def overlap_s(st: dict) -> float:
     drafter, verifier = st["busy_intervals"]["drafter"], st["busy_intervals"]["verifier"]
     assert drafter and verifier
-    assert all(min(d1, v1) <= max(d0, v0) for d0, d1 in drafter for v0, v1 in verifier)
+    return sum(max(0.0, min(d1, v1) - max(d0, v0)) for d0, d1 in drafter for v0, v1 in verifier)
+
+
+def test_sd_steps_never_overlap_and_prefill_ahead_uses_the_gap(tmp_path):
+    requests = workload(8, temperature=0.7)
+    with running_daemon(tmp_path / "off", "sd", "scheduler.prefill_ahead=false") as (endpoint, _):
+        off = asyncio.run(run_load(endpoint, requests, stagger_s=0.0))
+        st = status(endpoint, is_detailed=True)
+    assert overlap_s(st) == 0 and st["num_prefill_jobs"] == 0
+    # The verifier caches new prompts while the drafter drafts them: same tokens, overlapped.
+    with running_daemon(tmp_path / "on", "sd") as (endpoint, _):
+        on = asyncio.run(run_load(endpoint, requests, stagger_s=0.0))
+        st = status(endpoint, is_detailed=True)
+    assert st["num_prefill_jobs"] > 0 and overlap_s(st) > 0
+    assert on == off
 
 
 def test_streaming_text_and_stop_string(tmp_path):

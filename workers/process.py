@@ -17,9 +17,10 @@ import zmq
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict
 from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs
+from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
 from minedraft.workers.model.fast_linear import apply_linear_path
-from minedraft.workers.model.loader import TinySpec, load_decoder, save_tokenizer_json
+from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
 
@@ -92,7 +93,8 @@ class WorkerLoop:
             specs = draft_buffer_specs(sc.max_batch, sc.num_draft, model.config.vocab_size)
             self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
-            tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json")}
+            tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json"),
+                         **chat_template_info(resolve_spec(spec, dtype, config.model.cache_dir))}
         self._send(p.ReadyResult(
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
             min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),
@@ -121,6 +123,10 @@ class WorkerLoop:
         start_s = time.monotonic()
         self.core.release(job.release)
         rows = [_row(r) for r in job.rows]
+        if isinstance(job, p.PrefillJob):
+            self.core.prefill(rows)
+            self._send(p.PrefillResult(len(rows), start_s, time.monotonic()))
+            return
         buffers = self.buffers[job.batch_id].tensors if self.buffers else {}  # none in mode ar
         if isinstance(job, p.DraftJob):
             self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"])

@@ -80,12 +80,19 @@ def feed_batch(
     long_rows = [i for i, f in enumerate(feeds) if len(f) > max_short]
     if long_rows:
         heads = [feeds[i][: len(feeds[i]) - max_short] for i in long_rows]
-        _forward(model, cache, [states[i] for i in long_rows], heads, [[] for _ in long_rows])
+        feed_without_logits(model, cache, [states[i] for i in long_rows], heads)
         for i in long_rows:
             cut = len(feeds[i]) - max_short
             feeds[i] = feeds[i][cut:]
             logit_index[i] = [j - cut for j in logit_index[i]]
     return _forward(model, cache, states, feeds, logit_index)
+
+
+def feed_without_logits(model, cache: KVCache, states: list[RequestState], feeds: list[list[int]]) -> None:
+    """Cache each row's feed (rows with an empty feed are skipped); no lm_head."""
+    rows = [i for i, f in enumerate(feeds) if f]
+    if rows:
+        _forward(model, cache, [states[i] for i in rows], [feeds[i] for i in rows], [[] for _ in rows])
 
 
 def _forward(model, cache: KVCache, states, feeds, logit_index) -> torch.Tensor:

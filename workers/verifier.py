@@ -13,7 +13,7 @@ from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.sampling import (
     VERIFY_SALT, batch_params, draw_uniforms, greedy_accept, probs_from_logits, speculative_accept,
 )
-from minedraft.workers.slots import SlotTable, feed_batch
+from minedraft.workers.slots import SlotTable, feed_batch, feed_without_logits
 
 
 class Verifier:
@@ -25,6 +25,14 @@ class Verifier:
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[Row]) -> None:
+        """Cache the rows' committed tokens but the last one (which verify always re-feeds), with
+        no logits: a verify of the same rows then gives the same result, sooner."""
+        states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
+        feeds = [s.tokens_to_feed(self.cache)[:-1] for s in states]
+        feed_without_logits(self.model, self.cache, states, feeds)
 
     @torch.inference_mode()
     def verify(self, rows: list[Row], draft_tokens: torch.Tensor | None, draft_probs: torch.Tensor | None) -> list[list[int]]:
