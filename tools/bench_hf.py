@@ -156,11 +156,21 @@ def format_table(results: dict, num_prompts: int) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def mode_overrides(label: str) -> list[str]:
+    """"sd" / "psd" / "ar", or "sd-noprefill" / "psd-noprefill": the mode without prefill ahead
+    (the verifier then prefills a new prompt only in its first verify, after the drafter)."""
+    mode, _, variant = label.partition("-")
+    if mode not in ("ar", "sd", "psd") or variant not in ("", "noprefill"):
+        raise SystemExit(f"unknown mode {label!r}: expected ar, sd, psd, sd-noprefill or psd-noprefill")
+    return [f"scheduler.mode={mode}"] + (["scheduler.prefill_ahead=false"] if variant else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="transformers generate / assisted generation vs the runtime at batch 1.")
     parser.add_argument("--config", default="tiny", help="config name or path (default tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
-    parser.add_argument("--modes", default="sd,psd", help="runtime modes to run at concurrency 1 (ar, sd, psd)")
+    parser.add_argument("--modes", default="sd,psd", help="runtime modes to run at concurrency 1 (ar, sd, psd; "
+                        "sd-noprefill, psd-noprefill: without scheduler.prefill_ahead)")
     parser.add_argument("--endpoint", help="measure this running runtime instead of starting one per mode "
                         "(it should serve the same models as --config)")
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS)
@@ -204,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint:
         result = run_runtime(args.endpoint, prompt_ids, args.max_tokens, args.stop_at_eos)
         results[f"runtime_{result['mode']}"] = result
-    for mode in [] if args.endpoint else [m.strip() for m in args.modes.split(",") if m.strip()]:
-        print(f"runtime_{mode}: starting a daemon", file=sys.stderr, flush=True)
-        with running_daemon(args.config, args.set + [f"scheduler.mode={mode}"]) as endpoint:
-            results[f"runtime_{mode}"] = run_runtime(endpoint, prompt_ids, args.max_tokens, args.stop_at_eos)
+    for label in [] if args.endpoint else [m.strip() for m in args.modes.split(",") if m.strip()]:
+        print(f"runtime_{label}: starting a daemon", file=sys.stderr, flush=True)
+        with running_daemon(args.config, args.set + mode_overrides(label)) as endpoint:
+            results[f"runtime_{label}"] = run_runtime(endpoint, prompt_ids, args.max_tokens, args.stop_at_eos)
 
     print(format_table(results, len(prompt_ids)))
     print(THREADS_NOTE)
