@@ -4,6 +4,7 @@
     minedraft-runtime generate --prompt "def fib(n):" --max-tokens 32
     minedraft-runtime status
     minedraft-runtime stop
+    minedraft-runtime http --endpoint E --listen 127.0.0.1:8000   (OpenAI-compatible HTTP in front of E)
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import time
 
 from minedraft.runtime.client import Client, RequestError
 from minedraft.runtime.config import (
-    ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
+    API_KEY_ENV, ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
 )
 
 LOG_NAME = "daemon.log"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8000"  # `http` without --listen
 
 
 def _load(args) -> "Config":  # noqa: F821
     overrides = list(args.set or [])
     for flag, key in (("mode", "scheduler.mode"), ("draft", "model.draft"), ("target", "model.target"),
-                      ("endpoint", "server.endpoint")):
+                      ("endpoint", "server.endpoint"), ("http", "server.http"), ("listen", "server.http"),
+                      ("api_key", "server.api_key")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -64,6 +67,13 @@ def cmd_start(args) -> int:
         print(f"error: a runtime is already running on {config.server.endpoint} (pid {pid}, run dir {run_dir})", file=sys.stderr)
         return 1
     print(format_config(config))
+    if config.server.http:
+        from minedraft.runtime.http_front_end import missing_http_modules
+
+        missing = missing_http_modules()
+        if missing:
+            print(f"error: --http needs {', '.join(missing)}: pip install 'minedraft-runtime[http]'", file=sys.stderr)
+            return 1
     if args.foreground:
         import logging
 
@@ -90,7 +100,8 @@ def cmd_start(args) -> int:
     if status is None:
         proc.terminate()
         return 1
-    print(f"minedraft-runtime serving on {config.server.endpoint} "
+    http = f", HTTP on {status['http']['url']}" if status.get("http") else ""
+    print(f"minedraft-runtime serving on {config.server.endpoint}{http} "
           f"(mode {status['mode']}, pid {status['pid']}, log {os.path.join(run_dir, LOG_NAME)})")
     return 0
 
@@ -170,6 +181,10 @@ def cmd_status(args) -> int:
         ("busy fraction", f"drafter {busy['drafter']:.3f}, verifier {busy['verifier']:.3f}"),
         ("output tokens", status["num_output_tokens"]), ("uptime s", fmt(status["uptime_s"])),
     ]
+    http = status.get("http")
+    if http:
+        state = "running" if http["is_running"] else "not running"
+        lines.append(("http", f"{http['url']} ({state}, pid {http['pid']}, {http['num_restarts']} restarts)"))
     for role, linear in sorted(status.get("linear_path", {}).items()):
         shapes = ", ".join(f"{shape} {path}" for shape, path in linear.get("shapes", {}).items())
         lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}; {shapes}"))
@@ -198,6 +213,33 @@ def cmd_generate(args) -> int:
         print(f"[{m['num_output_tokens']} tokens, finish {completion.finish_reason}, e2e {m['e2e_s']:.3f} s, "
               f"accepted {m['num_accepted']}/{m['num_drafted']} drafts]", file=sys.stderr)
     return 0
+
+
+def cmd_http(args) -> int:
+    """The HTTP front end in this process, in front of a running daemon (until SIGTERM / Ctrl-C)."""
+    from minedraft.runtime.http_front_end import bind_listener, listen_url, missing_http_modules
+
+    config = _load(args)
+    if not config.server.http:
+        args.listen = DEFAULT_HTTP_LISTEN
+        config = _load(args)
+    missing = missing_http_modules()
+    if missing:
+        print(f"error: the HTTP front end needs {', '.join(missing)}: pip install 'minedraft-runtime[http]'",
+              file=sys.stderr)
+        return 1
+    try:
+        sock = bind_listener(config.server.http)
+    except OSError as exc:
+        print(f"error: cannot listen on {config.server.http}: {exc}", file=sys.stderr)
+        return 1
+    import logging
+
+    from minedraft.runtime.http_server import run_http_process
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"minedraft-runtime HTTP on {listen_url(sock)} for the runtime at {config.server.endpoint}", flush=True)
+    return run_http_process(config, sock)
 
 
 def cmd_keys(args) -> int:
@@ -246,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="start the daemon; returns once it serves")
     common(start, with_models=True)
     start.add_argument("--foreground", action="store_true", help="run in this process (exit code 1 if the runtime dies)")
+    start.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API here "
+                       "(loopback; another address needs an API key)")
+    start.add_argument("--api-key", help=f"Bearer key for the HTTP /v1 routes (or ${API_KEY_ENV})")
     start.set_defaults(func=cmd_start)
     stop = sub.add_parser("stop", help="stop the daemon (in-flight requests are aborted)")
     common(stop)
@@ -268,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.set_defaults(func=cmd_generate)
+    http = sub.add_parser("http", help="serve the OpenAI-compatible HTTP API in front of a running daemon")
+    common(http)
+    http.add_argument("--listen", metavar="HOST:PORT", help=f"where to listen (default {DEFAULT_HTTP_LISTEN})")
+    http.add_argument("--api-key", help=f"Bearer key for the /v1 routes (or ${API_KEY_ENV}); required off loopback")
+    http.set_defaults(func=cmd_http)
     prepare = sub.add_parser("prepare", help="prepare the config's known models once (join, check, convert)")
     common(prepare, with_models=True)
     prepare.set_defaults(func=cmd_prepare)

@@ -148,6 +148,8 @@ class ServerSection:
     dead_linger_s: float = 5.0  # after a worker dies: answer "runtime_dead" this long, then exit 1
     allow_remote: bool = False  # required to bind a non-loopback tcp address
     curve_dir: str = ""  # CURVE keys (`minedraft-runtime keys`); required with allow_remote
+    http: str = ""  # HOST:PORT of the OpenAI-compatible HTTP front end ("" = off; port 0 = any free port)
+    api_key: str = ""  # Bearer key of the HTTP /v1 routes ("" = none, or $MINEDRAFT_API_KEY); required off loopback
 
     def __post_init__(self):
         _check_field_types(self)
@@ -159,6 +161,28 @@ class ServerSection:
         _check(is_loopback(self.endpoint) or (self.allow_remote and self.curve_dir), "endpoint",
                f"refusing to bind the non-loopback address {self.endpoint!r}: set server.allow_remote=true "
                "and server.curve_dir (CURVE keys from `minedraft-runtime keys`) to serve remote clients")
+        if self.http:
+            host, port = parse_listen(self.http)
+            _check(host != "" and port is not None and 0 <= port <= 65535, "http",
+                   f"expected HOST:PORT (port 0..65535), got {self.http!r}")
+            _check(is_loopback(f"tcp://{self.http}") or api_key(self) != "", "http",
+                   f"refusing to serve HTTP on the non-loopback address {self.http!r} without an API key: "
+                   f"give --api-key, server.api_key or ${API_KEY_ENV}")
+
+
+API_KEY_ENV = "MINEDRAFT_API_KEY"  # where the HTTP API key may come from instead of the config
+
+
+def api_key(server: "ServerSection") -> str:
+    """The HTTP API key: server.api_key, else $MINEDRAFT_API_KEY, else "" (no key)."""
+    return server.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+def parse_listen(listen: str) -> tuple[str, int | None]:
+    """"HOST:PORT" or "[V6]:PORT" -> (host, port); port None when it is not a number."""
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port) if port.isdigit() else None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -299,10 +323,14 @@ def _format_value(value) -> str:
     return repr(value)
 
 
+SECRET_KEYS = {("server", "api_key")}  # shown as "***" when the config is printed
+
+
 def format_config(config: Config) -> str:
-    """The effective config as TOML text (what start-up prints)."""
+    """The effective config as TOML text (what start-up prints); secrets are masked."""
     blocks = []
     for section, values in config_to_dict(config).items():
+        values = {key: "***" if (section, key) in SECRET_KEYS and value else value for key, value in values.items()}
         lines = [f"[{section}]"] + [f"{key} = {_format_value(value)}" for key, value in values.items()]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"

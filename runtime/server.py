@@ -19,6 +19,7 @@ import zmq
 
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
+from minedraft.runtime.http_front_end import HttpFrontEnd
 from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import make_tokenizer
 from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
@@ -45,11 +46,17 @@ class Server:
         self.backlog: dict[bytes, deque[tuple[float, bytes]]] = {}  # outputs a slow client has not taken
         self.auth = None
         self.is_term_requested = False  # set by SIGTERM; acted on in the loop
+        self.http = HttpFrontEnd(config, run_dir) if config.server.http else None  # OpenAI-compatible front end
 
     # --- start-up ---------------------------------------------------------------------------
 
     def start(self) -> None:
         server = self.config.server
+        if self.http is not None:  # before the workers load: a busy port fails the start at once
+            try:
+                self.http.bind()
+            except RuntimeError as exc:
+                raise StartupError(str(exc)) from None
         self.frontend = self.context.socket(zmq.ROUTER)
         # Frames beyond max_request_bytes get an error; beyond twice that the peer is dropped.
         self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.scheduler.max_request_bytes)
@@ -66,6 +73,8 @@ class Server:
         self.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size, max_len,
                                   verifier.eos_token_ids)
         self.state = "serving"
+        if self.http is not None:
+            self.http.spawn()
 
     def _enable_curve(self, curve_dir: str) -> None:
         """CURVE encryption and authentication: only clients whose public key is in
@@ -84,8 +93,9 @@ class Server:
 
     def serve(self) -> int:
         while True:
-            if self.frontend.poll(0) == 0 and self.pool.recv_from_workers.poll(0) == 0:
-                zmq.select([self.frontend, self.pool.recv_from_workers], [], [], POLL_MS / 1000)
+            sockets = [self.frontend, self.pool.recv_from_workers] if self.state != "dead" else [self.frontend]
+            if all(sock.poll(0) == 0 for sock in sockets):  # dead: the stopped pool has no sockets
+                zmq.select(sockets, [], [], POLL_MS / 1000)
             if self.is_term_requested:
                 self.is_term_requested = False
                 self.begin_shutdown()
@@ -99,6 +109,8 @@ class Server:
                 for role, job in self.core.next_jobs():
                     self.pool.send(role, job)
             self._flush_outputs()
+            if self.http is not None:
+                self.http.check()
             if self.state == "stopping" and not self.core.requests:
                 return 0
             if self.state == "dead" and time.monotonic() - self.dead_since_s >= self.config.server.dead_linger_s:
@@ -230,11 +242,21 @@ class Server:
             "linear_path": {role: ready.linear for role, ready in self.pool.ready.items()},
         }
         status.update(self.core.status(is_detailed))
+        tokenizer = self.pool.ready[VERIFIER].tokenizer if VERIFIER in self.pool.ready else {}
+        status.update({  # what front ends need to translate requests
+            "max_len": self.core.max_len,
+            "max_tokens_cap": self.config.scheduler.max_tokens_cap,
+            "chat_template": tokenizer.get("chat_template"),
+            "special_tokens": {key: tokenizer.get(key) for key in ("bos_token", "eos_token")},
+            "http": self.http.status() if self.http is not None else None,
+        })
         return status
 
     # --- shutdown ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.http is not None:  # first: no new HTTP requests while the workers go
+            self.http.stop()
         self.pool.stop()
         if self.auth is not None:
             self.auth.stop()

@@ -5,19 +5,23 @@ the runtime's speculative-decoding counters over the run's window (DESIGN.md sec
     minedraft-runtime start --config tiny
     python tools/loadtest.py --requests 64 --concurrency 16 --max-tokens 64 --json out/load.json
     python tools/loadtest.py --requests 64 --rate 8 --seed 1
+    python tools/loadtest.py --http http://127.0.0.1:8000 --requests 64 --concurrency 16   (through the HTTP API)
 
 Latency definitions (milliseconds, client-side):
   TTFT  send -> first committed token;  E2E  send -> final output;
   TPOT  per request, (E2E - TTFT) / (tokens - 1);
   ITL   per token: a chunk of n tokens arriving g after the previous chunk counts n values g / n
         (the first chunk is covered by TTFT and adds none).
+With --http URL the same load goes through the OpenAI-compatible HTTP API (the `openai` client,
+streamed /v1/completions with the return_token_ids extension, so the token counts per chunk and
+the latencies per token are exact), and the window metrics come from URL/metrics.
 Window metrics come from status() before and after: acceptance = d(accepted) / d(drafted),
 mean accepted length = 1 + d(accepted) / d(verify rows), busy fraction = d(busy_s) / wall,
 overlap efficiency = (d(busy drafter) + d(busy verifier)) / (2 x wall).
 The JSON holds every request's output token ids under "output_token_ids", keyed by prompt index
 ("7"; a prompt reused when the prompt file cycles gets "7.1", "7.2", ...).
 
-Python: `run_loadtest(endpoint, prompts, requests=..., concurrency=... | rate=..., ...) -> dict`.
+Python: `run_loadtest(endpoint, prompts, requests=..., concurrency=... | rate=..., http=None, ...) -> dict`.
 """
 
 from __future__ import annotations
@@ -87,51 +91,147 @@ def _plan(prompts: list[dict], requests: int, max_tokens: int | None, seed: int)
     return plan
 
 
-async def _one(client: AsyncClient, item: dict, temperature: float, ignore_eos: bool) -> dict:
-    """Stream one request; timestamps are taken as each output arrives."""
-    record = {"index": item["index"], "key": item["key"], "token_ids": [], "error": None,
-              "finish_reason": None, "ttft_s": None, "e2e_s": None, "itl_s": []}
-    start = last = time.perf_counter()
+def _record(item: dict) -> dict:
+    return {"index": item["index"], "key": item["key"], "token_ids": [], "error": None,
+            "finish_reason": None, "ttft_s": None, "e2e_s": None, "itl_s": []}
+
+
+def _arrived(record: dict, token_ids: list[int], start: float, last: float) -> float:
+    """Book a chunk of tokens that arrived now; returns now (the new `last`)."""
+    now = time.perf_counter()
+    n = len(token_ids)
+    if n:
+        if record["ttft_s"] is None:
+            record["ttft_s"] = now - start
+        else:
+            record["itl_s"].extend([(now - last) / n] * n)
+        record["token_ids"].extend(token_ids)
+        return now
+    return last
+
+
+class ZmqDriver:
+    """The load through the native ZeroMQ client."""
+
+    def __init__(self, endpoint: str, timeout_s: float):
+        self.where = endpoint
+        self.client = AsyncClient(endpoint, timeout_s=timeout_s)
+
+    async def one(self, item: dict, temperature: float, ignore_eos: bool) -> dict:
+        """Stream one request; timestamps are taken as each output arrives."""
+        record = _record(item)
+        start = last = time.perf_counter()
+        try:
+            async for output in self.client.stream(temperature=temperature, ignore_eos=ignore_eos, **item["kwargs"]):
+                last = _arrived(record, output.token_ids, start, last)
+                if output.is_finished:
+                    record["finish_reason"] = output.finish_reason
+            record["e2e_s"] = time.perf_counter() - start
+            if record["finish_reason"] in FAILED_FINISH_REASONS:
+                record["error"] = record["finish_reason"]
+        except RequestError as exc:
+            record["error"] = exc.code
+        except (TimeoutError, asyncio.TimeoutError):
+            record["error"] = "timeout"
+        except Exception as exc:  # a load test reports every failure rather than stopping
+            record["error"] = type(exc).__name__
+        return record
+
+    async def status(self) -> dict:
+        return await self.client.status()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class HttpDriver:
+    """The same load through the OpenAI-compatible HTTP API, with the `openai` client."""
+
+    def __init__(self, url: str, timeout_s: float, api_key: str | None):
+        import httpx
+        import openai
+
+        self.where = url
+        self.url = url.rstrip("/")
+        key = api_key or os.environ.get("MINEDRAFT_API_KEY") or "none"
+        self.client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=timeout_s)
+        self.http = httpx.AsyncClient(timeout=STATUS_TIMEOUT_S)
+        self.model: str | None = None
+
+    async def one(self, item: dict, temperature: float, ignore_eos: bool) -> dict:
+        import openai
+
+        record = _record(item)
+        kwargs = dict(item["kwargs"])
+        prompt = kwargs.pop("prompt_ids", None) or kwargs.pop("prompt")
+        start = last = time.perf_counter()
+        try:
+            stream = await self.client.completions.create(
+                model=self.model, prompt=prompt, max_tokens=kwargs["max_tokens"], seed=kwargs["seed"],
+                temperature=temperature, stream=True, extra_body={"ignore_eos": ignore_eos, "return_token_ids": True})
+            async for chunk in stream:
+                choice = chunk.choices[0]
+                last = _arrived(record, choice.model_extra["token_ids"], start, last)
+                if choice.finish_reason is not None:
+                    record["finish_reason"] = choice.finish_reason
+            record["e2e_s"] = time.perf_counter() - start
+            if record["finish_reason"] in FAILED_FINISH_REASONS:
+                record["error"] = record["finish_reason"]
+        except openai.APITimeoutError:
+            record["error"] = "timeout"
+        except openai.APIError as exc:  # an error status, or one reported in the stream: its OpenAI code
+            record["error"] = exc.body.get("code", "error") if isinstance(exc.body, dict) else type(exc).__name__
+        except Exception as exc:  # a load test reports every failure rather than stopping
+            record["error"] = type(exc).__name__
+        return record
+
+    async def status(self) -> dict:
+        """The status fields summarize() uses, read from /metrics (and the model from /v1/models)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if self.model is None:
+            self.model = (await self.client.models.list()).data[0].id
+        response = await self.http.get(self.url + "/metrics")
+        response.raise_for_status()
+        samples = {(s.name, s.labels.get("role")): s for f in text_string_to_metric_families(response.text)
+                   for s in f.samples}
+
+        def value(name: str, role: str | None = None) -> float:
+            return samples[(name, role)].value if (name, role) in samples else 0
+
+        info = samples[("minedraft_runtime_info", None)].labels
+        return {
+            "mode": info["mode"], "num_draft": int(info["num_draft"]), "max_batch": int(info["max_batch"]),
+            "dtype": info["dtype"], "target": info["target"], "draft": info["draft"],
+            "num_output_tokens": value("minedraft_output_tokens_total"),
+            "num_drafted": value("minedraft_spec_drafted_tokens_total"),
+            "num_accepted": value("minedraft_spec_accepted_tokens_total"),
+            "num_verify_rows": value("minedraft_spec_verify_rows_total"),
+            "busy_s": {role: value("minedraft_worker_busy_seconds_total", role) for role in ("drafter", "verifier")},
+        }
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.http.aclose()
+
+
+async def _status(driver) -> dict:
     try:
-        async for output in client.stream(temperature=temperature, ignore_eos=ignore_eos, **item["kwargs"]):
-            now = time.perf_counter()
-            n = len(output.token_ids)
-            if n:
-                if record["ttft_s"] is None:
-                    record["ttft_s"] = now - start
-                else:
-                    record["itl_s"].extend([(now - last) / n] * n)
-                last = now
-                record["token_ids"].extend(output.token_ids)
-            if output.is_finished:
-                record["finish_reason"] = output.finish_reason
-        record["e2e_s"] = time.perf_counter() - start
-        if record["finish_reason"] in FAILED_FINISH_REASONS:
-            record["error"] = record["finish_reason"]
-    except RequestError as exc:
-        record["error"] = exc.code
+        return await asyncio.wait_for(driver.status(), STATUS_TIMEOUT_S)
     except (TimeoutError, asyncio.TimeoutError):
-        record["error"] = "timeout"
-    except Exception as exc:  # a load test reports every failure rather than stopping
-        record["error"] = type(exc).__name__
-    return record
+        raise RuntimeError(f"no runtime answers on {driver.where} within {STATUS_TIMEOUT_S} s") from None
+    except Exception as exc:  # HTTP: refused connections, error statuses, a /metrics without the runtime
+        raise RuntimeError(f"no status from {driver.where}: {type(exc).__name__}: {exc}") from None
 
 
-async def _status(client: AsyncClient, endpoint: str) -> dict:
+async def _run(driver, plan, concurrency, rate, temperature, seed, ignore_eos, show_progress):
     try:
-        return await asyncio.wait_for(client.status(), STATUS_TIMEOUT_S)
-    except (TimeoutError, asyncio.TimeoutError):
-        raise RuntimeError(f"no runtime answers on {endpoint} within {STATUS_TIMEOUT_S} s") from None
-
-
-async def _run(endpoint, plan, concurrency, rate, temperature, seed, timeout_s, ignore_eos, show_progress):
-    async with AsyncClient(endpoint, timeout_s=timeout_s) as client:
-        before = await _status(client, endpoint)
+        before = await _status(driver)
         bar = tqdm(total=len(plan), desc="requests", unit="req", file=sys.stderr, disable=not show_progress)
         records: list[dict] = []
 
         async def send(item):
-            record = await _one(client, item, temperature, ignore_eos)
+            record = await driver.one(item, temperature, ignore_eos)
             records.append(record)
             bar.update(1)
 
@@ -155,7 +255,9 @@ async def _run(endpoint, plan, concurrency, rate, temperature, seed, timeout_s, 
             await asyncio.gather(*(loop() for _ in range(min(concurrency, len(plan)))))
         wall_s = time.perf_counter() - start
         bar.close()
-        after = await _status(client, endpoint)
+        after = await _status(driver)
+    finally:
+        await driver.close()
     return sorted(records, key=lambda r: r["index"]), wall_s, before, after
 
 
@@ -201,10 +303,11 @@ def summarize(records: list[dict], wall_s: float, before: dict, after: dict) -> 
 def run_loadtest(endpoint: str, prompts: list[dict] | list[str], requests: int | None = None,
                  concurrency: int | None = None, rate: float | None = None, max_tokens: int | None = None,
                  temperature: float = 0.0, seed: int = 0, timeout_s: float = 600.0, ignore_eos: bool = False,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, http: str | None = None, api_key: str | None = None) -> dict:
     """Run the load and return summarize()'s dict plus the settings and "output_token_ids".
     Give concurrency (fixed) or rate (Poisson, requests/s), not both; neither: DEFAULT_CONCURRENCY.
-    max_tokens None: each prompt's own "max_tokens", else DEFAULT_MAX_TOKENS."""
+    max_tokens None: each prompt's own "max_tokens", else DEFAULT_MAX_TOKENS.
+    http: a base URL (http://HOST:PORT): the load goes through the HTTP API instead of endpoint."""
     if concurrency is not None and rate is not None:
         raise ValueError("give concurrency or rate, not both")
     if rate is not None and rate <= 0 or concurrency is not None and concurrency < 1:
@@ -213,10 +316,15 @@ def run_loadtest(endpoint: str, prompts: list[dict] | list[str], requests: int |
     requests = len(prompts) if requests is None else requests
     concurrency = DEFAULT_CONCURRENCY if concurrency is None and rate is None else concurrency
     plan = _plan(prompts, requests, max_tokens, seed)
-    records, wall_s, before, after = asyncio.run(
-        _run(endpoint, plan, concurrency, rate, temperature, seed, timeout_s, ignore_eos, show_progress))
-    result = {"endpoint": endpoint, "requests": requests, "concurrency": concurrency, "rate": rate,
-              "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "ignore_eos": ignore_eos}
+
+    async def main():
+        driver = HttpDriver(http, timeout_s, api_key) if http else ZmqDriver(endpoint, timeout_s)
+        return await _run(driver, plan, concurrency, rate, temperature, seed, ignore_eos, show_progress)
+
+    records, wall_s, before, after = asyncio.run(main())
+    result = {"endpoint": endpoint, "http": http, "front_end": "http" if http else "zmq", "requests": requests,
+              "concurrency": concurrency, "rate": rate, "max_tokens": max_tokens, "temperature": temperature,
+              "seed": seed, "ignore_eos": ignore_eos}
     result.update(summarize(records, wall_s, before, after))
     result["output_token_ids"] = {r["key"]: r["token_ids"] for r in records if r["error"] is None}
     return result
@@ -233,8 +341,10 @@ def format_report(result: dict) -> str:
     load = f"rate {result['rate']} req/s (Poisson)" if result["rate"] is not None else f"concurrency {result['concurrency']}"
     errors = ", ".join(f"{code} x{n}" for code, n in sorted(result["errors"].items())) or "none"
     busy = result["busy_fraction"]
+    front_end = f"HTTP {result['http']}" if result.get("http") else f"ZeroMQ {result['endpoint']}"
     lines = [
         ("runtime", f"{result['mode']} (k={result['num_draft']}, max_batch={result['max_batch']}, {result['dtype']})"),
+        ("front end", front_end),
         ("load", f"{result['requests']} requests, {load}, temperature {result['temperature']}"),
         ("requests ok / failed", f"{result['num_ok']} / {result['num_failed']} (errors: {errors})"),
         ("wall time s", _fmt(result["wall_s"], 2)),
@@ -256,6 +366,8 @@ def format_report(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Bounded load test against a running MineDraft runtime.")
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"runtime endpoint (default {DEFAULT_ENDPOINT})")
+    parser.add_argument("--http", metavar="URL", help="drive the HTTP API at URL (http://HOST:PORT) instead")
+    parser.add_argument("--api-key", help="Bearer key for --http (default $MINEDRAFT_API_KEY)")
     parser.add_argument("--requests", type=int, default=64, help="number of requests (prompts cycle)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, help=f"requests in flight at all times (default {DEFAULT_CONCURRENCY})")
@@ -276,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_loadtest(args.endpoint, load_prompts(args.prompts), requests=args.requests,
                               concurrency=args.concurrency, rate=args.rate, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=args.seed, timeout_s=args.timeout,
-                              ignore_eos=args.ignore_eos)
+                              ignore_eos=args.ignore_eos, http=args.http, api_key=args.api_key)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
