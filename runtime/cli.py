@@ -187,7 +187,8 @@ def cmd_status(args) -> int:
         lines.append(("http", f"{http['url']} ({state}, pid {http['pid']}, {http['num_restarts']} restarts)"))
     for role, linear in sorted(status.get("linear_path", {}).items()):
         shapes = ", ".join(f"{shape} {path}" for shape, path in linear.get("shapes", {}).items())
-        lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}; {shapes}"))
+        merged = f"; merged {', '.join(linear['fused'])}" if linear.get("fused") else ""
+        lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}{merged}; {shapes}"))
     for key, value in lines:
         print(f"{key:<22}{value}")
     return 0
