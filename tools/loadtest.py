@@ -38,6 +38,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from minedraft.runtime.client import DEFAULT_ENDPOINT, AsyncClient, RequestError
+from minedraft.runtime.config import API_KEY_ENV
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.jsonl")
 DEFAULT_MAX_TOKENS = 64  # when neither --max-tokens nor the prompt line gives one
@@ -153,7 +154,7 @@ class HttpDriver:
 
         self.where = url
         self.url = url.rstrip("/")
-        key = api_key or os.environ.get("MINEDRAFT_API_KEY") or "none"
+        key = api_key or os.environ.get(API_KEY_ENV) or "none"
         self.client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=timeout_s)
         self.http = httpx.AsyncClient(timeout=STATUS_TIMEOUT_S)
         self.model: str | None = None
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Bounded load test against a running MineDraft runtime.")
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"runtime endpoint (default {DEFAULT_ENDPOINT})")
     parser.add_argument("--http", metavar="URL", help="drive the HTTP API at URL (http://HOST:PORT) instead")
-    parser.add_argument("--api-key", help="Bearer key for --http (default $MINEDRAFT_API_KEY)")
+    parser.add_argument("--api-key", help=f"Bearer key for --http (default ${API_KEY_ENV})")
     parser.add_argument("--requests", type=int, default=64, help="number of requests (prompts cycle)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, help=f"requests in flight at all times (default {DEFAULT_CONCURRENCY})")

@@ -182,7 +182,7 @@ def fuse_projections(decoder: nn.Module) -> list[str]:
     """Merge each layer's q/k/v and gate/up projections into one nn.Linear each (rows stacked in
     that order), one layer at a time so the copies never double the model's memory. With the
     kernel each output column is its own FMA chain, so the merged matmul gives the same bits as
-    the separate ones; the merge saves two weight streams' start-up and four calls per layer."""
+    the separate ones; the merge saves three calls (and weight-stream start-ups) per layer."""
     fused = []
     for layer in decoder.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
