@@ -125,11 +125,16 @@ class SchedulerSection:
     job_timeout_s: float = 60.0  # a worker job not answered within this is a hung worker
     restart_workers: bool = False  # on a dead or hung worker: restart both workers (else the daemon exits 1)
     prefill_ahead: bool = True  # sd/psd: an idle verifier caches new prompts while the drafter drafts them
+    extra_draft: int = 0  # e: TETRIS drafts k + e tokens per row and verifies the likeliest k x rows of them
+    draft_policy: str = "fixed"  # fixed (k, e as set) | adaptive (depth and verify capacity from measured costs)
 
     def __post_init__(self):
         _check_field_types(self)
         _check(self.mode in ("psd", "sd", "ar"), "mode", f"expected psd, sd or ar, got {self.mode!r}")
         _check(1 <= self.num_draft <= 16, "num_draft", f"must be in 1..16, got {self.num_draft}")
+        _check(0 <= self.extra_draft <= 16, "extra_draft", f"must be in 0..16, got {self.extra_draft}")
+        _check(self.draft_policy in ("fixed", "adaptive"), "draft_policy",
+               f"expected fixed or adaptive, got {self.draft_policy!r}")
         _check(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
         _check(self.max_len >= 16, "max_len", f"must be >= 16, got {self.max_len}")
         _check(1 <= self.max_tokens_cap < self.max_len, "max_tokens_cap",
@@ -137,6 +142,11 @@ class SchedulerSection:
         _check(self.max_queued_requests >= 1, "max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
         _check(self.max_request_bytes >= 1024, "max_request_bytes", f"must be >= 1024, got {self.max_request_bytes}")
         _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
+
+    @property
+    def max_depth(self) -> int:
+        """Most draft tokens a row gets in one step: the draft buffers' depth."""
+        return self.num_draft + self.extra_draft
 
 
 @dataclass(frozen=True)

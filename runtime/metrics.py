@@ -14,20 +14,29 @@ class Metrics:
         self.start_s = clock()
         self.busy_s = {"drafter": 0.0, "verifier": 0.0}
         self.intervals = {role: deque(maxlen=MAX_INTERVALS) for role in self.busy_s}
+        self.jobs: deque[dict] = deque(maxlen=2 * MAX_INTERVALS)  # recent jobs of both workers, with their sizes
         self.num_jobs = {role: 0 for role in self.busy_s}  # draft / verify jobs answered (steps)
         self.num_prefill_jobs = 0  # verifier prefill-ahead jobs (not steps; their time is in busy_s)
-        self.num_drafted = 0
+        self.num_draft_tokens = 0  # drafted, including those TETRIS did not keep
+        self.num_drafted = 0  # drafts verified
         self.num_accepted = 0
         self.num_verify_rows = 0
         self.num_output_tokens = 0
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.finish_reasons: Counter[str] = Counter()
 
-    def add_busy(self, role: str, start_s: float, end_s: float, is_step: bool = True) -> None:
+    def add_busy(self, role: str, start_s: float, end_s: float, is_step: bool = True, job: dict | None = None) -> None:
+        """A worker's job ran from start_s to end_s; `job` describes it for the timeline
+        (kind, batch, rows, positions)."""
         self.busy_s[role] += max(0.0, end_s - start_s)
         self.num_jobs[role] += is_step
         self.num_prefill_jobs += not is_step
         self.intervals[role].append((start_s, end_s))
+        if job is not None:
+            self.jobs.append({"role": role, "start_s": start_s, "end_s": end_s, **job})
+
+    def add_draft_tokens(self, n: int) -> None:
+        self.num_draft_tokens += n
 
     def add_verify_row(self, num_draft: int, num_accepted: int) -> None:
         self.num_drafted += num_draft
@@ -53,11 +62,15 @@ class Metrics:
             "uptime_s": uptime_s,
             "num_output_tokens": self.num_output_tokens,
             "output_tokens_per_s": recent / window_s,
+            "num_draft_tokens": self.num_draft_tokens,
             "num_drafted": self.num_drafted,
             "num_accepted": self.num_accepted,
             "num_verify_rows": self.num_verify_rows,
             "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
             "mean_accepted_length": 1 + self.num_accepted / self.num_verify_rows if self.num_verify_rows else None,
+            # committed tokens (accepted drafts + one per row) per position the verifier checked
+            "tokens_per_verified_position": (self.num_accepted + self.num_verify_rows)
+            / (self.num_drafted + self.num_verify_rows) if self.num_verify_rows else None,
             "busy_s": dict(self.busy_s),
             "busy_fraction": {role: busy / uptime_s for role, busy in self.busy_s.items()},
             "num_jobs": dict(self.num_jobs),
@@ -66,4 +79,5 @@ class Metrics:
         }
         if is_detailed:
             summary["busy_intervals"] = {role: [list(i) for i in v] for role, v in self.intervals.items()}
+            summary["recent_jobs"] = list(self.jobs)
         return summary

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -141,6 +141,7 @@ class DraftJob:
     batch_id: int
     rows: list[JobRow]
     release: list[str] = field(default_factory=list)  # request_ids whose slots to free first
+    capacity: Optional[int] = None  # TETRIS: keep the best `capacity` drafted positions of the batch (None: all)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ class DraftResult:
     num_rows: int
     busy_start_s: float  # worker's time.monotonic() at job start and end
     busy_end_s: float
+    num_kept: list[int] = field(default_factory=list)  # per row in job order: leading drafts to verify
+    scores: list[list[float]] = field(default_factory=list)  # per row: cumulative draft log-prob per drafted position
 
 
 @dataclass(frozen=True)

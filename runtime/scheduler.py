@@ -10,6 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from minedraft.runtime.budget import DraftBudget
 from minedraft.runtime.config import Config
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.protocol import (
@@ -35,7 +36,8 @@ class Request:
     arrival_s: float
     output_ids: list[int] = field(default_factory=list)
     num_sent: dict[str, int] = field(default_factory=lambda: {DRAFTER: 0, VERIFIER: 0})
-    num_draft: int = 0  # drafts in the current step
+    num_draft: int = 0  # drafts in the current step: to draft, then (after the draft result) to verify
+    draft_scores: list[float] = field(default_factory=list)  # the kept drafts' cumulative draft log-probs
     buffer_row: int = 0  # row of the batch's draft buffer in the current step
     num_streamed: int = 0  # output ids already sent to the client
     num_drafted: int = 0
@@ -55,6 +57,8 @@ class Batch:
     requests: list[Request] = field(default_factory=list)
     state: str = "ready"  # ready -> drafting -> drafted -> verifying -> ready
     rows: list[Request] = field(default_factory=list)  # the current job's rows, in buffer order
+    is_steady: bool = False  # the current job feeds no prompt or long catch-up: its time fits the cost model
+    job_size: tuple[int, int] = (0, 0)  # draft: (rows drafting, depth); verify: (rows, positions)
 
 
 class SchedulerCore:
@@ -63,6 +67,9 @@ class SchedulerCore:
         sc = config.scheduler
         self.mode = sc.mode
         self.num_draft = sc.num_draft if sc.mode != "ar" else 0
+        self.extra_draft = sc.extra_draft if sc.mode != "ar" else 0
+        self.max_depth = self.num_draft + self.extra_draft
+        self.budget = DraftBudget(sc.mode, sc.draft_policy, sc.num_draft, sc.extra_draft) if sc.mode != "ar" else None
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
         self.max_batch = sc.max_batch
         self.max_queued = sc.max_queued_requests
@@ -161,25 +168,41 @@ class SchedulerCore:
     def on_draft_result(self, result: DraftResult) -> None:
         batch = self.batches[result.batch_id]
         assert batch.state == "drafting", f"batch_id={batch.batch_id} draft result in state {batch.state}"
+        assert len(result.num_kept) in (0, len(batch.rows)), "draft result rows != job rows"
         self.is_busy[DRAFTER] = False
-        self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s)
+        self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s, job={
+            "kind": "draft", "batch": batch.batch_id, "rows": batch.job_size[0], "depth": batch.job_size[1],
+            "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept)})
         batch.state = "drafted"
+        if batch.is_steady:
+            self.budget.observe_draft(*batch.job_size, result.busy_end_s - result.busy_start_s)
+        self.budget.observe_scores(result.scores)
+        self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
+        for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
+            request.num_draft = kept  # TETRIS may keep fewer than were drafted
+            request.draft_scores = scores[:kept]
 
     def on_prefill_result(self, result: PrefillResult) -> None:
         self.is_busy[VERIFIER] = False
-        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, is_step=False)
+        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, is_step=False,
+                              job={"kind": "prefill", "batch": None, "rows": result.num_rows, "positions": None})
 
     def on_verify_result(self, result: VerifyResult) -> None:
         batch = self.batches[result.batch_id]
         assert batch.state == "verifying", f"batch_id={batch.batch_id} verify result in state {batch.state}"
         assert len(result.emitted) == len(batch.rows), "verify result rows != job rows"
         self.is_busy[VERIFIER] = False
-        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s)
+        self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, job={
+            "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1]})
         batch.state = "ready"
+        if self.budget is not None and batch.is_steady:
+            self.budget.observe_verify(batch.job_size[1], result.busy_end_s - result.busy_start_s)
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue
             num_accepted = len(tokens) - 1
+            if self.budget is not None and request.draft_scores:
+                self.budget.observe_accept(request.draft_scores, num_accepted)
             request.num_steps += 1
             request.num_drafted += request.num_draft
             request.num_accepted += num_accepted
@@ -231,8 +254,13 @@ class SchedulerCore:
         self.is_busy[DRAFTER] = True
         self.last_drafted = batch.batch_id
         batch.state = "drafting"
-        self._start_step(batch, self.num_draft)
-        return DraftJob(batch.batch_id, [self._row(r, DRAFTER) for r in batch.rows], self._take_release(DRAFTER))
+        plan = self.budget.plan([self._room(r) for r in batch.requests])
+        self._start_step(batch, plan.depth)
+        drafting = [r for r in batch.rows if r.num_draft > 0]
+        batch.job_size = (len(drafting), max((r.num_draft for r in drafting), default=0))
+        batch.is_steady = self._is_steady(batch.rows, DRAFTER)
+        rows = [self._row(r, DRAFTER) for r in batch.rows]
+        return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity)
 
     def _verify_job(self, batch: Batch) -> VerifyJob | None:
         if self.mode == "ar":
@@ -244,6 +272,8 @@ class SchedulerCore:
             return None
         self.is_busy[VERIFIER] = True
         batch.state = "verifying"
+        batch.job_size = (len(batch.rows), sum(1 + r.num_draft for r in batch.rows))
+        batch.is_steady = self._is_steady(batch.rows, VERIFIER)
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
 
     def _prefill_job(self) -> PrefillJob | None:
@@ -259,9 +289,18 @@ class SchedulerCore:
     def _start_step(self, batch: Batch, num_draft: int) -> None:
         batch.rows = list(batch.requests)
         for i, request in enumerate(batch.rows):
-            room = min(request.max_tokens - len(request.output_ids), self.max_len - len(request.tokens)) - 1
-            request.num_draft = max(0, min(num_draft, room))
+            request.num_draft = min(num_draft, self._room(request))
+            request.draft_scores = []
             request.buffer_row = i
+
+    def _room(self, request: Request) -> int:
+        """Drafts that can still be useful: the verify emits one more token after them."""
+        return max(0, min(request.max_tokens - len(request.output_ids), self.max_len - len(request.tokens)) - 1)
+
+    def _is_steady(self, rows: list[Request], role: str) -> bool:
+        """True when no row feeds more than a step's worth of committed tokens (a prompt, or a
+        catch-up after steps without drafting), so the job's time is a decode step's time."""
+        return all(0 < r.num_sent[role] and len(r.tokens) - r.num_sent[role] <= self.max_depth + 1 for r in rows)
 
     def _row(self, request: Request, role: str) -> JobRow:
         tokens = request.tokens
@@ -337,6 +376,7 @@ class SchedulerCore:
         status = {
             "mode": self.mode,
             "num_draft": self.num_draft,
+            "extra_draft": self.extra_draft,
             "max_batch": self.max_batch,
             "num_waiting": len(self.waiting),
             "num_running": sum(len(b.requests) for b in self.batches),
@@ -344,4 +384,6 @@ class SchedulerCore:
             "batch_states": [b.state for b in self.batches],
         }
         status.update(self.metrics.summary(is_detailed))
+        if self.budget is not None:
+            status["draft_budget"] = self.budget.to_dict()
         return status

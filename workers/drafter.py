@@ -39,19 +39,26 @@ class Drafter:
         self.table.release(request_ids)
 
     @torch.inference_mode()
-    def draft(self, rows: list[Row], out_tokens: torch.Tensor, out_probs: torch.Tensor) -> None:
+    def draft(self, rows: list[Row], out_tokens: torch.Tensor, out_probs: torch.Tensor,
+              capacity: int | None = None) -> DraftOutcome:
         """Draft rows[i].num_draft tokens for each row into out_tokens[row.buffer_row] and, for
         sampled (non-greedy) rows, their draft distributions into out_probs[row.buffer_row].
+        Then keep the `capacity` likeliest positions across the batch (TETRIS, select_positions);
+        None keeps every drafted position.
 
         out_tokens [max_batch, max_draft] int64; out_probs [max_batch, max_draft, V] float32.
         """
+        scores: list[list[float]] = [[] for _ in rows]
         # 1. Apply committed tokens; rows with nothing to draft only record them.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         active = [i for i, r in enumerate(rows) if r.num_draft > 0]
-        if not active:
-            return
-        rows = [rows[i] for i in active]
-        states = [states[i] for i in active]
+        if active:
+            self._draft([rows[i] for i in active], [states[i] for i in active], out_tokens, out_probs,
+                        [scores[i] for i in active])
+        return DraftOutcome(select_positions(scores, capacity), scores)
+
+    def _draft(self, rows: list[Row], states, out_tokens: torch.Tensor, out_probs: torch.Tensor,
+               scores: list[list[float]]) -> None:
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
         buffer_rows = torch.tensor([r.buffer_row for r in rows])
         is_sampled = temperature > 0  # [B] bool
@@ -60,18 +67,28 @@ class Drafter:
         logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
         # 3. Draft token i from logits after token i-1; rows stop at their own num_draft. Greedy
         #    rows take the argmax (what their one-hot distribution would sample); only sampled
-        #    rows pay for a distribution over the vocabulary, and only theirs is written.
+        #    rows pay for a distribution over the vocabulary, and only theirs is written. Each
+        #    token's log-probability (the sampled distribution's, or the temperature-1 softmax's
+        #    on greedy rows) adds to its row's running score.
         live = list(range(len(rows)))
+        total = torch.zeros(len(rows), dtype=torch.float64)  # [B] cumulative draft log-probability
         for i in range(max(r.num_draft for r in rows)):
-            tokens = logits[:, 0].argmax(-1)  # [b] long, first index on ties
+            step_logits = logits[:, 0].float()  # [b, V]
+            tokens = step_logits.argmax(-1)  # [b] long, first index on ties
+            logp = step_logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(step_logits, -1)  # [b]
             sampled = [n for n, j in enumerate(live) if is_sampled[j]]  # positions within live
             if sampled:
                 keep, who = torch.tensor(sampled), [live[n] for n in sampled]
                 probs = probs_from_logits(logits[keep], temperature[who], top_k[who], top_p[who])[:, 0]  # [s, V]
                 uniforms = draw_uniforms([states[j].generator for j in who], 1, probs.device)[:, 0]
-                tokens[keep.to(tokens.device)] = sample(probs, uniforms)
+                picked = sample(probs, uniforms)  # [s]
+                tokens[keep.to(tokens.device)] = picked
+                logp[keep.to(logp.device)] = probs.gather(-1, picked[:, None])[:, 0].log()
                 out_probs[buffer_rows[who], i] = probs.to(out_probs.device)
             out_tokens[buffer_rows[live], i] = tokens.to(out_tokens.device)
+            total[live] += logp.double().cpu().clamp(max=0.0)  # log p <= 0: scores fall along a row
+            for j, score in zip(live, total[live].tolist()):
+                scores[j].append(score)
             live_next = [n for n, j in enumerate(live) if rows[j].num_draft > i + 1]
             if not live_next:
                 break
@@ -81,3 +98,23 @@ class Drafter:
                 self.model, self.cache, [states[j] for j in live], [[t] for t in next_tokens],
                 [[0] for _ in live], 1,
             )
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    num_kept: list[int]  # per row, in job order: the leading drafts to verify
+    scores: list[list[float]]  # per row: cumulative draft log-probability at each drafted position
+
+
+def select_positions(scores: list[list[float]], capacity: int | None) -> list[int]:
+    """TETRIS selection: keep the `capacity` best-scored drafted positions across the batch and
+    return how many leading positions each row keeps. A row's scores never rise (each adds a
+    log-probability <= 0) and ties go to the earlier position, then to the earlier row, so what
+    a row keeps is always a prefix. capacity None keeps everything."""
+    if capacity is None:
+        return [len(s) for s in scores]
+    ranked = sorted(((-score, j, i) for i, row in enumerate(scores) for j, score in enumerate(row)))
+    num_kept = [0] * len(scores)
+    for _, _, i in ranked[:max(0, capacity)]:
+        num_kept[i] += 1
+    return num_kept

@@ -87,10 +87,10 @@ class WorkerLoop:
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
         linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir)
         core_cls = Drafter if self.role == "drafter" else Verifier
-        self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.num_draft, dtype, device)
+        self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}
         if self.role == "drafter":
-            specs = draft_buffer_specs(sc.max_batch, sc.num_draft, model.config.vocab_size)
+            specs = draft_buffer_specs(sc.max_batch, sc.max_depth, model.config.vocab_size)
             self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
             tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json"),
@@ -129,9 +129,10 @@ class WorkerLoop:
             return
         buffers = self.buffers[job.batch_id].tensors if self.buffers else {}  # none in mode ar
         if isinstance(job, p.DraftJob):
-            self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"])
+            outcome = self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"], job.capacity)
             self.buffers[job.batch_id].sync()  # data visible before it is announced
-            self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic()))
+            self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
+                                     outcome.num_kept, outcome.scores))
         else:
             emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
             if self.buffers:

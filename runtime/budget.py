@@ -1,0 +1,293 @@
+"""The draft budget (DESIGN.md section 8): each step, how deep the drafter drafts (depth D = k + e)
+and how many drafted positions of the batch the verifier checks (capacity C, TETRIS).
+
+- "fixed": D = num_draft + extra_draft; with extra_draft > 0, C = what plain SD at num_draft
+  would verify, so TETRIS only changes which positions are checked, never how many.
+- "adaptive": D and C maximise the predicted committed tokens per second, from running fits of
+  what the workers' jobs cost and of how often a drafted position is accepted given its score:
+    draft time  T_d = a0 + a1 * D + a2 * rows * D        (one forward per depth, rows x D positions)
+    verify time T_v = b0 + b1 * positions, positions = rows + C
+    accepted    A(D, C) = sum over the C best-scored positions of g(score)
+  where g(s) is the measured chance that a position whose draft prefix has log-probability s is
+  accepted with everything before it, and the scores come from recent drafts. The rate is
+  (rows + A) / (T_d + T_v) in sd (drafting is on the critical path; D = 0 is plain decoding)
+  and (rows + A) / max(T_d, T_v) in psd (drafting overlaps the other batch's verify, so any
+  drafting beyond the verify time is lost: the optimum sits where they meet, as the paper says).
+
+Pure Python and no IO: the scheduler core feeds it observations and asks for a plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+WARMUP_STEPS = 6  # steps at the fixed plan's neighbours before the fits are trusted
+EXPLORE_EVERY = 4  # every n-th adaptive step drafts one deeper or shallower than the best plan
+PROBE_EVERY = 16  # with speculation off (sd), every n-th step probes depth 1 to keep the fits current
+MAX_OBSERVATIONS = 64  # recent jobs each cost fit uses
+RECENCY = 0.97  # weight of an observation per newer one of the same kind
+BIN_EDGES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.03, 0.0)  # acceptance bins' lower edges in exp(score)
+BIN_DECAY = 0.995  # per observed position: older acceptance evidence fades
+SCORE_ROWS = 64  # recent rows' score vectors kept to predict what TETRIS will select
+
+
+class CostFit:
+    """Weighted least squares over the most recent observations, coefficients kept >= 0 (a job
+    never gets cheaper with more work). A small ridge toward zero keeps it solvable before the
+    features vary; `intercept_weight` pulls the fixed cost harder, as job overhead is small."""
+
+    def __init__(self, names: tuple[str, ...], ridge: float = 1e-6, intercept_weight: float = 1e-2):
+        self.names = names
+        self.ridge = [intercept_weight] + [ridge] * (len(names) - 1)
+        self.observations: deque[tuple[tuple[float, ...], float]] = deque(maxlen=MAX_OBSERVATIONS)
+        self.coef = [0.0] * len(names)
+        self.is_stale = False
+
+    def __len__(self) -> int:
+        return len(self.observations)
+
+    def add(self, x: tuple[float, ...], y: float) -> None:
+        self.observations.append((x, y))
+        self.is_stale = True
+
+    def predict(self, x: tuple[float, ...]) -> float:
+        if self.is_stale:
+            self.coef = self._solve()
+            self.is_stale = False
+        return sum(c * v for c, v in zip(self.coef, x))
+
+    def _solve(self) -> list[float]:
+        active = list(range(len(self.names)))
+        while True:
+            coef = self._solve_on(active)
+            negative = [i for i in active if coef[i] < 0]
+            if not negative:
+                return coef
+            active.remove(min(negative, key=lambda i: coef[i]))
+
+    def _solve_on(self, active: list[int]) -> list[float]:
+        n = len(active)
+        a = [[0.0] * n for _ in range(n)]
+        rhs = [0.0] * n
+        weight = 1.0
+        for x, y in reversed(self.observations):
+            for r in range(n):
+                xr = x[active[r]]
+                rhs[r] += weight * xr * y
+                for c in range(n):
+                    a[r][c] += weight * xr * x[active[c]]
+            weight *= RECENCY
+        for r in range(n):
+            a[r][r] += self.ridge[active[r]]
+        solution = _solve_linear(a, rhs)
+        coef = [0.0] * len(self.names)
+        for r, i in enumerate(active):
+            coef[i] = solution[r]
+        return coef
+
+    def to_dict(self) -> dict:
+        if self.is_stale:
+            self.coef = self._solve()
+            self.is_stale = False
+        return {"coef": dict(zip(self.names, self.coef)), "num_observations": len(self.observations)}
+
+
+def _solve_linear(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting on a small symmetric positive system."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) < 1e-300:
+            continue
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        if abs(m[r][r]) < 1e-300:
+            continue
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
+class AcceptanceFit:
+    """g(score): the chance that a drafted position is accepted along with every position before
+    it, binned by its draft probability exp(score) (finer near 1, where confident drafts sit),
+    made non-increasing from the top bin down (a likelier draft prefix is never less likely
+    accepted). Before evidence each bin believes the draft: g = its probability's midpoint."""
+
+    def __init__(self):
+        uppers = (1.0,) + BIN_EDGES[:-1]
+        self.hits = [(lo + hi) / 2 for lo, hi in zip(BIN_EDGES, uppers)]  # prior: one pseudo-observation per bin
+        self.totals = [1.0] * len(BIN_EDGES)
+        self._curve: list[float] | None = None
+        self.num_observations = 0
+
+    @staticmethod
+    def bin_of(score: float) -> int:
+        """Bin 0 holds the likeliest prefixes."""
+        prob = math.exp(min(score, 0.0))
+        return next(i for i, edge in enumerate(BIN_EDGES) if prob >= edge)
+
+    def add_row(self, scores: list[float], num_accepted: int) -> None:
+        """A verified row: its kept positions' scores and how many leading ones were accepted."""
+        for j, score in enumerate(scores):
+            self.hits = [h * BIN_DECAY for h in self.hits]
+            self.totals = [t * BIN_DECAY for t in self.totals]
+            b = self.bin_of(score)
+            self.hits[b] += float(j < num_accepted)
+            self.totals[b] += 1.0
+            self.num_observations += 1
+        self._curve = None
+
+    def curve(self) -> list[float]:
+        if self._curve is None:  # pool adjacent violators: the weighted isotonic (non-increasing) fit
+            blocks = []  # [hits, totals, width]
+            for h, t in zip(self.hits, self.totals):
+                blocks.append([h, t, 1])
+                while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+                    h2, t2, w2 = blocks.pop()
+                    blocks[-1][0] += h2
+                    blocks[-1][1] += t2
+                    blocks[-1][2] += w2
+            self._curve = [h / t for h, t, w in blocks for _ in range(w)]
+        return self._curve
+
+    def __call__(self, score: float) -> float:
+        return self.curve()[self.bin_of(score)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    depth: int  # drafts per row (capped by each row's room)
+    capacity: int | None  # positions of the batch to verify; None = every drafted one
+    predicted_tokens_per_s: float | None = None  # the adaptive model's forecast for this plan
+    reason: str = "fixed"  # fixed | warmup | best | explore | probe
+
+
+class DraftBudget:
+    def __init__(self, mode: str, policy: str, num_draft: int, extra_draft: int):
+        self.mode, self.policy = mode, policy
+        self.num_draft, self.extra_draft = num_draft, extra_draft
+        self.max_depth = num_draft + extra_draft
+        self.draft_cost = CostFit(("job", "per_forward", "per_position"))
+        self.verify_cost = CostFit(("job", "per_position"))
+        self.acceptance = AcceptanceFit()
+        self.recent_scores: deque[list[float]] = deque(maxlen=SCORE_ROWS)
+        self.num_steps = 0
+        self.num_off = 0  # consecutive steps without speculation
+        self.last_plan = Plan(self.max_depth, None)
+        self.predicted_ema: float | None = None
+
+    # --- observations -------------------------------------------------------------------------
+
+    def observe_draft(self, rows: int, depth: int, duration_s: float) -> None:
+        """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt)."""
+        if rows > 0:
+            self.draft_cost.add((1.0, float(depth), float(rows * depth)), duration_s)
+
+    def observe_verify(self, positions: int, duration_s: float) -> None:
+        """A verify job feeding `positions` positions in all (one per row plus its kept drafts)."""
+        self.verify_cost.add((1.0, float(positions)), duration_s)
+
+    def observe_scores(self, scores: list[list[float]]) -> None:
+        for row in scores:
+            if row:
+                self.recent_scores.append(list(row))
+
+    def observe_accept(self, scores: list[float], num_accepted: int) -> None:
+        self.acceptance.add_row(scores, num_accepted)
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def plan(self, rooms: list[int]) -> Plan:
+        """The plan for a batch whose rows can take rooms[i] more drafts this step."""
+        self.num_steps += 1
+        if self.policy == "fixed":
+            capacity = sum(min(self.num_draft, r) for r in rooms) if self.extra_draft else None
+            self.last_plan = Plan(self.max_depth, capacity)
+            return self.last_plan
+        if self.num_steps <= WARMUP_STEPS or len(self.draft_cost) < 3 or len(self.verify_cost) < 3:
+            # Vary the depth so both fits see more than one point; verify all that is drafted.
+            depths = (self.num_draft, self.max_depth, max(1, self.num_draft // 2))
+            self.last_plan = Plan(depths[self.num_steps % len(depths)], None, None, "warmup")
+            return self.last_plan
+        best = self.best_plan(rooms)
+        plan = best
+        if best.depth == 0:
+            self.num_off += 1
+            if self.num_off % PROBE_EVERY == 0:
+                plan = self.best_plan(rooms, depths=[1], min_capacity=sum(min(1, r) for r in rooms))
+                plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe")
+        else:
+            self.num_off = 0
+            if self.num_steps % EXPLORE_EVERY == 0:
+                step = 1 if (self.num_steps // EXPLORE_EVERY) % 2 else -1
+                depth = min(self.max_depth, max(1, best.depth + step))
+                if depth != best.depth:
+                    plan = self.best_plan(rooms, depths=[depth])
+                    plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "explore")
+        if best.predicted_tokens_per_s is not None:
+            rate = best.predicted_tokens_per_s
+            self.predicted_ema = rate if self.predicted_ema is None else 0.9 * self.predicted_ema + 0.1 * rate
+        self.last_plan = plan
+        return plan
+
+    def best_plan(self, rooms: list[int], depths: list[int] | None = None, min_capacity: int = 0) -> Plan:
+        """The (depth, capacity) with the highest predicted committed tokens per second."""
+        rows = len(rooms)
+        best = None
+        for depth in depths if depths is not None else range(0, self.max_depth + 1):
+            limit = sum(min(depth, r) for r in rooms)
+            gains = self._expected_gains(depth, rows, limit)  # gains[c]: accepted tokens from the best c positions
+            t_draft = self.draft_cost.predict((1.0, float(depth), float(rows * depth))) if depth else 0.0
+            for capacity in range(min(min_capacity, limit), limit + 1):
+                if depth and capacity == 0:
+                    continue  # drafting for nothing: never better than depth 0
+                t_verify = self.verify_cost.predict((1.0, float(rows + capacity)))
+                t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft, t_verify)
+                rate = (rows + gains[capacity]) / max(t_step, 1e-9)
+                if best is None or rate > best[0] * (1 + 1e-9):
+                    best = (rate, depth, capacity)
+        rate, depth, capacity = best
+        return Plan(depth, capacity, rate, "best")
+
+    def _expected_gains(self, depth: int, rows: int, limit: int) -> list[float]:
+        """Prefix sums of g over the best positions the batch would draft at `depth`, estimated
+        from recent rows' scores (extended past their depth at each row's mean step) and scaled to
+        `rows` rows; entry c is the expected accepted tokens when keeping c positions."""
+        values = []
+        sample = list(self.recent_scores)
+        if depth:
+            for row in sample:
+                extended = row[:depth]
+                mean_step = min(0.0, row[-1] / len(row))  # past its drafted depth, a row goes on at its own pace
+                while len(extended) < depth:
+                    extended.append(extended[-1] + mean_step)
+                values.extend(self.acceptance(s) for s in extended)
+        values.sort(reverse=True)
+        prefix = [0.0]
+        for v in values:
+            prefix.append(prefix[-1] + v)
+        scale = rows / len(sample) if sample else 0.0
+        # the c best positions of `rows` rows ~ the c / scale best of the sample, times scale
+        return [scale * prefix[min(len(values), round(c / scale))] if scale else 0.0 for c in range(limit + 1)]
+
+    def to_dict(self) -> dict:
+        out = {"policy": self.policy, "depth": self.last_plan.depth, "capacity": self.last_plan.capacity,
+               "reason": self.last_plan.reason}
+        if self.policy == "adaptive":
+            out.update({
+                "predicted_tokens_per_s": self.predicted_ema,
+                "draft_time_s": self.draft_cost.to_dict(),
+                "verify_time_s": self.verify_cost.to_dict(),
+                "acceptance_by_draft_prob": {f">={edge}": round(g, 4)
+                                             for edge, g in zip(BIN_EDGES, self.acceptance.curve())},
+                "num_acceptance_observations": self.acceptance.num_observations,
+            })
+        return out
