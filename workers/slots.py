@@ -102,7 +102,7 @@ def _forward(model, cache: KVCache, states, feeds, logit_index) -> torch.Tensor:
     for i, f in enumerate(feeds):
         tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
     index = torch.tensor(logit_index, dtype=torch.long).reshape(len(feeds), -1)  # [B, n]
-    logits = model(tokens.to(device), cache, [s.slot for s in states], [len(f) for f in feeds], index.to(device))
+    logits = model(tokens.to(device), cache, [s.slot for s in states], [len(f) for f in feeds], index)
     for state, f in zip(states, feeds):
         state.cached.extend(f)
     return logits

@@ -45,26 +45,34 @@ class Attention(nn.Module):
         self.qkv_sizes = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
 
     def forward(self, x, cos, sin, kv, write, read_slots, mask):
-        """x [B, T, C]; cos/sin [B, T, 1, D]; kv: this layer's cache [2, S, Hkv, max_len, D];
-        write: (rows, cols, slot_idx, pos_idx) of the N real tokens; read_slots [B];
-        mask [B, 1, T, L] bool."""
-        B, T, _ = x.shape
+        """x [N, C]: the batch's N real tokens, packed (row-major); cos/sin [N, 1, D]; kv: this
+        layer's cache [2, S, Hkv, max_len, D]; write: (rows, cols, slot_idx, pos_idx) of the N
+        tokens; read_slots [B]; mask [B, 1, T, L] bool. Only the attention itself sees the
+        padded [B, T] layout: every projection runs on the N real tokens alone."""
+        N = x.shape[0]
+        B, _, T, _ = mask.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)
-        q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
-        k = k.view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
-        v = v.view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        q = q.view(N, -1, self.head_dim)  # [N, H, D]
+        k = k.view(N, -1, self.head_dim)  # [N, Hkv, D]
+        v = v.view(N, -1, self.head_dim)  # [N, Hkv, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         rows, cols, slot_idx, pos_idx = write
-        kv[:, slot_idx, :, pos_idx] = torch.stack((k[rows, cols], v[rows, cols]), 1)  # [N, 2, Hkv, D]
+        kv[:, slot_idx, :, pos_idx] = torch.stack((k, v), 1)  # [N, 2, Hkv, D]
         keys, values = kv[:, read_slots, :, : mask.shape[-1]]  # each [B, Hkv, L, D]
+        if N == B * T:  # no padding: the packed tokens are the [B, T] grid
+            q_grid = q.view(B, T, *q.shape[1:])  # [B, T, H, D]
+        else:
+            q_grid = q.new_zeros(B, T, *q.shape[1:])  # [B, T, H, D], padding queries see valid keys
+            q_grid[rows, cols] = q
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
-        )  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, C]
+            q_grid.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+        ).transpose(1, 2)  # [B, T, H, D]
+        out = out.reshape(N, -1) if N == B * T else out[rows, cols].reshape(N, -1)  # [N, H * D]
+        return self.o_proj(out)  # [N, C]
 
 
 class MLP(nn.Module):
@@ -80,7 +88,7 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, -1)  # each [B, T, I]
-        return self.down_proj(F.silu(gate) * up)  # [B, T, C]
+        return self.down_proj(F.silu(gate) * up)  # [N, C]
 
 
 class DecoderLayer(nn.Module):
@@ -93,7 +101,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, kv, write, read_slots, mask):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, write, read_slots, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, C]
+        return h + self.mlp(self.post_attention_layernorm(h))  # [N, C]
 
 
 class DecoderStack(nn.Module):
@@ -142,7 +150,10 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Append row b's first num_tokens[b] tokens to slot slots[b] at positions
         cache.lengths[slot]...; return logits [B, T, V] float32 (padded positions: garbage),
-        or with logit_index [B, n] (indices into each row's T) only those: [B, n, V]."""
+        or with logit_index [B, n] (indices into each row's real tokens) only those: [B, n, V].
+
+        The layers run on the real tokens only, packed into [N, C]: a ragged batch (drafts kept
+        at different lengths, a prompt next to one-token rows) costs its N tokens, not B x T."""
         B, T = tokens.shape
         num_tokens = [T] * B if num_tokens is None else list(num_tokens)
         starts = self._check(cache, slots, num_tokens, B, T)
@@ -158,14 +169,24 @@ class Decoder(nn.Module):
         # 2. Query at position p sees its own slot's keys at positions <= p.
         L = min(max(starts) + T, cache.max_len)
         mask = torch.arange(L, device=device) <= pos[:, None, :, None]  # [B, 1, T, L] bool
-        # 3. The layers.
-        h = self.model.embed_tokens(tokens.to(device))  # [B, T, C]
-        cos, sin = self.rope(pos, h.dtype)  # [B, T, 1, D] each
+        # 3. The layers, on the N real tokens.
+        rows_d, cols_d = write[0], write[1]
+        h = self.model.embed_tokens(tokens.to(device)[rows_d, cols_d])  # [N, C]
+        cos, sin = self.rope(pos[rows_d, cols_d][None], h.dtype)  # [1, N, 1, D] each
+        cos, sin = cos[0], sin[0]  # [N, 1, D]
         for layer, kv in zip(self.model.layers, cache.data):
-            h = layer(h, cos, sin, kv, write, read_slots, mask)  # [B, T, C]
+            h = layer(h, cos, sin, kv, write, read_slots, mask)  # [N, C]
         if logit_index is not None:  # skip the lm_head where no logits are wanted
-            index = logit_index.to(device)[..., None].expand(-1, -1, h.shape[-1])  # [B, n, C]
-            h = h.gather(1, index)  # [B, n, C]
+            # Row b's token j is packed at offsets[b] + j; indices past a row's tokens are clamped.
+            counts = torch.tensor(num_tokens)  # [B]
+            offsets = (counts.cumsum(0) - counts)[:, None]  # [B, 1]
+            index = logit_index.cpu().clamp(min=0).minimum((counts - 1).clamp(min=0)[:, None])  # [B, n]
+            flat = (offsets + index).clamp(max=max(len(rows) - 1, 0)).to(device)  # [B, n]
+            h = h[flat] if len(rows) else h.new_zeros(*flat.shape, h.shape[-1])  # [B, n, C]
+        else:
+            grid = h.new_zeros(B, T, h.shape[-1])  # [B, T, C], padding rows stay zero
+            grid[rows_d, cols_d] = h
+            h = grid
         logits = self.lm_head(self.model.norm(h)).float()  # [B, T or n, V] float32
         for slot, n in zip(slots, num_tokens):
             cache.lengths[slot] += n
