@@ -4,15 +4,18 @@ and how many drafted positions of the batch the verifier checks (capacity C, TET
 - "fixed": D = num_draft + extra_draft; with extra_draft > 0, C = what plain SD at num_draft
   would verify, so TETRIS only changes which positions are checked, never how many.
 - "adaptive": D and C maximise the predicted committed tokens per second, from running fits of
-  what the workers' jobs cost and of how often a drafted position is accepted given its score:
+  what the workers' jobs cost (from dispatch to result on the scheduler's clock, so messaging
+  and the scheduler's own work count) and of how often a drafted position is accepted given its
+  score:
     draft time  T_d = a0 + a1 * D + a2 * rows * D        (one forward per depth, rows x D positions)
     verify time T_v = b0 + b1 * positions, positions = rows + C
     accepted    A(D, C) = sum over the C best-scored positions of g(score)
   where g(s) is the measured chance that a position whose draft prefix has log-probability s is
   accepted with everything before it, and the scores come from recent drafts. The rate is
   (rows + A) / (T_d + T_v) in sd (drafting is on the critical path; D = 0 is plain decoding)
-  and (rows + A) / max(T_d, T_v) in psd (drafting overlaps the other batch's verify, so any
-  drafting beyond the verify time is lost: the optimum sits where they meet, as the paper says).
+  and (rows + A) / max(T_d / 0.9, T_v) in psd (drafting overlaps the other batch's verify, so
+  drafting beyond the verify time is lost: the optimum sits where they meet, as the paper
+  says, with a margin so that jitter in either job does not leave the verifier waiting).
 
 Pure Python and no IO: the scheduler core feeds it observations and asks for a plan.
 """
@@ -24,7 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 
 WARMUP_STEPS = 6  # steps at the fixed plan's neighbours before the fits are trusted
-EXPLORE_EVERY = 4  # every n-th adaptive step drafts one deeper or shallower than the best plan
+EXPLORE_EVERY = 8  # every n-th adaptive step drafts one deeper or shallower than the best plan
+HIDDEN_SHARE = 0.9  # psd: drafting counts as hidden when it fits in this share of the verify (jitter margin)
 PROBE_EVERY = 16  # with speculation off (sd), every n-th step probes depth 1 to keep the fits current
 MAX_OBSERVATIONS = 64  # recent jobs each cost fit uses
 RECENCY = 0.97  # weight of an observation per newer one of the same kind
@@ -167,7 +171,8 @@ class Plan:
     depth: int  # drafts per row (capped by each row's room)
     capacity: int | None  # positions of the batch to verify; None = every drafted one
     predicted_tokens_per_s: float | None = None  # the adaptive model's forecast for this plan
-    reason: str = "fixed"  # fixed | warmup | best | explore | probe
+    reason: str = "fixed"  # fixed | warmup | best | explore | probe | no room
+    predicted_step_s: float | None = None  # the step time the forecast assumes (before the overhead term)
 
 
 class DraftBudget:
@@ -183,17 +188,28 @@ class DraftBudget:
         self.num_off = 0  # consecutive steps without speculation
         self.last_plan = Plan(self.max_depth, None)
         self.predicted_ema: float | None = None
+        self.overhead_s = 0.0  # per step, measured: the step period beyond what the job fits predict
 
     # --- observations -------------------------------------------------------------------------
 
     def observe_draft(self, rows: int, depth: int, duration_s: float) -> None:
-        """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt)."""
-        if rows > 0:
-            self.draft_cost.add((1.0, float(depth), float(rows * depth)), duration_s)
+        """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt).
+        Jobs with nothing to draft count too: a step without speculation still pays their round trip."""
+        self.draft_cost.add((1.0, float(depth), float(rows * depth)), duration_s)
 
     def observe_verify(self, positions: int, duration_s: float) -> None:
         """A verify job feeding `positions` positions in all (one per row plus its kept drafts)."""
         self.verify_cost.add((1.0, float(positions)), duration_s)
+
+    def observe_step(self, period_s: float, plan: Plan) -> None:
+        """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd:
+        the verifier's jobs): what it took beyond the fits' prediction is the step's overhead
+        (messaging, the scheduler's own work), which every plan pays once per step. Periods far
+        beyond the prediction are idle time, not overhead."""
+        if plan.predicted_step_s is None or period_s > 3 * plan.predicted_step_s + 0.05:
+            return
+        residual = max(0.0, period_s - plan.predicted_step_s)
+        self.overhead_s = 0.9 * self.overhead_s + 0.1 * residual
 
     def observe_scores(self, scores: list[list[float]]) -> None:
         for row in scores:
@@ -212,6 +228,9 @@ class DraftBudget:
             capacity = sum(min(self.num_draft, r) for r in rooms) if self.extra_draft else None
             self.last_plan = Plan(self.max_depth, capacity)
             return self.last_plan
+        if not any(rooms):  # every row is at its last token: nothing to draft
+            self.last_plan = Plan(0, 0, None, "no room")
+            return self.last_plan
         if self.num_steps <= WARMUP_STEPS or len(self.draft_cost) < 3 or len(self.verify_cost) < 3:
             # Vary the depth so both fits see more than one point; verify all that is drafted.
             depths = (self.num_draft, self.max_depth, max(1, self.num_draft // 2))
@@ -223,7 +242,7 @@ class DraftBudget:
             self.num_off += 1
             if self.num_off % PROBE_EVERY == 0:
                 plan = self.best_plan(rooms, depths=[1], min_capacity=sum(min(1, r) for r in rooms))
-                plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe")
+                plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe", plan.predicted_step_s)
         else:
             self.num_off = 0
             if self.num_steps % EXPLORE_EVERY == 0:
@@ -231,7 +250,7 @@ class DraftBudget:
                 depth = min(self.max_depth, max(1, best.depth + step))
                 if depth != best.depth:
                     plan = self.best_plan(rooms, depths=[depth])
-                    plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "explore")
+                    plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "explore", plan.predicted_step_s)
         if best.predicted_tokens_per_s is not None:
             rate = best.predicted_tokens_per_s
             self.predicted_ema = rate if self.predicted_ema is None else 0.9 * self.predicted_ema + 0.1 * rate
@@ -245,17 +264,19 @@ class DraftBudget:
         for depth in depths if depths is not None else range(0, self.max_depth + 1):
             limit = sum(min(depth, r) for r in rooms)
             gains = self._expected_gains(depth, rows, limit)  # gains[c]: accepted tokens from the best c positions
-            t_draft = self.draft_cost.predict((1.0, float(depth), float(rows * depth))) if depth else 0.0
+            t_draft = self.draft_cost.predict((1.0, float(depth), float(rows * depth)))
             for capacity in range(min(min_capacity, limit), limit + 1):
                 if depth and capacity == 0:
                     continue  # drafting for nothing: never better than depth 0
                 t_verify = self.verify_cost.predict((1.0, float(rows + capacity)))
-                t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft, t_verify)
-                rate = (rows + gains[capacity]) / max(t_step, 1e-9)
+                t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft / HIDDEN_SHARE, t_verify)
+                rate = (rows + gains[capacity]) / max(t_step + self.overhead_s, 1e-9)
                 if best is None or rate > best[0] * (1 + 1e-9):
-                    best = (rate, depth, capacity)
-        rate, depth, capacity = best
-        return Plan(depth, capacity, rate, "best")
+                    best = (rate, depth, capacity, t_step)
+        if best is None:  # no room to draft at the depths asked: plain decoding
+            return Plan(0, 0, None, "no room")
+        rate, depth, capacity, t_step = best
+        return Plan(depth, capacity, rate, "best", t_step)
 
     def _expected_gains(self, depth: int, rows: int, limit: int) -> list[float]:
         """Prefix sums of g over the best positions the batch would draft at `depth`, estimated
@@ -284,6 +305,7 @@ class DraftBudget:
         if self.policy == "adaptive":
             out.update({
                 "predicted_tokens_per_s": self.predicted_ema,
+                "step_overhead_s": self.overhead_s,
                 "draft_time_s": self.draft_cost.to_dict(),
                 "verify_time_s": self.verify_cost.to_dict(),
                 "acceptance_by_draft_prob": {f">={edge}": round(g, 4)

@@ -181,6 +181,14 @@ def cmd_status(args) -> int:
         ("busy fraction", f"drafter {busy['drafter']:.3f}, verifier {busy['verifier']:.3f}"),
         ("output tokens", status["num_output_tokens"]), ("uptime s", fmt(status["uptime_s"])),
     ]
+    budget = status.get("draft_budget")
+    if budget:
+        plan = f"depth {budget['depth']}, verify capacity {'all' if budget['capacity'] is None else budget['capacity']}"
+        predicted = (f"; predicted {budget['predicted_tokens_per_s']:.2f} tokens/s"
+                     if budget.get("predicted_tokens_per_s") is not None else "")
+        lines.append(("draft budget", f"{budget['policy']} (k {status['num_draft']}, e {status['extra_draft']}): "
+                                      f"{plan}{predicted}"))
+        lines.append(("tokens/verified pos", fmt(status.get("tokens_per_verified_position"))))
     http = status.get("http")
     if http:
         state = "running" if http["is_running"] else "not running"

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from minedraft.runtime.budget import DraftBudget
+from minedraft.runtime.budget import DraftBudget, Plan
 from minedraft.runtime.config import Config
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.protocol import (
@@ -59,6 +59,8 @@ class Batch:
     rows: list[Request] = field(default_factory=list)  # the current job's rows, in buffer order
     is_steady: bool = False  # the current job feeds no prompt or long catch-up: its time fits the cost model
     job_size: tuple[int, int] = (0, 0)  # draft: (rows drafting, depth); verify: (rows, positions)
+    dispatch_s: float = 0.0  # when the current job was sent (scheduler clock)
+    plan: Plan | None = None  # the draft budget's plan for the current step
 
 
 class SchedulerCore:
@@ -87,6 +89,7 @@ class SchedulerCore:
         self.outputs: list[tuple[bytes, object]] = []
         self.metrics = Metrics(clock)
         self.last_drafted = -1
+        self.last_step_s: float | None = None  # dispatch time of the previous step's pacing job
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -175,7 +178,8 @@ class SchedulerCore:
             "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept)})
         batch.state = "drafted"
         if batch.is_steady:
-            self.budget.observe_draft(*batch.job_size, result.busy_end_s - result.busy_start_s)
+            # Dispatch to result on our clock: the worker's time plus what each step costs around it.
+            self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s)
         self.budget.observe_scores(result.scores)
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
         for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
@@ -196,7 +200,7 @@ class SchedulerCore:
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1]})
         batch.state = "ready"
         if self.budget is not None and batch.is_steady:
-            self.budget.observe_verify(batch.job_size[1], result.busy_end_s - result.busy_start_s)
+            self.budget.observe_verify(batch.job_size[1], self.clock() - batch.dispatch_s)
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue
@@ -254,11 +258,15 @@ class SchedulerCore:
         self.is_busy[DRAFTER] = True
         self.last_drafted = batch.batch_id
         batch.state = "drafting"
+        if self.mode == "sd":  # one batch: the step is draft dispatch to draft dispatch
+            self._observe_step(batch)
         plan = self.budget.plan([self._room(r) for r in batch.requests])
+        batch.plan = plan
         self._start_step(batch, plan.depth)
         drafting = [r for r in batch.rows if r.num_draft > 0]
         batch.job_size = (len(drafting), max((r.num_draft for r in drafting), default=0))
         batch.is_steady = self._is_steady(batch.rows, DRAFTER)
+        batch.dispatch_s = self.clock()
         rows = [self._row(r, DRAFTER) for r in batch.rows]
         return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity)
 
@@ -274,6 +282,9 @@ class SchedulerCore:
         batch.state = "verifying"
         batch.job_size = (len(batch.rows), sum(1 + r.num_draft for r in batch.rows))
         batch.is_steady = self._is_steady(batch.rows, VERIFIER)
+        batch.dispatch_s = self.clock()
+        if self.mode == "psd":  # the verifier paces psd: a step is verify dispatch to verify dispatch
+            self._observe_step(batch)
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
 
     def _prefill_job(self) -> PrefillJob | None:
@@ -292,6 +303,12 @@ class SchedulerCore:
             request.num_draft = min(num_draft, self._room(request))
             request.draft_scores = []
             request.buffer_row = i
+
+    def _observe_step(self, batch: Batch) -> None:
+        now = self.clock()
+        if self.last_step_s is not None and batch.plan is not None:
+            self.budget.observe_step(now - self.last_step_s, batch.plan)
+        self.last_step_s = now
 
     def _room(self, request: Request) -> int:
         """Drafts that can still be useful: the verify emits one more token after them."""

@@ -305,9 +305,15 @@ def run_scheduler_process(config: Config, run_dir: str) -> int:
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
         server.exit_code = 2
-    except Exception:
+    except Exception as exc:
         log.exception("scheduler failed")
         server.exit_code = 1
+        try:  # every live request still gets its one terminal outcome
+            if server.core is not None:
+                server.core.abort_all("runtime_dead", f"runtime dead: scheduler error: {type(exc).__name__}: {exc}")
+                server._flush_outputs()
+        except Exception:
+            log.exception("could not tell clients that the scheduler failed")
     finally:
         server.close()
     return server.exit_code

@@ -165,7 +165,7 @@ class Model:
         scores = sorted((prob ** j for prob, room in zip(probs, rooms) for j in range(1, min(depth, room) + 1)),
                         reverse=True)
         tokens = len(probs) + sum(scores[:capacity])
-        t_draft = self.draft(sum(1 for r in rooms if min(depth, r) > 0), depth) if depth else 0.0
+        t_draft = self.draft(sum(1 for r in rooms if min(depth, r) > 0), depth) if depth else 0.0005
         t_verify = self.verify(len(probs) + capacity)
         return tokens / (t_draft + t_verify if mode == "sd" else max(t_draft, t_verify))
 
@@ -353,3 +353,15 @@ def test_sampled_first_two_tokens_follow_the_target_with_a_far_draft(tmp_path, m
     p1, p2 = laws["target"]
     assert chi_square_ok(tokens[:, 0], p1) and chi_square_ok(tokens[:, 1], p2)
     assert 0 < st["acceptance_rate"] < 0.9  # the draft is far, yet some drafts are accepted
+
+
+def test_adaptive_plan_with_no_room_anywhere_is_plain_decoding():
+    budget = DraftBudget("sd", "adaptive", 4, 4)
+    for _ in range(8):  # past the warm-up, with fits in place
+        budget.observe_draft(8, 4, 0.1)
+        budget.observe_verify(40, 0.5)
+        budget.plan([10] * 8)
+    budget.num_off = 15  # the next step with speculation off would be a depth-1 probe
+    plan = budget.plan([0] * 8)
+    assert (plan.depth, plan.capacity) == (0, 0)
+    assert budget.best_plan([0, 0], depths=[1], min_capacity=2).depth == 0
