@@ -1,7 +1,9 @@
 """tools/ end to end on configs/tiny.toml: bench.py (three daemons, greedy outputs identical
 across modes, JSON and PNG written), loadtest.py with Poisson arrivals and bench_hf.py against a
-shared running daemon. Few requests and tokens: this checks the plumbing, not the speed."""
+shared running daemon. Few requests and tokens: this checks the plumbing, not the speed. bench.py's
+run plan, best-fixed pick and timeline drawing are also checked in-process, without daemons."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +14,16 @@ import pytest
 from tests.runtime_utils import ROOT, TINY, running_daemon
 
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms", "itl_ms")
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_tool("bench")
 
 
 def tool(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -99,3 +111,111 @@ def test_kernels_tool_tiny(tmp_path):
     assert report["linear_paths"]["tiny-qwen2"]["plain"]["shapes"]
     for label in ("read", "GB/s", "matmul peak", "whole forwards", "lm_head"):
         assert label in done.stdout
+
+
+# ---------------------------------------------------------------- bench.py in-process
+
+
+def test_bench_plan_sweep_without_e_is_unchanged():
+    runs = bench.plan_runs(["sd"], [2, 4], [8])
+    assert [r["label"] for r in runs] == ["sd", "psd k=2", "sd k=2", "psd k=4", "sd k=4", "psd batch=8", "sd batch=8"]
+    by_label = {r["label"]: r for r in runs}
+    assert by_label["psd k=2"]["overrides"] == ["scheduler.mode=psd", "scheduler.num_draft=2"]
+    assert by_label["sd batch=8"]["overrides"] == ["scheduler.mode=sd", "scheduler.max_batch=8"]
+    assert by_label["sd k=4"]["sd_label"] == "sd k=4" and by_label["sd k=4"]["sweep"] == {"k": 4, "e": None}
+
+
+def test_bench_plan_sweep_k_e_pairs_and_modes():
+    runs = bench.plan_runs([], [3, 5], [], sweep_e=[0, 2], sweep_modes=["psd", "psd-tetris"], extra_draft=1)
+    modes = ("psd", "psd-tetris")
+    assert [r["label"] for r in runs] == [f"{m} k={k} e={e}" for k in (3, 5) for e in (0, 2) for m in modes]
+    by_label = {r["label"]: r for r in runs}
+    assert by_label["psd k=3 e=2"]["overrides"] == ["scheduler.mode=psd", "scheduler.num_draft=3",
+                                                    "scheduler.extra_draft=2"]
+    # the sweep's e replaces the mode's own (--extra-draft) rather than adding a second value
+    assert by_label["psd-tetris k=5 e=0"]["overrides"] == ["scheduler.mode=psd", "scheduler.extra_draft=0",
+                                                           "scheduler.draft_policy=fixed", "scheduler.num_draft=5"]
+    assert by_label["psd k=5 e=2"]["sd_label"] == "sd k=5 e=2"
+    assert by_label["psd k=5 e=2"]["sweep"] == {"k": 5, "e": 2}
+    e_only = bench.plan_runs([], [], [], sweep_e=[1], sweep_modes=["sd"])
+    assert [(r["label"], r["sweep"]) for r in e_only] == [("sd e=1", {"k": None, "e": 1})]
+
+
+def test_bench_new_modes_overrides():
+    runs = {r["label"]: r["overrides"] for r in bench.plan_runs(list(bench.MODES), [], [], extra_draft=3)}
+    assert list(runs) == list(bench.MODES)  # every mode's label is its name
+    assert runs["sd"] == ["scheduler.mode=sd"] and runs["ar"] == ["scheduler.mode=ar"]
+    assert runs["sd-tetris"] == ["scheduler.mode=sd", "scheduler.extra_draft=3", "scheduler.draft_policy=fixed"]
+    assert runs["psd-tetris"] == ["scheduler.mode=psd", "scheduler.extra_draft=3", "scheduler.draft_policy=fixed"]
+    assert runs["sd-adaptive"] == ["scheduler.mode=sd", "scheduler.extra_draft=3", "scheduler.draft_policy=adaptive"]
+    assert runs["psd-adaptive"] == ["scheduler.mode=psd", "scheduler.extra_draft=3", "scheduler.draft_policy=adaptive"]
+    assert bench.mode_overrides("psd-tetris")[1] == f"scheduler.extra_draft={bench.DEFAULT_EXTRA_DRAFT}"
+    assert bench.build_parser().parse_args([]).extra_draft == 2
+
+
+def test_bench_best_fixed_per_base_mode():
+    def run(label, mode, tok_s, sweep=None, **result):
+        out = {"label": label, "mode": mode, "result": {"output_throughput": tok_s, **result}}
+        return out if sweep is None else {**out, "sweep": sweep}
+
+    runs = [run("psd", "psd", 25.0, num_draft=4, extra_draft=0),  # the plain mode is a fixed (k, e) too
+            run("psd k=2 e=0", "psd", 10.0, {"k": 2, "e": 0}), run("psd k=2 e=2", "psd", 30.0, {"k": 2, "e": 2}),
+            run("sd k=2 e=0", "sd", 20.0, {"k": 2, "e": 0}), run("sd k=4 e=2", "sd", 15.0, {"k": 4, "e": 2}),
+            run("psd-adaptive", "psd-adaptive", 50.0, num_draft=4, extra_draft=2),  # not a fixed budget
+            run("sd batch=4", "sd", 99.0, {"batch": 4}),  # another batch size: not comparable
+            run("sd-tetris", "sd-tetris", 21.0, num_draft=4, extra_draft=2)]
+    best = bench.best_fixed(runs)
+    assert best == {"psd": {"label": "psd k=2 e=2", "k": 2, "e": 2, "output_throughput": 30.0},
+                    "sd": {"label": "sd-tetris", "k": 4, "e": 2, "output_throughput": 21.0}}
+    assert "best fixed psd: k=2 e=2 (psd k=2 e=2), 30.0 tok/s" in bench.format_best_fixed(best)
+    runs = [dict(r, group=r["mode"] + " c=32") for r in runs[:2]]  # several concurrencies: one best each
+    assert list(bench.best_fixed(runs)) == ["psd c=32"]
+
+
+def test_bench_one_daemon_serves_each_concurrency():
+    runs = bench.plan_runs(["psd"], [3], [], sweep_e=[0], sweep_modes=["psd"])
+    daemons = bench.per_concurrency(runs, [16, 32])
+    assert [[r["label"] for r in group] for group in daemons] == [["psd c=16", "psd c=32"], ["psd k=3 e=0 c=16"]]
+    assert [r["concurrency"] for r in daemons[0]] == [16, 32] and daemons[1][0]["group"] == "psd c=16"
+    (single,) = bench.per_concurrency(runs[:1], [16])
+    assert [r["label"] for r in single] == ["psd"]
+
+
+def test_bench_timeline_png(tmp_path):
+    jobs = []
+    for step in range(400):  # psd-like: the drafter drafts one batch while the verifier checks the other
+        t, batch = 0.02 * step, step % 2
+        jobs.append({"role": "drafter", "start_s": 100 + t, "end_s": 100 + t + 0.015, "kind": "draft",
+                     "batch": batch, "rows": 8, "positions": 48, "depth": 6, "kept": 32})
+        jobs.append({"role": "verifier", "start_s": 100 + t, "end_s": 100 + t + 0.018, "kind": "verify",
+                     "batch": 1 - batch, "rows": 8, "positions": 40})
+    jobs.append({"role": "verifier", "start_s": 100.5, "end_s": 100.51, "kind": "prefill", "batch": None,
+                 "rows": 2, "positions": None})
+    assert bench.timeline_window(jobs, 4.0) == pytest.approx((101.999, 105.999))  # jobs span 100 .. 107.998
+    assert bench.timeline_window(jobs[:2], 4.0) == pytest.approx((100.0, 100.018))
+    assert [bench.job_text(j) for j in jobs[:2] + jobs[-1:]] == ["8x6\u219232", "8x5", "2r"]
+    assert bench.job_text({**jobs[0], "kept": 48}) == "8x6"
+    assert bench.draft_shape(jobs, 4.0) == pytest.approx({"depth": 6.0, "kept_per_row": 4.0})
+    assert bench.draft_shape(jobs[1:2], 4.0) is None and bench.draft_shape([], 4.0) is None
+    result = {"output_throughput": 123.0, "draft_shape": {"depth": 6.0, "kept_per_row": 4.0}}
+    runs = [{"label": "psd k=3 e=2", "result": result, "timeline": jobs},
+            {"label": "ar", "result": {"output_throughput": 50.0}, "timeline": []}]
+    paths = bench.write_timelines(runs, str(tmp_path), 1.0)
+    assert [os.path.basename(p) for p in paths] == ["timeline-psd_k_3_e_2.png", "timeline-ar.png", "timeline.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tokens_per_verified_position():
+    result = {"num_accepted": 30, "num_drafted": 40, "num_verify_rows": 10}
+    jobs = [{"role": "drafter", "start_s": 1.0, "end_s": 1.1, "kind": "draft", "batch": 0, "rows": 2,
+             "positions": 12, "depth": 6, "kept": 8}]
+    bench.add_status_fields(result, {"extra_draft": 2, "draft_budget": {"depth": 6, "capacity": 32},
+                                     "recent_jobs": jobs})
+    assert result["tokens_per_verified_position"] == pytest.approx(40 / 50)
+    assert result["extra_draft"] == 2 and result["draft_budget"]["depth"] == 6
+    assert result["draft_shape"] == {"depth": 6.0, "kept_per_row": 4.0}
+    ar = {"num_accepted": 0, "num_drafted": 0, "num_verify_rows": 0}
+    bench.add_status_fields(ar, {})
+    assert ar["tokens_per_verified_position"] is None and ar["draft_budget"] is None and ar["draft_shape"] is None
