@@ -8,7 +8,9 @@ and how many drafted positions of the batch the verifier checks (capacity C, TET
   and the scheduler's own work count) and of how often a drafted position is accepted given its
   score:
     draft time  T_d = a0 + a1 * D + a2 * rows * D        (one forward per depth, rows x D positions)
-    verify time T_v = b0 + b1 * positions, positions = rows + C
+    verify time T_v = b0 + b1 * positions + b2 * (drafter busy seconds during the verify),
+                 positions = rows + C; b2 is what a drafter working alongside costs the
+                 verifier (two cores sharing one memory bus), so hidden drafting is not free
     accepted    A(D, C) = sum over the C best-scored positions of g(score)
   where g(s) is the measured chance that a position whose draft prefix has log-probability s is
   accepted with everything before it, and the scores come from recent drafts. The rate is
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 WARMUP_STEPS = 6  # steps at the fixed plan's neighbours before the fits are trusted
 EXPLORE_EVERY = 8  # every n-th adaptive step drafts one deeper or shallower than the best plan
 HIDDEN_SHARE = 0.9  # psd: drafting counts as hidden when it fits in this share of the verify (jitter margin)
-PROBE_EVERY = 16  # with speculation off (sd), every n-th step probes depth 1 to keep the fits current
+PROBE_EVERY = 16  # with speculation off, a depth-1 probe after this many steps to keep the fits current ...
+MAX_PROBE_EVERY = 256  # ... doubling after each probe that finds it still off (a probe's catch-up is costly)
 MAX_OBSERVATIONS = 64  # recent jobs each cost fit uses
 RECENCY = 0.97  # weight of an observation per newer one of the same kind
 BIN_EDGES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.03, 0.0)  # acceptance bins' lower edges in exp(score)
@@ -181,11 +184,12 @@ class DraftBudget:
         self.num_draft, self.extra_draft = num_draft, extra_draft
         self.max_depth = num_draft + extra_draft
         self.draft_cost = CostFit(("job", "per_forward", "per_position"))
-        self.verify_cost = CostFit(("job", "per_position"))
+        self.verify_cost = CostFit(("job", "per_position", "per_drafter_second"))
         self.acceptance = AcceptanceFit()
         self.recent_scores: deque[list[float]] = deque(maxlen=SCORE_ROWS)
         self.num_steps = 0
-        self.num_off = 0  # consecutive steps without speculation
+        self.num_off = 0  # steps without speculation since the last probe
+        self.probe_every = PROBE_EVERY
         self.last_plan = Plan(self.max_depth, None)
         self.predicted_ema: float | None = None
         self.overhead_s = 0.0  # per step, measured: the step period beyond what the job fits predict
@@ -197,9 +201,10 @@ class DraftBudget:
         Jobs with nothing to draft count too: a step without speculation still pays their round trip."""
         self.draft_cost.add((1.0, float(depth), float(rows * depth)), duration_s)
 
-    def observe_verify(self, positions: int, duration_s: float) -> None:
-        """A verify job feeding `positions` positions in all (one per row plus its kept drafts)."""
-        self.verify_cost.add((1.0, float(positions)), duration_s)
+    def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0) -> None:
+        """A verify job feeding `positions` positions in all (one per row plus its kept drafts),
+        during which the drafter was busy for drafter_overlap_s."""
+        self.verify_cost.add((1.0, float(positions), float(drafter_overlap_s)), duration_s)
 
     def observe_step(self, period_s: float, plan: Plan) -> None:
         """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd:
@@ -240,11 +245,13 @@ class DraftBudget:
         plan = best
         if best.depth == 0:
             self.num_off += 1
-            if self.num_off % PROBE_EVERY == 0:
+            if self.num_off >= self.probe_every:
+                self.num_off = 0
+                self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
                 plan = self.best_plan(rooms, depths=[1], min_capacity=sum(min(1, r) for r in rooms))
                 plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe", plan.predicted_step_s)
         else:
-            self.num_off = 0
+            self.num_off, self.probe_every = 0, PROBE_EVERY
             if self.num_steps % EXPLORE_EVERY == 0:
                 step = 1 if (self.num_steps // EXPLORE_EVERY) % 2 else -1
                 depth = min(self.max_depth, max(1, best.depth + step))
@@ -268,7 +275,9 @@ class DraftBudget:
             for capacity in range(min(min_capacity, limit), limit + 1):
                 if depth and capacity == 0:
                     continue  # drafting for nothing: never better than depth 0
-                t_verify = self.verify_cost.predict((1.0, float(rows + capacity)))
+                t_verify = self.verify_cost.predict((1.0, float(rows + capacity), 0.0))
+                if self.mode == "psd":  # the drafter works through (part of) this verify
+                    t_verify = self.verify_cost.predict((1.0, float(rows + capacity), min(t_draft, t_verify)))
                 t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft / HIDDEN_SHARE, t_verify)
                 rate = (rows + gains[capacity]) / max(t_step + self.overhead_s, 1e-9)
                 if best is None or rate > best[0] * (1 + 1e-9):

@@ -90,6 +90,7 @@ class SchedulerCore:
         self.metrics = Metrics(clock)
         self.last_drafted = -1
         self.last_step_s: float | None = None  # dispatch time of the previous step's pacing job
+        self.drafter_spans: deque[tuple[float, float | None]] = deque(maxlen=8)  # dispatch, result (scheduler clock)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class SchedulerCore:
         self.batches = [Batch(b.batch_id) for b in self.batches]
         self.is_busy = {DRAFTER: False, VERIFIER: False}
         self.release = {DRAFTER: [], VERIFIER: []}
+        self.drafter_spans.clear()
 
     def take_outputs(self) -> list[tuple[bytes, object]]:
         outputs, self.outputs = self.outputs, []
@@ -173,6 +175,8 @@ class SchedulerCore:
         assert batch.state == "drafting", f"batch_id={batch.batch_id} draft result in state {batch.state}"
         assert len(result.num_kept) in (0, len(batch.rows)), "draft result rows != job rows"
         self.is_busy[DRAFTER] = False
+        if self.drafter_spans and self.drafter_spans[-1][1] is None:
+            self.drafter_spans[-1] = (self.drafter_spans[-1][0], self.clock())
         self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s, job={
             "kind": "draft", "batch": batch.batch_id, "rows": batch.job_size[0], "depth": batch.job_size[1],
             "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept)})
@@ -200,7 +204,10 @@ class SchedulerCore:
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1]})
         batch.state = "ready"
         if self.budget is not None and batch.is_steady:
-            self.budget.observe_verify(batch.job_size[1], self.clock() - batch.dispatch_s)
+            now = self.clock()
+            overlap = sum(max(0.0, min(now, end if end is not None else now) - max(batch.dispatch_s, start))
+                          for start, end in self.drafter_spans)
+            self.budget.observe_verify(batch.job_size[1], now - batch.dispatch_s, overlap)
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue
@@ -267,6 +274,7 @@ class SchedulerCore:
         batch.job_size = (len(drafting), max((r.num_draft for r in drafting), default=0))
         batch.is_steady = self._is_steady(batch.rows, DRAFTER)
         batch.dispatch_s = self.clock()
+        self.drafter_spans.append((batch.dispatch_s, None))
         rows = [self._row(r, DRAFTER) for r in batch.rows]
         return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity)
 

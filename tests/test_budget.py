@@ -365,3 +365,39 @@ def test_adaptive_plan_with_no_room_anywhere_is_plain_decoding():
     plan = budget.plan([0] * 8)
     assert (plan.depth, plan.capacity) == (0, 0)
     assert budget.best_plan([0, 0], depths=[1], min_capacity=2).depth == 0
+
+
+def fitted_psd_budget(contention: float) -> DraftBudget:
+    """A psd budget fitted to modelled costs in which a verify takes `contention` seconds longer
+    per second the drafter works alongside it, and to a draft accepted with probability 0.8 per
+    token."""
+    def draft_s(depth):
+        return 0.05 + 0.15 * depth + 0.01 * 8 * depth
+
+    def verify_s(positions):
+        return 0.4 + 0.04 * positions
+
+    budget, rng = DraftBudget("psd", "adaptive", 4, 4), random.Random(5)
+    for _ in range(64):
+        depth, positions = rng.randint(1, 8), rng.randint(8, 60)
+        budget.observe_draft(8, depth, draft_s(depth))
+        overlap = rng.uniform(0, 1) * min(draft_s(depth), verify_s(positions))
+        budget.observe_verify(positions, verify_s(positions) + contention * overlap, overlap)
+    scores = [math.log(0.8) * j for j in range(1, 9)]
+    budget.observe_scores([scores] * 32)
+    for _ in range(400):
+        accepted = 0
+        while accepted < 8 and rng.random() < 0.8:
+            accepted += 1
+        budget.observe_accept(scores, accepted)
+    return budget
+
+
+def test_psd_drafts_shallower_when_drafting_slows_the_verifier():
+    """Two cores share one memory bus: a drafter working alongside a verify slows it. The fit
+    learns that cost from the drafter's busy time during each verify, so psd stops treating
+    hidden drafting as free."""
+    free, taxed = fitted_psd_budget(0.0), fitted_psd_budget(0.6)
+    assert free.verify_cost.to_dict()["coef"]["per_drafter_second"] == pytest.approx(0.0, abs=1e-3)
+    assert taxed.verify_cost.to_dict()["coef"]["per_drafter_second"] == pytest.approx(0.6, abs=1e-3)
+    assert taxed.best_plan([50] * 8).depth < free.best_plan([50] * 8).depth

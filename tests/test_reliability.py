@@ -410,3 +410,31 @@ def test_curve_authenticated_remote_access(tmp_path):
                 unlisted.status()
     finally:
         assert cli("stop", *args).returncode == 0
+
+
+def test_a_scheduler_error_ends_every_live_request_with_runtime_dead(tmp_path):
+    """A bug in the scheduler core must not leave clients waiting for outputs that never come."""
+    args = daemon_args(tmp_path, "sd")
+    child = ("import sys\n"
+             "from minedraft.runtime import cli, scheduler\n"
+             "def fail(self, result):\n"
+             "    raise RuntimeError('injected scheduler fault')\n"
+             "scheduler.SchedulerCore.on_verify_result = fail\n"
+             f"sys.exit(cli.main(['start', '--foreground', *{args!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = args[args.index("--endpoint") + 1]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status(endpoint)
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline and proc.poll() is None
+    with Client(endpoint, timeout_s=20) as client:
+        start_s = time.monotonic()
+        with pytest.raises(RequestError) as info:
+            client.generate(prompt_ids=[1, 2, 3], max_tokens=8)
+    assert info.value.code == "runtime_dead" and "injected scheduler fault" in info.value.message
+    assert time.monotonic() - start_s < 10
+    assert proc.wait(timeout=20) == 1
