@@ -60,10 +60,13 @@ class CostFit:
         self.is_stale = True
 
     def predict(self, x: tuple[float, ...]) -> float:
-        if self.is_stale:
+        return sum(c * v for c, v in zip(self._coef(), x))
+
+    def _coef(self) -> list[float]:
+        if self.is_stale:  # solved once per new observation, at first use
             self.coef = self._solve()
             self.is_stale = False
-        return sum(c * v for c, v in zip(self.coef, x))
+        return self.coef
 
     def _solve(self) -> list[float]:
         active = list(range(len(self.names)))
@@ -95,10 +98,7 @@ class CostFit:
         return coef
 
     def to_dict(self) -> dict:
-        if self.is_stale:
-            self.coef = self._solve()
-            self.is_stale = False
-        return {"coef": dict(zip(self.names, self.coef)), "num_observations": len(self.observations)}
+        return {"coef": dict(zip(self.names, self._coef())), "num_observations": len(self.observations)}
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float]:
@@ -143,9 +143,10 @@ class AcceptanceFit:
 
     def add_row(self, scores: list[float], num_accepted: int) -> None:
         """A verified row: its kept positions' scores and how many leading ones were accepted."""
+        decay = BIN_DECAY ** len(scores)  # older evidence fades by BIN_DECAY per observed position
+        self.hits = [h * decay for h in self.hits]
+        self.totals = [t * decay for t in self.totals]
         for j, score in enumerate(scores):
-            self.hits = [h * BIN_DECAY for h in self.hits]
-            self.totals = [t * BIN_DECAY for t in self.totals]
             b = self.bin_of(score)
             self.hits[b] += float(j < num_accepted)
             self.totals[b] += 1.0

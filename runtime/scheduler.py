@@ -72,6 +72,7 @@ class SchedulerCore:
         self.extra_draft = sc.extra_draft if sc.mode != "ar" else 0
         self.max_depth = self.num_draft + self.extra_draft
         self.budget = DraftBudget(sc.mode, sc.draft_policy, sc.num_draft, sc.extra_draft) if sc.mode != "ar" else None
+        self.is_learning = self.budget is not None and sc.draft_policy == "adaptive"  # fits fed from each step
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
         self.max_batch = sc.max_batch
         self.max_queued = sc.max_queued_requests
@@ -181,14 +182,16 @@ class SchedulerCore:
             "kind": "draft", "batch": batch.batch_id, "rows": batch.job_size[0], "depth": batch.job_size[1],
             "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept)})
         batch.state = "drafted"
-        if batch.is_steady:
-            # Dispatch to result on our clock: the worker's time plus what each step costs around it.
-            self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s)
-        self.budget.observe_scores(result.scores)
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
-        for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
+        for request, kept in zip(batch.rows, result.num_kept):
             request.num_draft = kept  # TETRIS may keep fewer than were drafted
-            request.draft_scores = scores[:kept]
+        if self.is_learning:
+            if batch.is_steady:
+                # Dispatch to result on our clock: the worker's time plus what each step costs around it.
+                self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s)
+            self.budget.observe_scores(result.scores)
+            for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
+                request.draft_scores = scores[:kept]
 
     def on_prefill_result(self, result: PrefillResult) -> None:
         self.is_busy[VERIFIER] = False
@@ -203,7 +206,7 @@ class SchedulerCore:
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, job={
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1]})
         batch.state = "ready"
-        if self.budget is not None and batch.is_steady:
+        if self.is_learning and batch.is_steady:
             now = self.clock()
             overlap = sum(max(0.0, min(now, end if end is not None else now) - max(batch.dispatch_s, start))
                           for start, end in self.drafter_spans)
@@ -212,7 +215,7 @@ class SchedulerCore:
             if request.finish_reason is not None:  # aborted while in flight
                 continue
             num_accepted = len(tokens) - 1
-            if self.budget is not None and request.draft_scores:
+            if request.draft_scores:  # kept only while learning
                 self.budget.observe_accept(request.draft_scores, num_accepted)
             request.num_steps += 1
             request.num_drafted += request.num_draft
@@ -265,7 +268,7 @@ class SchedulerCore:
         self.is_busy[DRAFTER] = True
         self.last_drafted = batch.batch_id
         batch.state = "drafting"
-        if self.mode == "sd":  # one batch: the step is draft dispatch to draft dispatch
+        if self.is_learning and self.mode == "sd":  # one batch: the step is draft dispatch to draft dispatch
             self._observe_step(batch)
         plan = self.budget.plan([self._room(r) for r in batch.requests])
         batch.plan = plan
@@ -291,7 +294,7 @@ class SchedulerCore:
         batch.job_size = (len(batch.rows), sum(1 + r.num_draft for r in batch.rows))
         batch.is_steady = self._is_steady(batch.rows, VERIFIER)
         batch.dispatch_s = self.clock()
-        if self.mode == "psd":  # the verifier paces psd: a step is verify dispatch to verify dispatch
+        if self.is_learning and self.mode == "psd":  # the verifier paces psd: verify dispatch to verify dispatch
             self._observe_step(batch)
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
 
