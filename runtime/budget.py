@@ -34,6 +34,7 @@ HIDDEN_SHARE = 0.9  # psd: drafting counts as hidden when it fits in this share 
 PROBE_EVERY = 16  # with speculation off, a depth-1 probe after this many steps to keep the fits current ...
 MAX_PROBE_EVERY = 256  # ... doubling after each probe that finds it still off (a probe's catch-up is costly)
 MAX_OBSERVATIONS = 64  # recent jobs each cost fit uses
+MIN_FIT_OBSERVATIONS = 3  # jobs a cost fit needs before its predictions are used
 RECENCY = 0.97  # weight of an observation per newer one of the same kind
 BIN_EDGES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.03, 0.0)  # acceptance bins' lower edges in exp(score)
 BIN_DECAY = 0.995  # per observed position: older acceptance evidence fades
@@ -184,8 +185,14 @@ class DraftBudget:
         self.mode, self.policy = mode, policy
         self.num_draft, self.extra_draft = num_draft, extra_draft
         self.max_depth = num_draft + extra_draft
-        self.draft_cost = CostFit(("job", "per_forward", "per_position"))
-        self.verify_cost = CostFit(("job", "per_position", "per_drafter_second"))
+        # One cost fit per (worker thread count, whether the other worker runs alongside): an auto
+        # plan on a CPU gives a worker one or several cores, and in psd the two workers share the
+        # memory bus, so each job costs more than alone. Keeping the fits apart keeps a psd-only
+        # history from saying what a verify costs alone (its drafter term would be unidentified).
+        # Fixed modes use thread count 0 throughout.
+        self.draft_costs: dict[tuple[int, bool], CostFit] = {}
+        self.verify_costs: dict[tuple[int, bool], CostFit] = {}
+        self.threads = (0, 0)  # (drafter, verifier) thread counts of the plan in force: the fits in use
         self.acceptance = AcceptanceFit()
         self.recent_scores: deque[list[float]] = deque(maxlen=SCORE_ROWS)
         self.num_steps = 0
@@ -193,29 +200,63 @@ class DraftBudget:
         self.probe_every = PROBE_EVERY
         self.last_plan = Plan(self.max_depth, None)
         self.predicted_ema: float | None = None
-        self.overhead_s = 0.0  # per step, measured: the step period beyond what the job fits predict
+        self.is_predicting = policy == "adaptive"  # auto plans also forecast the fixed budget
+        self.overheads: dict[str, float] = {}  # per mode, measured: the step period beyond what the job fits predict
+
+    def draft_fit(self, threads: int, mode: str) -> CostFit:
+        key = (threads, mode == "psd")
+        if key not in self.draft_costs:
+            self.draft_costs[key] = CostFit(("job", "per_forward", "per_position"))
+        return self.draft_costs[key]
+
+    def verify_fit(self, threads: int, mode: str) -> CostFit:
+        key = (threads, mode == "psd")
+        if key not in self.verify_costs:
+            self.verify_costs[key] = CostFit(("job", "per_position", "per_drafter_second"))
+        return self.verify_costs[key]
+
+    @property
+    def draft_cost(self) -> CostFit:
+        return self.draft_fit(self.threads[0], self.mode)
+
+    @property
+    def verify_cost(self) -> CostFit:
+        return self.verify_fit(self.threads[1], self.mode)
+
+    @property
+    def overhead_s(self) -> float:
+        return self.overheads.get(self.mode, 0.0)
+
+    def use(self, mode: str, drafter_threads: int, verifier_threads: int) -> None:
+        """The auto plan in force: its mode's step-time formula and its thread counts' fits."""
+        self.mode, self.threads = mode, (drafter_threads, verifier_threads)
 
     # --- observations -------------------------------------------------------------------------
 
-    def observe_draft(self, rows: int, depth: int, duration_s: float) -> None:
-        """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt).
-        Jobs with nothing to draft count too: a step without speculation still pays their round trip."""
-        self.draft_cost.add((1.0, float(depth), float(rows * depth)), duration_s)
+    def observe_draft(self, rows: int, depth: int, duration_s: float, threads: int | None = None,
+                      mode: str | None = None) -> None:
+        """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt),
+        run with `threads` threads in `mode` (default: the plan's). Jobs with nothing to draft
+        count too: a step without speculation still pays their round trip."""
+        fit = self.draft_fit(self.threads[0] if threads is None else threads, mode or self.mode)
+        fit.add((1.0, float(depth), float(rows * depth)), duration_s)
 
-    def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0) -> None:
+    def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0,
+                       threads: int | None = None, mode: str | None = None) -> None:
         """A verify job feeding `positions` positions in all (one per row plus its kept drafts),
         during which the drafter was busy for drafter_overlap_s."""
-        self.verify_cost.add((1.0, float(positions), float(drafter_overlap_s)), duration_s)
+        fit = self.verify_fit(self.threads[1] if threads is None else threads, mode or self.mode)
+        fit.add((1.0, float(positions), float(drafter_overlap_s)), duration_s)
 
     def observe_step(self, period_s: float, plan: Plan) -> None:
-        """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd:
-        the verifier's jobs): what it took beyond the fits' prediction is the step's overhead
-        (messaging, the scheduler's own work), which every plan pays once per step. Periods far
-        beyond the prediction are idle time, not overhead."""
+        """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd
+        and ar: the verifier's jobs): what it took beyond the fits' prediction is the step's
+        overhead (messaging, the scheduler's own work), which every plan of the mode pays once
+        per step. Periods far beyond the prediction are idle time, not overhead."""
         if plan.predicted_step_s is None or period_s > 3 * plan.predicted_step_s + 0.05:
             return
         residual = max(0.0, period_s - plan.predicted_step_s)
-        self.overhead_s = 0.9 * self.overhead_s + 0.1 * residual
+        self.overheads[self.mode] = 0.9 * self.overhead_s + 0.1 * residual
 
     def observe_scores(self, scores: list[list[float]]) -> None:
         for row in scores:
@@ -233,11 +274,15 @@ class DraftBudget:
         if self.policy == "fixed":
             capacity = sum(min(self.num_draft, r) for r in rooms) if self.extra_draft else None
             self.last_plan = Plan(self.max_depth, capacity)
+            if self.is_predicting and self.is_fitted(self.mode, *self.threads):  # auto: forecast it too
+                forecast = self.predict(self.mode, rooms, *self.threads)
+                self.last_plan = Plan(self.max_depth, capacity, forecast.predicted_tokens_per_s, "fixed",
+                                      forecast.predicted_step_s)
             return self.last_plan
         if not any(rooms):  # every row is at its last token: nothing to draft
             self.last_plan = Plan(0, 0, None, "no room")
             return self.last_plan
-        if self.num_steps <= WARMUP_STEPS or len(self.draft_cost) < 3 or len(self.verify_cost) < 3:
+        if self.num_steps <= WARMUP_STEPS or not self.is_fitted(self.mode, *self.threads):
             # Vary the depth so both fits see more than one point; verify all that is drafted.
             depths = (self.num_draft, self.max_depth, max(1, self.num_draft // 2))
             self.last_plan = Plan(depths[self.num_steps % len(depths)], None, None, "warmup")
@@ -265,28 +310,55 @@ class DraftBudget:
         self.last_plan = plan
         return plan
 
-    def best_plan(self, rooms: list[int], depths: list[int] | None = None, min_capacity: int = 0) -> Plan:
-        """The (depth, capacity) with the highest predicted committed tokens per second."""
+    def best_plan(self, rooms: list[int], depths: list[int] | None = None, min_capacity: int = 0,
+                  capacity: int | None = None) -> Plan:
+        """The (depth, capacity) with the highest predicted committed tokens per second, for the
+        mode and thread counts in force (`use`); `capacity` fixes it (at most what is drafted)."""
         rows = len(rooms)
+        draft_fit, verify_fit = self.draft_cost, self.verify_cost
         best = None
         for depth in depths if depths is not None else range(0, self.max_depth + 1):
             limit = sum(min(depth, r) for r in rooms)
             gains = self._expected_gains(depth, rows, limit)  # gains[c]: accepted tokens from the best c positions
-            t_draft = self.draft_cost.predict((1.0, float(depth), float(rows * depth)))
-            for capacity in range(min(min_capacity, limit), limit + 1):
-                if depth and capacity == 0:
+            t_draft = draft_fit.predict((1.0, float(depth), float(rows * depth)))
+            capacities = range(min(min_capacity, limit), limit + 1) if capacity is None else [min(capacity, limit)]
+            for c in capacities:
+                if depth and c == 0:
                     continue  # drafting for nothing: never better than depth 0
-                t_verify = self.verify_cost.predict((1.0, float(rows + capacity), 0.0))
+                t_verify = verify_fit.predict((1.0, float(rows + c), 0.0))
                 if self.mode == "psd":  # the drafter works through (part of) this verify
-                    t_verify = self.verify_cost.predict((1.0, float(rows + capacity), min(t_draft, t_verify)))
+                    t_verify = verify_fit.predict((1.0, float(rows + c), min(t_draft, t_verify)))
                 t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft / HIDDEN_SHARE, t_verify)
-                rate = (rows + gains[capacity]) / max(t_step + self.overhead_s, 1e-9)
+                rate = (rows + gains[c]) / max(t_step + self.overhead_s, 1e-9)
                 if best is None or rate > best[0] * (1 + 1e-9):
-                    best = (rate, depth, capacity, t_step)
+                    best = (rate, depth, c, t_step)
         if best is None:  # no room to draft at the depths asked: plain decoding
             return Plan(0, 0, None, "no room")
-        rate, depth, capacity, t_step = best
-        return Plan(depth, capacity, rate, "best", t_step)
+        rate, depth, c, t_step = best
+        return Plan(depth, c, rate, "best", t_step)
+
+    def is_fitted(self, mode: str, drafter_threads: int, verifier_threads: int) -> bool:
+        """Whether the fits a plan needs have seen enough jobs to predict it."""
+        is_verify_fitted = len(self.verify_fit(verifier_threads, mode)) >= MIN_FIT_OBSERVATIONS
+        return is_verify_fitted and (mode == "ar" or len(self.draft_fit(drafter_threads, mode)) >= MIN_FIT_OBSERVATIONS)
+
+    def predict(self, mode: str, rooms: list[int], drafter_threads: int, verifier_threads: int) -> Plan:
+        """The forecast for one step of a batch with `rooms` under a plan (mode, thread counts):
+        the budget's own choice of (depth, capacity) for it, with its predicted tokens/s and
+        step time. ar has no drafter: rows / (verify of the rows + the mode's overhead)."""
+        saved = self.mode, self.threads
+        self.use(mode, drafter_threads, verifier_threads)
+        try:
+            rows = len(rooms)
+            if mode == "ar" or not any(rooms):
+                t_verify = self.verify_cost.predict((1.0, float(rows), 0.0))
+                return Plan(0, 0, rows / max(t_verify + self.overhead_s, 1e-9), mode, t_verify)
+            if self.policy == "adaptive":
+                return self.best_plan(rooms)
+            fixed = sum(min(self.num_draft if self.extra_draft else self.max_depth, r) for r in rooms)
+            return self.best_plan(rooms, depths=[self.max_depth], capacity=fixed)
+        finally:
+            self.mode, self.threads = saved
 
     def _expected_gains(self, depth: int, rows: int, limit: int) -> list[float]:
         """Prefix sums of g over the best positions the batch would draft at `depth`, estimated
@@ -312,7 +384,7 @@ class DraftBudget:
     def to_dict(self) -> dict:
         out = {"policy": self.policy, "depth": self.last_plan.depth, "capacity": self.last_plan.capacity,
                "reason": self.last_plan.reason}
-        if self.policy == "adaptive":
+        if self.is_predicting:
             out.update({
                 "predicted_tokens_per_s": self.predicted_ema,
                 "step_overhead_s": self.overhead_s,
@@ -322,4 +394,14 @@ class DraftBudget:
                                              for edge, g in zip(BIN_EDGES, self.acceptance.curve())},
                 "num_acceptance_observations": self.acceptance.num_observations,
             })
+            if len(self.draft_costs) + len(self.verify_costs) > 2:  # auto on a CPU: fits by thread count
+                out["draft_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.draft_costs.items())}
+                out["verify_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.verify_costs.items())}
+                out["step_overhead_s_by_mode"] = dict(self.overheads)
         return out
+
+
+def _key_name(key: tuple[int, bool]) -> str:
+    """A cost fit's key as status shows it: "2 threads" or "1 thread, alongside"."""
+    threads, is_alongside = key
+    return f"{threads} thread{'s' if threads != 1 else ''}{', alongside' if is_alongside else ''}"

@@ -19,7 +19,7 @@ import time
 
 from minedraft.runtime.client import Client, RequestError
 from minedraft.runtime.config import (
-    API_KEY_ENV, ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
+    API_KEY_ENV, MODES, ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
 )
 
 LOG_NAME = "daemon.log"
@@ -189,6 +189,11 @@ def cmd_status(args) -> int:
         lines.append(("draft budget", f"{budget['policy']} (k {status['num_draft']}, e {status['extra_draft']}): "
                                       f"{plan}{predicted}"))
         lines.append(("tokens/verified pos", fmt(status.get("tokens_per_verified_position"))))
+    plan = status.get("plan")
+    if plan:
+        switch = plan["placement"]
+        lines.append(("plan", f"{plan['name']} ({plan['reason']}), {plan['num_switches']} switches; "
+                              f"{switch['num_switches']} thread/core changes, {switch['total_s'] * 1e3:.2f} ms in all"))
     http = status.get("http")
     if http:
         state = "running" if http["is_running"] else "not running"
@@ -290,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--endpoint", help="tcp://127.0.0.1:PORT or ipc://PATH (default: the config's)")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
         if with_models:
-            p.add_argument("--mode", choices=["psd", "sd", "ar"])
+            p.add_argument("--mode", choices=list(MODES))
             p.add_argument("--draft", metavar="MODEL", help="local transformers folder or .gguf file")
             p.add_argument("--target", metavar="MODEL", help="local transformers folder or .gguf file")
 

@@ -113,11 +113,14 @@ class ModelSection:
                f"must be a multiple of tiny_num_kv_heads ({self.tiny_num_kv_heads}), got {self.tiny_num_heads}")
 
 
+MODES = ("auto", "psd", "sd", "ar")
+
+
 @dataclass(frozen=True)
 class SchedulerSection:
-    mode: str = "psd"  # psd (two overlapped batches) | sd (one batch, standard SD) | ar (target only)
+    mode: str = "auto"  # auto (the plan measured fastest at the load: ar, sd or psd, and cores per worker) | psd (two overlapped batches) | sd (one batch, standard SD) | ar (target only)
     num_draft: int = 4  # k: draft tokens per request per step
-    max_batch: int = 8  # requests per batch (psd keeps two batches)
+    max_batch: int = 8  # requests per batch (psd keeps two batches; auto holds 2 x max_batch, in one batch or two)
     max_len: int = 512  # prompt + output tokens per request (KV cache length)
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for
     max_queued_requests: int = 256  # admission queue bound; beyond it requests get "overloaded"
@@ -130,7 +133,7 @@ class SchedulerSection:
 
     def __post_init__(self):
         _check_field_types(self)
-        _check(self.mode in ("psd", "sd", "ar"), "mode", f"expected psd, sd or ar, got {self.mode!r}")
+        _check(self.mode in MODES, "mode", f"expected auto, psd, sd or ar, got {self.mode!r}")
         _check(1 <= self.num_draft <= 16, "num_draft", f"must be in 1..16, got {self.num_draft}")
         _check(0 <= self.extra_draft <= 16, "extra_draft", f"must be in 0..16, got {self.extra_draft}")
         _check(self.draft_policy in ("fixed", "adaptive"), "draft_policy",
@@ -142,6 +145,12 @@ class SchedulerSection:
         _check(self.max_queued_requests >= 1, "max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
         _check(self.max_request_bytes >= 1024, "max_request_bytes", f"must be >= 1024, got {self.max_request_bytes}")
         _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
+
+    @property
+    def max_rows(self) -> int:
+        """Most requests one batch holds: the draft buffers' rows. auto's one-batch plans hold
+        both of psd's batches in one."""
+        return 2 * self.max_batch if self.mode == "auto" else self.max_batch
 
     @property
     def max_depth(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -142,6 +142,8 @@ class DraftJob:
     rows: list[JobRow]
     release: list[str] = field(default_factory=list)  # request_ids whose slots to free first
     capacity: Optional[int] = None  # TETRIS: keep the best `capacity` drafted positions of the batch (None: all)
+    num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
+    cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class VerifyJob:
     batch_id: int
     rows: list[JobRow]
     release: list[str] = field(default_factory=list)
+    num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
+    cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ class PrefillJob:
     TYPE: ClassVar[str] = "prefill_job"
     rows: list[JobRow]  # num_draft and buffer_row unused
     release: list[str] = field(default_factory=list)
+    num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
+    cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,9 @@ class DraftResult:
     busy_end_s: float
     num_kept: list[int] = field(default_factory=list)  # per row in job order: leading drafts to verify
     scores: list[list[float]] = field(default_factory=list)  # per row: cumulative draft log-prob per drafted position
+    num_threads: int = 0  # the threads and cores the job ran with (as the worker observed them)
+    cpu_cores: list[int] = field(default_factory=list)
+    switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,9 @@ class VerifyResult:
     emitted: list[list[int]]  # in job row order
     busy_start_s: float
     busy_end_s: float
+    num_threads: int = 0  # the threads and cores the job ran with (as the worker observed them)
+    cpu_cores: list[int] = field(default_factory=list)
+    switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,9 @@ class PrefillResult:
     num_rows: int
     busy_start_s: float
     busy_end_s: float
+    num_threads: int = 0  # the threads and cores the job ran with (as the worker observed them)
+    cpu_cores: list[int] = field(default_factory=list)
+    switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
 
 
 @dataclass(frozen=True)

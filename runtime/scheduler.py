@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from minedraft.runtime.budget import DraftBudget, Plan
+from minedraft.runtime.plans import Placement, PlanChooser, candidate_plans, cpu_pool
 from minedraft.runtime.config import Config
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.protocol import (
@@ -61,20 +62,31 @@ class Batch:
     job_size: tuple[int, int] = (0, 0)  # draft: (rows drafting, depth); verify: (rows, positions)
     dispatch_s: float = 0.0  # when the current job was sent (scheduler clock)
     plan: Plan | None = None  # the draft budget's plan for the current step
+    job_mode: str = ""  # the mode in force when the current job was sent
 
 
 class SchedulerCore:
     def __init__(self, config: Config, tokenizer, vocab_size: int, max_len: int, eos_token_ids: list[int],
                  clock=time.monotonic):
         sc = config.scheduler
-        self.mode = sc.mode
+        self.is_auto = sc.mode == "auto"
+        self.mode = "psd" if self.is_auto else sc.mode  # the mode in force; auto changes it at step boundaries
         self.num_draft = sc.num_draft if sc.mode != "ar" else 0
         self.extra_draft = sc.extra_draft if sc.mode != "ar" else 0
         self.max_depth = self.num_draft + self.extra_draft
-        self.budget = DraftBudget(sc.mode, sc.draft_policy, sc.num_draft, sc.extra_draft) if sc.mode != "ar" else None
-        self.is_learning = self.budget is not None and sc.draft_policy == "adaptive"  # fits fed from each step
+        self.budget = DraftBudget(self.mode, sc.draft_policy, sc.num_draft, sc.extra_draft) if sc.mode != "ar" else None
+        self.chooser: PlanChooser | None = None
+        if self.is_auto:  # the plan is chosen from measured costs: the fits are fed whatever the draft policy
+            self.budget.is_predicting = True
+            self.chooser = PlanChooser(candidate_plans(cpu_pool(config)), self.budget)
+            self.mode = self.chooser.current.mode
+        self.is_learning = self.budget is not None and (sc.draft_policy == "adaptive" or self.is_auto)
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
         self.max_batch = sc.max_batch
+        self.max_rows = sc.max_rows  # one batch's limit in one-batch plans (auto: both of psd's batches)
+        self.max_live = sc.max_batch * (2 if sc.mode in ("psd", "auto") else 1)
+        self.wide_role: str | None = None  # the worker running a job on every core: the other waits
+        self.placement_changes = {"num_switches": 0, "total_s": 0.0, "max_s": 0.0}  # workers' thread/core changes
         self.max_queued = sc.max_queued_requests
         self.max_tokens_cap = sc.max_tokens_cap
         self.max_len = min(max_len, sc.max_len)
@@ -82,7 +94,7 @@ class SchedulerCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.tokenizer = tokenizer
         self.clock = clock
-        self.batches = [Batch(b) for b in range(2 if sc.mode == "psd" else 1)]
+        self.batches = [Batch(b) for b in range(2 if sc.mode in ("psd", "auto") else 1)]
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}  # waiting and running
         self.is_busy = {DRAFTER: False, VERIFIER: False}
@@ -148,6 +160,7 @@ class SchedulerCore:
         self.is_busy = {DRAFTER: False, VERIFIER: False}
         self.release = {DRAFTER: [], VERIFIER: []}
         self.drafter_spans.clear()
+        self.wide_role = None
 
     def take_outputs(self) -> list[tuple[bytes, object]]:
         outputs, self.outputs = self.outputs, []
@@ -158,11 +171,13 @@ class SchedulerCore:
     def next_jobs(self) -> list[tuple[str, object]]:
         """Jobs for every free worker that has a batch ready for it."""
         jobs = []
-        if self.mode != "ar" and not self.is_busy[DRAFTER]:
+        if self.is_auto and self._is_step_start():
+            self._choose_plan()
+        if self.mode != "ar" and not self.is_busy[DRAFTER] and self.wide_role is None:
             batch = self._batch_to_draft()
             if batch is not None:
                 jobs.append((DRAFTER, self._draft_job(batch)))
-        if not self.is_busy[VERIFIER]:
+        if not self.is_busy[VERIFIER] and self.wide_role is None:
             batch = self._batch_to_verify()
             job = self._verify_job(batch) if batch is not None else None
             if job is None and self.prefill_ahead:
@@ -175,12 +190,13 @@ class SchedulerCore:
         batch = self.batches[result.batch_id]
         assert batch.state == "drafting", f"batch_id={batch.batch_id} draft result in state {batch.state}"
         assert len(result.num_kept) in (0, len(batch.rows)), "draft result rows != job rows"
-        self.is_busy[DRAFTER] = False
+        self._job_done(DRAFTER, result)
         if self.drafter_spans and self.drafter_spans[-1][1] is None:
             self.drafter_spans[-1] = (self.drafter_spans[-1][0], self.clock())
         self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s, job={
             "kind": "draft", "batch": batch.batch_id, "rows": batch.job_size[0], "depth": batch.job_size[1],
-            "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept)})
+            "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept),
+            "threads": result.num_threads, "mode": self.mode})
         batch.state = "drafted"
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
         for request, kept in zip(batch.rows, result.num_kept):
@@ -188,29 +204,33 @@ class SchedulerCore:
         if self.is_learning:
             if batch.is_steady:
                 # Dispatch to result on our clock: the worker's time plus what each step costs around it.
-                self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s)
+                self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s, *self._fit_key(batch, result))
             self.budget.observe_scores(result.scores)
             for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
                 request.draft_scores = scores[:kept]
 
     def on_prefill_result(self, result: PrefillResult) -> None:
-        self.is_busy[VERIFIER] = False
+        self._job_done(VERIFIER, result)
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, is_step=False,
-                              job={"kind": "prefill", "batch": None, "rows": result.num_rows, "positions": None})
+                              job={"kind": "prefill", "batch": None, "rows": result.num_rows, "positions": None,
+                                   "threads": result.num_threads, "mode": self.mode})
 
     def on_verify_result(self, result: VerifyResult) -> None:
         batch = self.batches[result.batch_id]
         assert batch.state == "verifying", f"batch_id={batch.batch_id} verify result in state {batch.state}"
         assert len(result.emitted) == len(batch.rows), "verify result rows != job rows"
-        self.is_busy[VERIFIER] = False
+        self._job_done(VERIFIER, result)
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, job={
-            "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1]})
+            "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1],
+            "threads": result.num_threads, "mode": self.mode})
         batch.state = "ready"
         if self.is_learning and batch.is_steady:
             now = self.clock()
             overlap = sum(max(0.0, min(now, end if end is not None else now) - max(batch.dispatch_s, start))
                           for start, end in self.drafter_spans)
-            self.budget.observe_verify(batch.job_size[1], now - batch.dispatch_s, overlap)
+            self.budget.observe_verify(batch.job_size[1], now - batch.dispatch_s, overlap, *self._fit_key(batch, result))
+            if self.chooser is not None:
+                self.chooser.note_positions("verify", result.num_threads, batch.job_size[1])
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue
@@ -227,7 +247,8 @@ class SchedulerCore:
     # --- internals --------------------------------------------------------------------------
 
     def _batch_to_draft(self) -> Batch | None:
-        candidates = [b for b in self.batches if b.state == "ready" and (b.requests or self.waiting)]
+        self._merge_inactive()
+        candidates = [b for b in self._active() if b.state == "ready" and (b.requests or self.waiting)]
         if not candidates:
             return None
         # Alternate: prefer the batch not drafted last (two ready batches only at start-up).
@@ -238,21 +259,36 @@ class SchedulerCore:
         return batch if batch.requests else None
 
     def _batch_to_verify(self) -> Batch | None:
+        drafted = [b for b in self.batches if b.state == "drafted"]  # drafted before a switch to ar too
+        if drafted:
+            return drafted[0]
         if self.mode == "ar":
+            self._merge_inactive()
             batch = self.batches[0]
             if batch.state == "ready":
                 self._admit(batch)
                 if batch.requests:
                     return batch
-            return None
-        drafted = [b for b in self.batches if b.state == "drafted"]
-        return drafted[0] if drafted else None
+        return None
+
+    def _active(self) -> list[Batch]:
+        """The batches the mode in force steps: two in psd, else the first."""
+        return self.batches if self.mode == "psd" else self.batches[:1]
+
+    def _merge_inactive(self) -> None:
+        """After auto leaves psd: once both batches are between steps, the second one's requests
+        join the first. Slots belong to requests, so nothing is rebuilt."""
+        if self.mode != "psd" and len(self.batches) == 2:
+            first, second = self.batches
+            if second.requests and first.state == "ready" and second.state == "ready":
+                first.requests.extend(second.requests)
+                second.requests.clear()
 
     def _rebalance(self, batch: Batch) -> None:
         """After aborts and finishes, move requests from this batch (between steps, holding no
         drafts) to the other one so the two stay within one request of each other. Slots belong
         to requests, not batches, so a move costs nothing."""
-        if len(self.batches) == 2:
+        if self.mode == "psd":
             other = self.batches[1 - batch.batch_id]
             while len(batch.requests) > len(other.requests) + 1 and len(other.requests) < self.max_batch:
                 other.requests.append(batch.requests.pop())
@@ -260,9 +296,11 @@ class SchedulerCore:
     def _admit(self, batch: Batch) -> None:
         """New requests join the batch drafted next, keeping the two batches balanced."""
         num_live = sum(len(b.requests) for b in self.batches)
-        target = -(-(num_live + len(self.waiting)) // len(self.batches))  # ceil: this batch's fair share
-        while self.waiting and len(batch.requests) < min(target, self.max_batch):
+        target = -(-(num_live + len(self.waiting)) // len(self._active()))  # ceil: this batch's fair share
+        limit = self.max_batch if self.mode == "psd" else self.max_rows
+        while self.waiting and len(batch.requests) < min(target, limit) and num_live < self.max_live:
             batch.requests.append(self.waiting.popleft())
+            num_live += 1
 
     def _draft_job(self, batch: Batch) -> DraftJob:
         self.is_busy[DRAFTER] = True
@@ -271,18 +309,21 @@ class SchedulerCore:
         if self.is_learning and self.mode == "sd":  # one batch: the step is draft dispatch to draft dispatch
             self._observe_step(batch)
         plan = self.budget.plan([self._room(r) for r in batch.requests])
+        placement = self._placement(DRAFTER)
         batch.plan = plan
         self._start_step(batch, plan.depth)
         drafting = [r for r in batch.rows if r.num_draft > 0]
         batch.job_size = (len(drafting), max((r.num_draft for r in drafting), default=0))
         batch.is_steady = self._is_steady(batch.rows, DRAFTER)
+        batch.job_mode = self.mode
         batch.dispatch_s = self.clock()
         self.drafter_spans.append((batch.dispatch_s, None))
         rows = [self._row(r, DRAFTER) for r in batch.rows]
-        return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity)
+        return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity, *placement)
 
     def _verify_job(self, batch: Batch) -> VerifyJob | None:
-        if self.mode == "ar":
+        is_ar_step = batch.state == "ready"  # ar: no drafts; else the batch was drafted
+        if is_ar_step:
             self._start_step(batch, 0)
         else:  # requests aborted since their draft are dropped; the others keep their buffer rows
             batch.rows = [r for r in batch.rows if r.finish_reason is None]
@@ -293,10 +334,16 @@ class SchedulerCore:
         batch.state = "verifying"
         batch.job_size = (len(batch.rows), sum(1 + r.num_draft for r in batch.rows))
         batch.is_steady = self._is_steady(batch.rows, VERIFIER)
+        batch.job_mode = self.mode
         batch.dispatch_s = self.clock()
-        if self.is_learning and self.mode == "psd":  # the verifier paces psd: verify dispatch to verify dispatch
+        if is_ar_step and self.is_auto:  # the forecast that the step's overhead is measured against
+            batch.plan = self.budget.predict("ar", [0] * len(batch.rows), *self.chooser.current.threads) \
+                if self.budget.is_fitted("ar", *self.chooser.current.threads) else None
+        if self.is_learning and (self.mode == "psd" or is_ar_step):  # the verifier paces psd and ar
             self._observe_step(batch)
-        return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER))
+        placement = self._placement(VERIFIER)
+        return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER),
+                         *placement)
 
     def _prefill_job(self) -> PrefillJob | None:
         """The prompts of requests being drafted that the verifier has not seen yet: it caches
@@ -306,7 +353,8 @@ class SchedulerCore:
         if not rows:
             return None
         self.is_busy[VERIFIER] = True
-        return PrefillJob([self._row(r, VERIFIER) for r in rows], self._take_release(VERIFIER))
+        return PrefillJob([self._row(r, VERIFIER) for r in rows], self._take_release(VERIFIER),
+                          *self._placement(VERIFIER))
 
     def _start_step(self, batch: Batch, num_draft: int) -> None:
         batch.rows = list(batch.requests)
@@ -314,6 +362,63 @@ class SchedulerCore:
             request.num_draft = min(num_draft, self._room(request))
             request.draft_scores = []
             request.buffer_row = i
+
+    # --- auto plans -------------------------------------------------------------------------
+
+    def _is_step_start(self) -> bool:
+        """Whether the worker that paces the mode in force is about to start a step."""
+        if self.wide_role is not None:
+            return False
+        if self.mode == "ar":
+            has_work = self.batches[0].requests or self.waiting or any(b.requests for b in self.batches[1:])
+            return not self.is_busy[VERIFIER] and self.batches[0].state == "ready" and bool(has_work) \
+                and not any(b.state == "drafted" for b in self.batches)
+        return not self.is_busy[DRAFTER] and any(
+            b.state == "ready" and (b.requests or self.waiting) for b in self._active())
+
+    def _choose_plan(self) -> None:
+        live = [r for b in self.batches for r in b.requests]
+        live += list(self.waiting)[: max(0, self.max_live - len(live))]
+        choice = self.chooser.choose([self._room(r) for r in live])
+        if choice.plan.mode != self.mode:
+            self.mode = choice.plan.mode
+            self.last_step_s = None  # the next period is the new mode's
+
+    def _placement(self, role: str) -> tuple[int | None, list[int] | None]:
+        """(num_threads, cpu_cores) for the next job of `role`: none outside auto plans on CPU
+        devices. A wide plan's job takes every core only while the other worker is idle (and
+        holds it off until done); else it runs on its half, as psd's jobs do."""
+        if self.chooser is None:
+            return None, None
+        plan = self.chooser.current
+        placement: Placement = plan.drafter if role == DRAFTER else plan.verifier
+        if not placement.is_set:
+            return None, None
+        if plan.is_wide:
+            other = VERIFIER if role == DRAFTER else DRAFTER
+            if self.is_busy[other]:
+                split = self.chooser.plans[0]
+                placement = split.drafter if role == DRAFTER else split.verifier
+            else:
+                self.wide_role = role
+        return placement.num_threads, list(placement.cpu_cores)
+
+    def _job_done(self, role: str, result) -> None:
+        self.is_busy[role] = False
+        if self.wide_role == role:
+            self.wide_role = None
+        if result.switch_s > 0:
+            changes = self.placement_changes
+            changes["num_switches"] += 1
+            changes["total_s"] += result.switch_s
+            changes["max_s"] = max(changes["max_s"], result.switch_s)
+
+    def _fit_key(self, batch: Batch, result) -> tuple[int | None, str]:
+        """The cost fit a job's time feeds: the mode it was dispatched in and, in auto plans on
+        CPU devices, the threads it ran with."""
+        if self.chooser is None or not self.chooser.current.verifier.is_set:
+            return None, batch.job_mode
+        return result.num_threads, batch.job_mode
 
     def _observe_step(self, batch: Batch) -> None:
         now = self.clock()
@@ -402,7 +507,7 @@ class SchedulerCore:
 
     def status(self, is_detailed: bool = False) -> dict:
         status = {
-            "mode": self.mode,
+            "mode": "auto" if self.is_auto else self.mode,
             "num_draft": self.num_draft,
             "extra_draft": self.extra_draft,
             "max_batch": self.max_batch,
@@ -414,4 +519,6 @@ class SchedulerCore:
         status.update(self.metrics.summary(is_detailed))
         if self.budget is not None:
             status["draft_budget"] = self.budget.to_dict()
+        if self.chooser is not None:
+            status["plan"] = {**self.chooser.to_dict(), "placement": dict(self.placement_changes)}
         return status

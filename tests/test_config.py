@@ -29,7 +29,7 @@ def write_toml(tmp_path, text: str) -> str:
 def test_defaults():
     config = load_config()
     assert config == Config()
-    assert config.scheduler.mode == "psd" and config.scheduler.num_draft == 4
+    assert config.scheduler.mode == "auto" and config.scheduler.num_draft == 4
     assert config.drafter.cpu_cores == (0,) and config.verifier.cpu_cores == (1,)
     assert config.model.dtype == "float32" and config.server.endpoint == "tcp://127.0.0.1:7475"
 
@@ -135,7 +135,7 @@ def test_bad_toml_syntax(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("scheduler.mode=fast", "scheduler.mode: expected psd, sd or ar"),
+    ("scheduler.mode=fast", "scheduler.mode: expected auto, psd, sd or ar"),
     ("model.dtype=float16", "model.dtype: expected float32 or bfloat16"),
     ("scheduler.num_draft=0", "scheduler.num_draft: must be in 1..16"),
     ("scheduler.num_draft=17", "scheduler.num_draft: must be in 1..16"),

@@ -8,6 +8,7 @@ the CLI (private ipc:// endpoint and run dir under a temp dir), the same load ru
     python tools/bench.py --config default --modes ar,sd,psd --linear-paths auto,plain
     python tools/bench.py --config tiny --modes sd,psd,sd-tetris,psd-tetris,sd-adaptive,psd-adaptive --extra-draft 2
     python tools/bench.py --config tiny --modes psd-adaptive --sweep-k 2,4 --sweep-e 0,2 --sweep-modes psd
+    python tools/bench.py --config default --sweep-concurrency 1,2,4,8,16,32 --requests 32 --max-tokens 64
 
 Modes: ar, sd, psd, and sd-2t (sd with two threads per worker on both cores, so psd is compared
 with sd given the same total cores); sd-tetris / psd-tetris (TETRIS: draft k + e tokens per row,
@@ -16,6 +17,8 @@ and verify capacity chosen each step from measured costs, up to k + e deep). A s
 (k, e) pair of --sweep-k x --sweep-e for each of --sweep-modes and names the best fixed pair.
 After each load the last jobs of both workers are drawn as <out>/timeline-<label>.png and all
 together as <out>/timeline.png (--timeline-s seconds from the middle of the recorded jobs).
+--sweep-concurrency runs every fixed plan (ar, sd, psd at one thread per worker and on all cores)
+and auto at each concurrency instead (tools/plan_sweep.py: sweep.json, sweep.png).
 At temperature 0 in float32 a greedy difference between modes is an error (exit 1); in bfloat16
 the match rate is reported instead (DESIGN.md section 5). Failed requests also make the exit
 status 1.
@@ -413,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-modes", default=",".join(SWEEP_MODES),
                         help=f"comma list of the modes the sweeps run (default {','.join(SWEEP_MODES)})")
     parser.add_argument("--sweep-batch", type=_ints, default=[], help="e.g. 4,8: sweep modes per scheduler.max_batch")
+    parser.add_argument("--sweep-concurrency", type=_ints, default=[],
+                        help="e.g. 1,2,4,8,16,32: every fixed plan and auto at each load (--requests at least "
+                             "the concurrency); replaces --modes and the other sweeps")
+    parser.add_argument("--sweep-plans", type=_names, default=[],
+                        help='with --sweep-concurrency: only these plans (e.g. "auto,ar x1,sd x2"; default all)')
     parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
     parser.add_argument("--timeline-s", type=float, default=TIMELINE_S,
                         help=f"seconds of each mode's worker jobs drawn, from the middle of those recorded "
@@ -436,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.sweep_concurrency:
+        if min(args.sweep_concurrency) < 1:
+            print("error: --sweep-concurrency must list values >= 1", file=sys.stderr)
+            return 2
+        import plan_sweep
+
+        return plan_sweep.main(args, running_daemon, WARMUP_MAX_TOKENS)
     prompts = load_prompts(args.prompts)
     linear_paths = [v.strip() for v in args.linear_paths.split(",") if v.strip()]
     if not args.concurrency or min(args.concurrency) < 1:

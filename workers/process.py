@@ -54,6 +54,29 @@ def place(role: str, config: Config) -> torch.device:
     return device
 
 
+def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> float:
+    """Give the process the cores and thread count a job asks for (auto plans on CPU devices);
+    returns the seconds it took, 0.0 when nothing changed (the usual case: no syscall then).
+    Affinity is set on every thread of the process, as the pool threads torch already started
+    keep the mask they were created with; the thread count is set after, so threads it adds
+    inherit the new mask."""
+    if num_threads is None and cpu_cores is None:
+        return 0.0
+    start = time.perf_counter()
+    is_changed = False
+    if cpu_cores is not None and set(cpu_cores) != os.sched_getaffinity(0):
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpu_cores)
+            except ProcessLookupError:  # a thread that just ended
+                pass
+        is_changed = True
+    if num_threads is not None and num_threads != torch.get_num_threads():
+        torch.set_num_threads(num_threads)
+        is_changed = True
+    return time.perf_counter() - start if is_changed else 0.0
+
+
 def tiny_spec(config: Config, role: str) -> TinySpec:
     m = config.model
     return TinySpec(
@@ -90,7 +113,7 @@ class WorkerLoop:
         self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}
         if self.role == "drafter":
-            specs = draft_buffer_specs(sc.max_batch, sc.max_depth, model.config.vocab_size)
+            specs = draft_buffer_specs(sc.max_rows, sc.max_depth, model.config.vocab_size)
             self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
             tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json"),
@@ -120,24 +143,27 @@ class WorkerLoop:
         if isinstance(job, p.ConnectJob):
             self.buffers = [SharedBuffers.attach(h) for h in job.draft_buffers]
             return
+        switch_s = apply_placement(job.num_threads, job.cpu_cores)
+        placed = {"num_threads": torch.get_num_threads(), "cpu_cores": sorted(os.sched_getaffinity(0)),
+                  "switch_s": switch_s}
         start_s = time.monotonic()
         self.core.release(job.release)
         rows = [_row(r) for r in job.rows]
         if isinstance(job, p.PrefillJob):
             self.core.prefill(rows)
-            self._send(p.PrefillResult(len(rows), start_s, time.monotonic()))
+            self._send(p.PrefillResult(len(rows), start_s, time.monotonic(), **placed))
             return
         buffers = self.buffers[job.batch_id].tensors if self.buffers else {}  # none in mode ar
         if isinstance(job, p.DraftJob):
             outcome = self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"], job.capacity)
             self.buffers[job.batch_id].sync()  # data visible before it is announced
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
-                                     outcome.num_kept, outcome.scores))
+                                     outcome.num_kept, outcome.scores, **placed))
         else:
             emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
             if self.buffers:
                 self.buffers[job.batch_id].sync()  # reads done before the buffer goes back to the drafter
-            self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic()))
+            self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic(), **placed))
 
     def _send(self, message) -> None:
         self.send_to_scheduler.send(p.encode(message))

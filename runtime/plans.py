@@ -1,0 +1,208 @@
+"""Auto plans (scheduler.mode = "auto"): which mode serves the live requests (plain decoding,
+SD with one batch, PSD with two) and, on CPU devices, how many cores each worker uses for its
+next job, chosen at step boundaries from the draft budget's measured costs (runtime/budget.py).
+
+Why: on a GPU the target's forward is memory-bound far out, and PSD's dedicated drafter device
+pays; on a CPU the cores are fungible and a verify over many positions is compute-bound, so at
+high load one batch on every core (or no speculation at all) can win. Where the crossing points
+sit depends on the hardware; the runtime measures it instead of asking the user.
+
+Candidates on CPU devices, from the pool of the two workers' configured cores (N of them):
+  ar split  verifier on its half of the cores        ar wide  verifier on all N
+  sd split  each worker on its half                  sd wide  each worker on all N, in turn
+  psd       drafter on one half, verifier on the other (they overlap by design)
+A "wide" job takes every core only while the other worker is idle, and while it runs the other
+worker gets no job, so cores are never oversubscribed. On CUDA devices the candidates are ar, sd
+and psd, and no job carries threads.
+
+Pure Python, no IO: the scheduler core asks for the plan each step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from minedraft.runtime.budget import DraftBudget
+
+SWITCH_MARGIN = 0.08  # another plan must be predicted this much faster ...
+CONFIRM_STEPS = 3  # ... for this many steps in a row ...
+MIN_DWELL_STEPS = 6  # ... and the plan in force must have run this many steps (its fits refreshed)
+EXPLORE_STEPS = 4  # steps an unfitted plan runs to give its fits their first jobs
+EXTRAPOLATION = 2.0  # a fit asked for more than this times the positions it has seen is re-probed ...
+REPROBE_MARGIN = 0.9  # ... when its plan's forecast is within this share of the plan in force
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Threads and cores a worker uses for a job; num_threads 0 = the device's own (CUDA)."""
+
+    num_threads: int = 0
+    cpu_cores: tuple[int, ...] = ()
+
+    @property
+    def is_set(self) -> bool:
+        return self.num_threads > 0
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    mode: str  # ar | sd | psd
+    drafter: Placement = field(default_factory=Placement)
+    verifier: Placement = field(default_factory=Placement)
+    is_wide: bool = False  # each job takes every core, one worker at a time
+
+    @property
+    def name(self) -> str:
+        if not self.verifier.is_set:
+            return self.mode
+        if self.mode == "psd":
+            return f"psd {self.drafter.num_threads}+{self.verifier.num_threads}"
+        threads = self.verifier.num_threads
+        return f"{self.mode} x{threads}"
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """The keys of the cost fits this plan's jobs feed and use."""
+        return self.drafter.num_threads, self.verifier.num_threads
+
+    @property
+    def num_batches(self) -> int:
+        return 2 if self.mode == "psd" else 1
+
+
+def cpu_pool(config) -> list[int] | None:
+    """The cores the two workers share when both run on the CPU (their configured cores, or
+    every core this process may use when either is unpinned); None when either is on a GPU."""
+    if config.drafter.device != "cpu" or config.verifier.device != "cpu":
+        return None
+    if config.drafter.cpu_cores and config.verifier.cpu_cores:
+        return sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
+    return sorted(os.sched_getaffinity(0))
+
+
+def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
+    """Every plan auto may choose: on CPU devices (`cpu_cores`: the pool the workers share) by
+    mode and core split, else (None) by mode only. The first is the one auto starts with."""
+    if cpu_cores is None:
+        return [ExecPlan("psd"), ExecPlan("sd"), ExecPlan("ar")]
+    pool = tuple(sorted(set(cpu_cores)))
+    half = max(1, len(pool) // 2)
+    drafter_half = Placement(half, pool[:half])
+    verifier_half = Placement(len(pool) - half, pool[half:]) if len(pool) > 1 else Placement(1, pool)
+    wide = Placement(len(pool), pool)
+    plans = [ExecPlan("psd", drafter_half, verifier_half), ExecPlan("sd", drafter_half, verifier_half),
+             ExecPlan("ar", drafter_half, verifier_half)]
+    if len(pool) > 1:
+        plans += [ExecPlan("sd", wide, wide, True), ExecPlan("ar", wide, wide, True)]
+    return plans
+
+
+@dataclass
+class PlanChoice:
+    plan: ExecPlan
+    reason: str  # start | explore | best | reprobe | kept
+
+
+class PlanChooser:
+    """Picks the plan each step: the fastest predicted at the current load, switching only when
+    another is clearly faster for several steps (hysteresis) and the plan in force has run a
+    while; plans whose fits have no jobs yet are run briefly first, so that every prediction
+    rests on measured costs."""
+
+    def __init__(self, plans: list[ExecPlan], budget: DraftBudget):
+        self.plans = plans
+        self.budget = budget
+        self.current = plans[0]
+        self.reason = "start"
+        self.steps_in_plan = 0
+        self.num_switches = 0
+        self.challenger: ExecPlan | None = None
+        self.num_confirm = 0
+        self.forecast: dict[str, float] = {}  # plan name -> predicted tokens/s at the last decision
+        self.seen_positions: dict[tuple[str, int], float] = {}  # (fit, threads) -> most positions observed
+        self.steps_by_plan: dict[str, int] = {}
+        self.num_steps = 0
+        self.num_rows = 0  # live requests at the last decision
+        self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
+        budget.use(self.current.mode, *self.current.threads)
+
+    def note_positions(self, role: str, threads: int, positions: int) -> None:
+        """A steady job's size, so forecasts far beyond what a fit has seen can be re-probed."""
+        key = (role, threads)
+        self.seen_positions[key] = max(self.seen_positions.get(key, 0.0), float(positions))
+
+    def choose(self, rooms: list[int]) -> PlanChoice:
+        """The plan for the next step; rooms: how many drafts each live request can still take."""
+        self.steps_in_plan += 1
+        self.num_steps += 1
+        self.num_rows = len(rooms)
+        self.steps_by_plan[self.current.name] = self.steps_by_plan.get(self.current.name, 0) + 1
+        if self.steps_in_plan < MIN_DWELL_STEPS and not (self.reason == "explore" and self.steps_in_plan >= EXPLORE_STEPS):
+            return PlanChoice(self.current, self.reason)
+        unfitted = [p for p in self.plans if not self.budget.is_fitted(p.mode, *p.threads)]
+        if unfitted and rooms:
+            return self._switch(unfitted[0], "explore")
+        self.forecast = {p.name: self.rate(p, rooms) for p in self.plans}
+        best = max(self.plans, key=lambda p: self.forecast[p.name])
+        current_rate = self.forecast[self.current.name]
+        stale = [p for p in self.plans if p != self.current and self._is_extrapolated(p, rooms)
+                 and self.forecast[p.name] >= REPROBE_MARGIN * current_rate]
+        if stale and self.steps_in_plan >= 4 * MIN_DWELL_STEPS:
+            return self._switch(max(stale, key=lambda p: self.forecast[p.name]), "reprobe")
+        if best != self.current and self.forecast[best.name] > (1 + SWITCH_MARGIN) * current_rate:
+            self.num_confirm = self.num_confirm + 1 if best == self.challenger else 1
+            self.challenger = best
+            if self.num_confirm >= CONFIRM_STEPS:
+                return self._switch(best, "best")
+        else:
+            self.challenger, self.num_confirm = None, 0
+        if self.reason in ("explore", "reprobe", "start"):
+            self.reason = "kept"
+        return PlanChoice(self.current, self.reason)
+
+    def rate(self, plan: ExecPlan, rooms: list[int]) -> float:
+        """Predicted committed tokens/s of `plan` serving requests with these rooms: psd splits
+        them into two batches, one of which the verifier checks per step."""
+        if not rooms:
+            return 0.0
+        mode = plan.mode
+        batch = rooms
+        if mode == "psd":
+            batch = rooms[: (len(rooms) + 1) // 2]
+            if len(rooms) < 2:  # one request: one batch, drafting and verifying in turn
+                mode = "sd"
+        forecast = self.budget.predict(mode, batch, *plan.threads)
+        return forecast.predicted_tokens_per_s or 0.0
+
+    def _is_extrapolated(self, plan: ExecPlan, rooms: list[int]) -> bool:
+        rows = len(rooms) if plan.mode != "psd" else (len(rooms) + 1) // 2
+        positions = rows * (1 + (0 if plan.mode == "ar" else self.budget.num_draft))
+        seen = self.seen_positions.get(("verify", plan.verifier.num_threads), 0.0)
+        return positions > EXTRAPOLATION * max(seen, 1.0)
+
+    def _switch(self, plan: ExecPlan, reason: str) -> PlanChoice:
+        if plan != self.current:
+            self.num_switches += 1
+            self.switches.append({"step": self.num_steps, "rows": self.num_rows, "from": self.current.name,
+                                  "to": plan.name, "reason": reason,
+                                  "forecast": {name: round(rate, 3) for name, rate in self.forecast.items()}})
+            self.current = plan
+            self.budget.use(plan.mode, *plan.threads)
+        self.reason, self.steps_in_plan = reason, 0
+        self.challenger, self.num_confirm = None, 0
+        return PlanChoice(plan, reason)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.current.name,
+            "mode": self.current.mode,
+            "drafter_threads": self.current.drafter.num_threads or None,
+            "verifier_threads": self.current.verifier.num_threads or None,
+            "reason": self.reason,
+            "num_switches": self.num_switches,
+            "predicted_tokens_per_s": {name: round(rate, 3) for name, rate in self.forecast.items()},
+            "steps_by_plan": dict(self.steps_by_plan),
+            "recent_switches": list(self.switches),
+        }
