@@ -130,6 +130,7 @@ class SchedulerSection:
     prefill_ahead: bool = True  # sd/psd: an idle verifier caches new prompts while the drafter drafts them
     extra_draft: int = 0  # e: TETRIS drafts k + e tokens per row and verifies the likeliest k x rows of them
     draft_policy: str = "fixed"  # fixed (k, e as set) | adaptive (depth and verify capacity from measured costs)
+    plan_rotate_steps: int = 0  # auto, for tests and diagnosis: go through every plan in turn, this many steps each (0 = choose)
 
     def __post_init__(self):
         _check_field_types(self)
@@ -145,6 +146,7 @@ class SchedulerSection:
         _check(self.max_queued_requests >= 1, "max_queued_requests", f"must be >= 1, got {self.max_queued_requests}")
         _check(self.max_request_bytes >= 1024, "max_request_bytes", f"must be >= 1024, got {self.max_request_bytes}")
         _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
+        _check(self.plan_rotate_steps >= 0, "plan_rotate_steps", f"must be >= 0, got {self.plan_rotate_steps}")
 
     @property
     def max_rows(self) -> int:

@@ -29,9 +29,11 @@ from minedraft.runtime.budget import DraftBudget
 SWITCH_MARGIN = 0.08  # another plan must be predicted this much faster ...
 CONFIRM_STEPS = 3  # ... for this many steps in a row ...
 MIN_DWELL_STEPS = 6  # ... and the plan in force must have run this many steps (its fits refreshed)
+FAST_MARGIN = 0.25  # a plan predicted this much faster is taken at once (a load change) ...
+FAST_DWELL_STEPS = 2  # ... once the plan in force has run this many steps
 EXPLORE_STEPS = 4  # steps an unfitted plan runs to give its fits their first jobs
-EXTRAPOLATION = 2.0  # a fit asked for more than this times the positions it has seen is re-probed ...
-REPROBE_MARGIN = 0.9  # ... when its plan's forecast is within this share of the plan in force
+EXTRAPOLATION = 1.5  # a fit asked for more than this times the positions it has seen is re-probed ...
+REPROBE_MARGIN = 0.6  # ... when its plan's forecast is at least this share of the plan in force's
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
 @dataclass
 class PlanChoice:
     plan: ExecPlan
-    reason: str  # start | explore | best | reprobe | kept
+    reason: str  # start | explore | best | reprobe | kept | rotate
 
 
 class PlanChooser:
@@ -111,8 +113,9 @@ class PlanChooser:
     while; plans whose fits have no jobs yet are run briefly first, so that every prediction
     rests on measured costs."""
 
-    def __init__(self, plans: list[ExecPlan], budget: DraftBudget):
+    def __init__(self, plans: list[ExecPlan], budget: DraftBudget, rotate_steps: int = 0):
         self.plans = plans
+        self.rotate_steps = rotate_steps  # > 0: every plan in turn, this many steps each (tests, diagnosis)
         self.budget = budget
         self.current = plans[0]
         self.reason = "start"
@@ -121,16 +124,16 @@ class PlanChooser:
         self.challenger: ExecPlan | None = None
         self.num_confirm = 0
         self.forecast: dict[str, float] = {}  # plan name -> predicted tokens/s at the last decision
-        self.seen_positions: dict[tuple[str, int], float] = {}  # (fit, threads) -> most positions observed
+        self.seen_positions: dict[tuple[int, bool], float] = {}  # verify fit key -> most positions observed
         self.steps_by_plan: dict[str, int] = {}
         self.num_steps = 0
         self.num_rows = 0  # live requests at the last decision
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
         budget.use(self.current.mode, *self.current.threads)
 
-    def note_positions(self, role: str, threads: int, positions: int) -> None:
-        """A steady job's size, so forecasts far beyond what a fit has seen can be re-probed."""
-        key = (role, threads)
+    def note_positions(self, threads: int, mode: str, positions: int) -> None:
+        """A steady verify's size, so forecasts far beyond what its fit has seen can be re-probed."""
+        key = (threads, mode == "psd")
         self.seen_positions[key] = max(self.seen_positions.get(key, 0.0), float(positions))
 
     def choose(self, rooms: list[int]) -> PlanChoice:
@@ -139,17 +142,26 @@ class PlanChooser:
         self.num_steps += 1
         self.num_rows = len(rooms)
         self.steps_by_plan[self.current.name] = self.steps_by_plan.get(self.current.name, 0) + 1
-        if self.steps_in_plan < MIN_DWELL_STEPS and not (self.reason == "explore" and self.steps_in_plan >= EXPLORE_STEPS):
+        if self.rotate_steps:
+            if self.steps_in_plan > self.rotate_steps:
+                return self._switch(self.plans[(self.plans.index(self.current) + 1) % len(self.plans)], "rotate")
+            return PlanChoice(self.current, self.reason)
+        is_exploring = self.reason == "explore"
+        if self.steps_in_plan < (EXPLORE_STEPS if is_exploring else FAST_DWELL_STEPS):
             return PlanChoice(self.current, self.reason)
         unfitted = [p for p in self.plans if not self.budget.is_fitted(p.mode, *p.threads)]
-        if unfitted and rooms:
+        if unfitted and rooms and (is_exploring or self.steps_in_plan >= MIN_DWELL_STEPS):
             return self._switch(unfitted[0], "explore")
         self.forecast = {p.name: self.rate(p, rooms) for p in self.plans}
         best = max(self.plans, key=lambda p: self.forecast[p.name])
         current_rate = self.forecast[self.current.name]
+        if best != self.current and self.forecast[best.name] > (1 + FAST_MARGIN) * current_rate:
+            return self._switch(best, "best")
+        if self.steps_in_plan < MIN_DWELL_STEPS:
+            return PlanChoice(self.current, self.reason)
         stale = [p for p in self.plans if p != self.current and self._is_extrapolated(p, rooms)
                  and self.forecast[p.name] >= REPROBE_MARGIN * current_rate]
-        if stale and self.steps_in_plan >= 4 * MIN_DWELL_STEPS:
+        if stale and self.steps_in_plan >= 2 * MIN_DWELL_STEPS:
             return self._switch(max(stale, key=lambda p: self.forecast[p.name]), "reprobe")
         if best != self.current and self.forecast[best.name] > (1 + SWITCH_MARGIN) * current_rate:
             self.num_confirm = self.num_confirm + 1 if best == self.challenger else 1
@@ -179,7 +191,7 @@ class PlanChooser:
     def _is_extrapolated(self, plan: ExecPlan, rooms: list[int]) -> bool:
         rows = len(rooms) if plan.mode != "psd" else (len(rooms) + 1) // 2
         positions = rows * (1 + (0 if plan.mode == "ar" else self.budget.num_draft))
-        seen = self.seen_positions.get(("verify", plan.verifier.num_threads), 0.0)
+        seen = self.seen_positions.get((plan.verifier.num_threads, plan.mode == "psd"), 0.0)
         return positions > EXTRAPOLATION * max(seen, 1.0)
 
     def _switch(self, plan: ExecPlan, reason: str) -> PlanChoice:

@@ -78,7 +78,7 @@ class SchedulerCore:
         self.chooser: PlanChooser | None = None
         if self.is_auto:  # the plan is chosen from measured costs: the fits are fed whatever the draft policy
             self.budget.is_predicting = True
-            self.chooser = PlanChooser(candidate_plans(cpu_pool(config)), self.budget)
+            self.chooser = PlanChooser(candidate_plans(cpu_pool(config)), self.budget, sc.plan_rotate_steps)
             self.mode = self.chooser.current.mode
         self.is_learning = self.budget is not None and (sc.draft_policy == "adaptive" or self.is_auto)
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
@@ -196,7 +196,7 @@ class SchedulerCore:
         self.metrics.add_busy(DRAFTER, result.busy_start_s, result.busy_end_s, job={
             "kind": "draft", "batch": batch.batch_id, "rows": batch.job_size[0], "depth": batch.job_size[1],
             "positions": sum(len(s) for s in result.scores), "kept": sum(result.num_kept),
-            "threads": result.num_threads, "mode": self.mode})
+            "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})
         batch.state = "drafted"
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
         for request, kept in zip(batch.rows, result.num_kept):
@@ -213,7 +213,7 @@ class SchedulerCore:
         self._job_done(VERIFIER, result)
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, is_step=False,
                               job={"kind": "prefill", "batch": None, "rows": result.num_rows, "positions": None,
-                                   "threads": result.num_threads, "mode": self.mode})
+                                   "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})
 
     def on_verify_result(self, result: VerifyResult) -> None:
         batch = self.batches[result.batch_id]
@@ -222,7 +222,7 @@ class SchedulerCore:
         self._job_done(VERIFIER, result)
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, job={
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1],
-            "threads": result.num_threads, "mode": self.mode})
+            "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})
         batch.state = "ready"
         if self.is_learning and batch.is_steady:
             now = self.clock()
@@ -230,7 +230,7 @@ class SchedulerCore:
                           for start, end in self.drafter_spans)
             self.budget.observe_verify(batch.job_size[1], now - batch.dispatch_s, overlap, *self._fit_key(batch, result))
             if self.chooser is not None:
-                self.chooser.note_positions("verify", result.num_threads, batch.job_size[1])
+                self.chooser.note_positions(result.num_threads, batch.job_mode, batch.job_size[1])
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue

@@ -219,3 +219,50 @@ def test_bench_tokens_per_verified_position():
     ar = {"num_accepted": 0, "num_drafted": 0, "num_verify_rows": 0}
     bench.add_status_fields(ar, {})
     assert ar["tokens_per_verified_position"] is None and ar["draft_budget"] is None and ar["draft_shape"] is None
+
+
+# ---------------------------------------------------------------- the plan sweep (bench --sweep-concurrency)
+
+
+def test_plan_sweep_plans_hold_the_same_live_requests():
+    plan_sweep = load_tool("plan_sweep")
+    plans = {p["name"]: p["overrides"] for p in plan_sweep.sweep_plans(2, 32)}
+    assert list(plans) == ["auto", "ar x1", "sd x1", "psd 1+1", "ar x2", "sd x2", "psd x2"]
+    assert "scheduler.max_batch=32" in plans["sd x2"] and "scheduler.max_batch=16" in plans["psd 1+1"]
+    assert "scheduler.max_batch=16" in plans["auto"]  # auto holds two batches of max_batch, or one of both
+    assert "verifier.cpu_cores=[0,1]" in plans["ar x2"] and "verifier.cpu_cores=[1]" in plans["ar x1"]
+
+
+def test_plan_sweep_analysis_finds_the_best_plans_and_auto_against_them():
+    plan_sweep = load_tool("plan_sweep")
+
+    def result(rate: float, ids=(1, 2)) -> dict:
+        return {"output_throughput": rate, "output_token_ids": {"0": list(ids)}, "tpot_ms": {"p50": 1000 / rate},
+                "acceptance_rate": None, "num_failed": 0}
+
+    results = {"auto": {1: result(9.5), 8: result(20.0)}, "sd x1": {1: result(10.0), 8: result(12.0)},
+               "ar x2": {1: result(4.0), 8: result(21.0)}}
+    report = plan_sweep.analyse(results, [1, 8])
+    assert report["per_concurrency"][1]["best_fixed"] == "sd x1" and report["per_concurrency"][8]["best_fixed"] == "ar x2"
+    assert report["auto_min_vs_best_fixed"] == pytest.approx(9.5 / 10)  # at 1; at 8 it is 20 / 21
+    assert report["best_total_fixed"] == "ar x2"  # 25 tok/s over the sweep against sd x1's 22
+    assert report["auto_vs_best_total_fixed"] == {"concurrency": 1, "ratio": pytest.approx(9.5 / 4)}
+    assert report["greedy_identical"] == {"1": True, "8": True}
+    results["sd x1"][8] = result(12.0, ids=(1, 3))
+    assert plan_sweep.analyse(results, [1, 8])["greedy_identical"] == {"1": True, "8": False}
+    text = plan_sweep.format_report(plan_sweep.analyse(results, [1, 8]))
+    assert "concurrency 8:" in text and "c=8 NO" in text and "auto is 2.38x it" in text
+
+
+def test_bench_sweep_concurrency_runs_every_plan_at_every_load(tmp_path):
+    out = tmp_path / "sweep"
+    done = tool("bench.py", "--config", TINY, "--sweep-concurrency", "1,3", "--sweep-plans", "auto,ar x1,psd 1+1",
+                "--requests", "3", "--max-tokens", "8", "--warmup", "0", "--out", str(out))
+    report = json.loads((out / "sweep.json").read_text())
+    assert set(report["results"]) == {"auto", "ar x1", "psd 1+1"}
+    assert all(set(by_c) == {"1", "3"} for by_c in report["results"].values())
+    assert report["greedy_identical"] == {"1": True, "3": True}
+    assert report["per_concurrency"]["1"]["auto_plan_steps"]  # the plans auto ran during that load
+    assert (out / "sweep.png").stat().st_size > 0
+    for text in ("concurrency 1:", "concurrency 3:", "auto ran (steps):", "fixed plan with the best total"):
+        assert text in done.stdout
