@@ -181,7 +181,7 @@ class Plan:
 
 
 class DraftBudget:
-    def __init__(self, mode: str, policy: str, num_draft: int, extra_draft: int):
+    def __init__(self, mode: str, policy: str, num_draft: int, extra_draft: int, is_predicting: bool | None = None):
         self.mode, self.policy = mode, policy
         self.num_draft, self.extra_draft = num_draft, extra_draft
         self.max_depth = num_draft + extra_draft
@@ -200,7 +200,8 @@ class DraftBudget:
         self.probe_every = PROBE_EVERY
         self.last_plan = Plan(self.max_depth, None)
         self.predicted_ema: float | None = None
-        self.is_predicting = policy == "adaptive"  # auto plans also forecast the fixed budget
+        # forecasts from the fits: the adaptive policy needs them, and auto plans forecast a fixed budget too
+        self.is_predicting = policy == "adaptive" if is_predicting is None else is_predicting
         self.overheads: dict[str, float] = {}  # per mode, measured: the step period beyond what the job fits predict
 
     def draft_fit(self, threads: int, mode: str) -> CostFit:
@@ -339,8 +340,11 @@ class DraftBudget:
 
     def is_fitted(self, mode: str, drafter_threads: int, verifier_threads: int) -> bool:
         """Whether the fits a plan needs have seen enough jobs to predict it."""
-        is_verify_fitted = len(self.verify_fit(verifier_threads, mode)) >= MIN_FIT_OBSERVATIONS
-        return is_verify_fitted and (mode == "ar" or len(self.draft_fit(drafter_threads, mode)) >= MIN_FIT_OBSERVATIONS)
+        def count(costs: dict, threads: int) -> int:
+            fit = costs.get((threads, mode == "psd"))
+            return 0 if fit is None else len(fit)
+        is_verify_fitted = count(self.verify_costs, verifier_threads) >= MIN_FIT_OBSERVATIONS
+        return is_verify_fitted and (mode == "ar" or count(self.draft_costs, drafter_threads) >= MIN_FIT_OBSERVATIONS)
 
     def predict(self, mode: str, rooms: list[int], drafter_threads: int, verifier_threads: int) -> Plan:
         """The forecast for one step of a batch with `rooms` under a plan (mode, thread counts):
@@ -394,7 +398,7 @@ class DraftBudget:
                                              for edge, g in zip(BIN_EDGES, self.acceptance.curve())},
                 "num_acceptance_observations": self.acceptance.num_observations,
             })
-            if len(self.draft_costs) + len(self.verify_costs) > 2:  # auto on a CPU: fits by thread count
+            if any(threads for threads, _ in [*self.draft_costs, *self.verify_costs]):  # auto on a CPU: by thread count
                 out["draft_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.draft_costs.items())}
                 out["verify_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.verify_costs.items())}
                 out["step_overhead_s_by_mode"] = dict(self.overheads)

@@ -101,12 +101,6 @@ def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
     return plans
 
 
-@dataclass
-class PlanChoice:
-    plan: ExecPlan
-    reason: str  # start | explore | best | reprobe | kept | rotate
-
-
 class PlanChooser:
     """Picks the plan each step: the fastest predicted at the current load, switching only when
     another is clearly faster for several steps (hysteresis) and the plan in force has run a
@@ -118,7 +112,7 @@ class PlanChooser:
         self.rotate_steps = rotate_steps  # > 0: every plan in turn, this many steps each (tests, diagnosis)
         self.budget = budget
         self.current = plans[0]
-        self.reason = "start"
+        self.reason = "start"  # start | explore | best | reprobe | kept | rotate
         self.steps_in_plan = 0
         self.num_switches = 0
         self.challenger: ExecPlan | None = None
@@ -136,7 +130,7 @@ class PlanChooser:
         key = (threads, mode == "psd")
         self.seen_positions[key] = max(self.seen_positions.get(key, 0.0), float(positions))
 
-    def choose(self, rooms: list[int]) -> PlanChoice:
+    def choose(self, rooms: list[int]) -> ExecPlan:
         """The plan for the next step; rooms: how many drafts each live request can still take."""
         self.steps_in_plan += 1
         self.num_steps += 1
@@ -145,10 +139,10 @@ class PlanChooser:
         if self.rotate_steps:
             if self.steps_in_plan > self.rotate_steps:
                 return self._switch(self.plans[(self.plans.index(self.current) + 1) % len(self.plans)], "rotate")
-            return PlanChoice(self.current, self.reason)
+            return self.current
         is_exploring = self.reason == "explore"
         if self.steps_in_plan < (EXPLORE_STEPS if is_exploring else FAST_DWELL_STEPS):
-            return PlanChoice(self.current, self.reason)
+            return self.current
         unfitted = [p for p in self.plans if not self.budget.is_fitted(p.mode, *p.threads)]
         if unfitted and rooms and (is_exploring or self.steps_in_plan >= MIN_DWELL_STEPS):
             return self._switch(unfitted[0], "explore")
@@ -158,7 +152,7 @@ class PlanChooser:
         if best != self.current and self.forecast[best.name] > (1 + FAST_MARGIN) * current_rate:
             return self._switch(best, "best")
         if self.steps_in_plan < MIN_DWELL_STEPS:
-            return PlanChoice(self.current, self.reason)
+            return self.current
         stale = [p for p in self.plans if p != self.current and self._is_extrapolated(p, rooms)
                  and self.forecast[p.name] >= REPROBE_MARGIN * current_rate]
         if stale and self.steps_in_plan >= 2 * MIN_DWELL_STEPS:
@@ -172,7 +166,7 @@ class PlanChooser:
             self.challenger, self.num_confirm = None, 0
         if self.reason in ("explore", "reprobe", "start"):
             self.reason = "kept"
-        return PlanChoice(self.current, self.reason)
+        return self.current
 
     def rate(self, plan: ExecPlan, rooms: list[int]) -> float:
         """Predicted committed tokens/s of `plan` serving requests with these rooms: psd splits
@@ -194,7 +188,7 @@ class PlanChooser:
         seen = self.seen_positions.get((plan.verifier.num_threads, plan.mode == "psd"), 0.0)
         return positions > EXTRAPOLATION * max(seen, 1.0)
 
-    def _switch(self, plan: ExecPlan, reason: str) -> PlanChoice:
+    def _switch(self, plan: ExecPlan, reason: str) -> ExecPlan:
         if plan != self.current:
             self.num_switches += 1
             self.switches.append({"step": self.num_steps, "rows": self.num_rows, "from": self.current.name,
@@ -204,7 +198,7 @@ class PlanChooser:
             self.budget.use(plan.mode, *plan.threads)
         self.reason, self.steps_in_plan = reason, 0
         self.challenger, self.num_confirm = None, 0
-        return PlanChoice(plan, reason)
+        return plan
 
     def to_dict(self) -> dict:
         return {

@@ -74,13 +74,14 @@ class SchedulerCore:
         self.num_draft = sc.num_draft if sc.mode != "ar" else 0
         self.extra_draft = sc.extra_draft if sc.mode != "ar" else 0
         self.max_depth = self.num_draft + self.extra_draft
-        self.budget = DraftBudget(self.mode, sc.draft_policy, sc.num_draft, sc.extra_draft) if sc.mode != "ar" else None
+        # auto chooses its plan from measured costs: the fits are fed and used whatever the draft policy
+        self.budget = DraftBudget(self.mode, sc.draft_policy, sc.num_draft, sc.extra_draft,
+                                  is_predicting=sc.draft_policy == "adaptive" or self.is_auto) if sc.mode != "ar" else None
         self.chooser: PlanChooser | None = None
-        if self.is_auto:  # the plan is chosen from measured costs: the fits are fed whatever the draft policy
-            self.budget.is_predicting = True
+        if self.is_auto:
             self.chooser = PlanChooser(candidate_plans(cpu_pool(config)), self.budget, sc.plan_rotate_steps)
             self.mode = self.chooser.current.mode
-        self.is_learning = self.budget is not None and (sc.draft_policy == "adaptive" or self.is_auto)
+        self.is_learning = self.budget is not None and self.budget.is_predicting
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
         self.max_batch = sc.max_batch
         self.max_rows = sc.max_rows  # one batch's limit in one-batch plans (auto: both of psd's batches)
@@ -379,9 +380,9 @@ class SchedulerCore:
     def _choose_plan(self) -> None:
         live = [r for b in self.batches for r in b.requests]
         live += list(self.waiting)[: max(0, self.max_live - len(live))]
-        choice = self.chooser.choose([self._room(r) for r in live])
-        if choice.plan.mode != self.mode:
-            self.mode = choice.plan.mode
+        plan = self.chooser.choose([self._room(r) for r in live])
+        if plan.mode != self.mode:
+            self.mode = plan.mode
             self.last_step_s = None  # the next period is the new mode's
 
     def _placement(self, role: str) -> tuple[int | None, list[int] | None]:

@@ -298,6 +298,22 @@ FAR_NOISE = 0.02  # draft weights = target + noise of the init's own scale: tota
 NUM_SAMPLES = 2000
 
 
+async def sample_first_tokens(endpoint: str, seed_base: int, concurrency: int = 48) -> list[list[int]]:
+    """NUM_SAMPLES seeded requests for PROMPT's first 6 tokens at TEMPERATURE."""
+    import asyncio
+
+    from minedraft.runtime.client import AsyncClient
+
+    limit = asyncio.Semaphore(concurrency)
+    async with AsyncClient(endpoint, timeout_s=120) as client:
+        async def one(i: int) -> list[int]:
+            async with limit:
+                c = await client.generate(prompt_ids=PROMPT, max_tokens=6, temperature=TEMPERATURE,
+                                          seed=seed_base + i, ignore_eos=True)
+                return c.token_ids
+        return await asyncio.gather(*(one(i) for i in range(NUM_SAMPLES)))
+
+
 def first_two_laws(noise: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiny model's law of the first output token and the marginal law of the second."""
     from minedraft.workers.model.loader import TinySpec, tiny_hf_model
@@ -332,22 +348,11 @@ def test_sampled_first_two_tokens_follow_the_target_with_a_far_draft(tmp_path, m
     acceptance, probabilities of the wrong kept position) fails this test (see the control)."""
     import asyncio
 
-    from minedraft.runtime.client import AsyncClient
     from tests.runtime_utils import running_daemon, status
     from tests.test_sampling import chi_square_ok
 
-    async def sample_all(endpoint: str) -> list[list[int]]:
-        limit = asyncio.Semaphore(48)
-        async with AsyncClient(endpoint, timeout_s=120) as client:
-            async def one(i: int) -> list[int]:
-                async with limit:
-                    c = await client.generate(prompt_ids=PROMPT, max_tokens=6, temperature=TEMPERATURE,
-                                              seed=10_000 + i, ignore_eos=True)
-                    return c.token_ids
-            return await asyncio.gather(*(one(i) for i in range(NUM_SAMPLES)))
-
     with running_daemon(tmp_path, mode, f"model.tiny_draft_noise={FAR_NOISE}", *BUDGETS[budget]) as (endpoint, _):
-        outputs = asyncio.run(sample_all(endpoint))
+        outputs = asyncio.run(sample_first_tokens(endpoint, 10_000))
         st = status(endpoint)
     tokens = torch.tensor(outputs)  # [N, 6]
     p1, p2 = laws["target"]

@@ -248,23 +248,12 @@ def test_sampled_output_follows_the_target_across_plan_switches(tmp_path):
 
     import torch
 
-    from minedraft.runtime.client import AsyncClient
     from tests.runtime_utils import running_daemon, status
-    from tests.test_budget import FAR_NOISE, NUM_SAMPLES, PROMPT, TEMPERATURE, first_two_laws
+    from tests.test_budget import FAR_NOISE, first_two_laws, sample_first_tokens
     from tests.test_sampling import chi_square_ok
 
-    async def sample_all(endpoint: str) -> list[list[int]]:
-        limit = asyncio.Semaphore(32)
-        async with AsyncClient(endpoint, timeout_s=120) as client:
-            async def one(i: int) -> list[int]:
-                async with limit:
-                    c = await client.generate(prompt_ids=PROMPT, max_tokens=6, temperature=TEMPERATURE,
-                                              seed=20_000 + i, ignore_eos=True)
-                    return c.token_ids
-            return await asyncio.gather(*(one(i) for i in range(NUM_SAMPLES)))
-
     with running_daemon(tmp_path, "auto", f"model.tiny_draft_noise={FAR_NOISE}", *ROTATE) as (endpoint, _):
-        outputs = asyncio.run(sample_all(endpoint))
+        outputs = asyncio.run(sample_first_tokens(endpoint, 20_000, concurrency=32))
         st = status(endpoint)
     tokens = torch.tensor(outputs)  # [N, 6]
     p1, p2 = first_two_laws(0.0)
