@@ -1,4 +1,6 @@
-"""Shared zero-copy buffers: same-process and cross-process attach, cleanup, strict handles.
+"""Shared zero-copy buffers: same-process and cross-process attach, cleanup, strict handles, and
+the CUDA IPC preconditions checked on the CPU (allocator backend, expandable segments, the device
+found by UUID).
 
 Run: .venv/bin/python -m pytest -q tests/test_buffers.py
 """
@@ -12,9 +14,17 @@ import msgpack
 import pytest
 import torch
 
-from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs, unlink_by_handle
+from minedraft.runtime.config import load_config
+from minedraft.workers import buffers as shared
+from minedraft.workers.buffers import (
+    SharedBuffers, check_ipc_allocator, device_index_for_uuid, draft_buffer_specs, ipc_allocation_settings,
+    is_expandable_ipc_handle, unlink_by_handle,
+)
+from minedraft.workers.process import check_buffer_allocator
 
 HAS_DEV_SHM = os.path.isdir("/dev/shm")
+UUID_A = "0a1b2c3d-0000-1111-2222-333344445555"
+UUID_B = "9f8e7d6c-0000-1111-2222-333344445555"
 
 # The child attaches from a msgpack handle (hex on argv), applies +1 in place, reports its
 # resource-tracker pid (if it started one) and exits without unlinking.
@@ -202,6 +212,121 @@ def test_non_map_handle_rejected():
     for handle in (None, [], b"shm", "shm"):
         with pytest.raises(ValueError):
             SharedBuffers.attach(handle)
+
+
+# ---------------------------------------------------------------- CUDA IPC preconditions, on the CPU
+
+
+def fake_allocator(monkeypatch, backend: str, alloc_conf: str) -> list[str]:
+    """Stand-ins for torch's allocator queries; returns the settings applied, in order."""
+    applied: list[str] = []
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: alloc_conf)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", applied.append)
+    return applied
+
+
+def test_ipc_allocator_check_refuses_a_backend_that_cannot_share():
+    check_ipc_allocator("native", "")
+    check_ipc_allocator("native", "expandable_segments:True")  # turned off around the buffers instead
+    with pytest.raises(RuntimeError) as refused:
+        check_ipc_allocator("cudaMallocAsync", "backend:cudaMallocAsync")
+    message = str(refused.value)
+    assert "'cudaMallocAsync' allocator backend" in message
+    assert "Remove 'backend:cudaMallocAsync' from PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF" in message
+
+
+def test_cuda_buffers_refuse_a_cuda_malloc_async_allocator_before_allocating(monkeypatch):
+    applied = fake_allocator(monkeypatch, "cudaMallocAsync", "backend:cudaMallocAsync")
+    with pytest.raises(RuntimeError, match="PYTORCH_CUDA_ALLOC_CONF"):
+        SharedBuffers.create({"x": ((4,), torch.float32)}, "cuda:0")
+    assert applied == []
+
+
+def test_workers_check_the_allocator_only_when_the_drafter_is_on_cuda(monkeypatch):
+    fake_allocator(monkeypatch, "cudaMallocAsync", "backend:cudaMallocAsync")
+    check_buffer_allocator(load_config("configs/tiny.toml"))  # CPU buffers: any allocator
+    check_buffer_allocator(load_config("configs/tiny.toml", ["drafter.device=cuda:0", "scheduler.mode=ar"]))
+    with pytest.raises(RuntimeError, match="PYTORCH_ALLOC_CONF"):  # both workers: each opens its end with it
+        check_buffer_allocator(load_config("configs/tiny.toml", ["drafter.device=cuda:0"]))
+
+
+def test_buffers_allocate_with_expandable_segments_off_then_restore_the_settings(monkeypatch):
+    conf = "max_split_size_mb:64,expandable_segments:True"
+    applied = fake_allocator(monkeypatch, "native", conf)
+    with shared._ipc_allocation():
+        assert applied == [conf + ",expandable_segments:False"]  # the user's settings, the later key wins
+    assert applied == [conf + ",expandable_segments:False", conf]
+    with pytest.raises(KeyError), shared._ipc_allocation():
+        raise KeyError("restored on errors too")
+    assert applied[-1] == conf and len(applied) == 4
+    applied = fake_allocator(monkeypatch, "native", "")
+    with shared._ipc_allocation():
+        pass
+    assert applied == ["expandable_segments:False"]  # nothing to restore: the defaults are in force
+
+
+def test_torch_parses_the_ipc_allocation_settings():
+    before = torch._C._accelerator_getAllocatorSettings()
+    settings = ipc_allocation_settings("max_split_size_mb:64,expandable_segments:True")
+    assert settings == "max_split_size_mb:64,expandable_segments:True,expandable_segments:False"
+    assert ipc_allocation_settings("") == "expandable_segments:False"
+    try:
+        torch._C._accelerator_setAllocatorSettings(settings)
+        assert torch._C._accelerator_getAllocatorSettings() == settings
+    finally:
+        torch._C._accelerator_setAllocatorSettings(before)
+
+
+def test_expandable_segment_handles_are_recognized():
+    assert is_expandable_ipc_handle(b"\x02e" + bytes(24))  # version 2, expandable segment
+    assert not is_expandable_ipc_handle(b"\x02c" + bytes(64))  # version 2, cudaMalloc block
+    assert not is_expandable_ipc_handle(b"")
+
+
+def test_device_found_by_uuid_whatever_its_local_index():
+    assert device_index_for_uuid(UUID_A, [UUID_A, UUID_B]) == 0
+    assert device_index_for_uuid(UUID_A, [UUID_B, UUID_A]) == 1  # CUDA_VISIBLE_DEVICES=1,0 in the consumer
+    with pytest.raises(RuntimeError) as missing:
+        device_index_for_uuid(UUID_A, [UUID_B])
+    assert f"no visible CUDA device has UUID {UUID_A}" in str(missing.value)
+    assert UUID_B in str(missing.value) and "CUDA_VISIBLE_DEVICES" in str(missing.value)
+    with pytest.raises(RuntimeError, match="0 device"):
+        device_index_for_uuid(UUID_A, [])
+
+
+def cuda_handle() -> dict:
+    """A well-formed cuda_ipc handle (the shape SharedBuffers.create makes; never opened here)."""
+    return {"kind": "cuda_ipc", "device_uuid": UUID_A, "size_bytes": 4096,
+            "tensors": {"draft_tokens": {"offset": 0, "shape": [2, 3], "dtype": "int64"}},
+            "ipc": {"handle": b"\x02c" + bytes(64), "offset_bytes": 512, "ref_counter_handle": b"/torch_1_2",
+                    "ref_counter_offset": 0, "event_handle": bytes(64), "event_sync_required": 1}}
+
+
+def test_well_formed_cuda_handle_passes_validation():
+    shared._check_cuda_handle(cuda_handle())
+
+
+@pytest.mark.parametrize("path, value", [
+    (["device_uuid"], "GPU-0a1b2c3d-0000-1111-2222-333344445555"),
+    (["device_uuid"], UUID_A.upper()),
+    (["device_uuid"], 0),
+    (["device_uuid"], KeyError),
+    (["device"], 0),  # numbered devices are gone: the UUID names the device
+    (["ipc"], KeyError),
+    (["ipc"], [1, 2]),
+    (["ipc", "handle"], "abc"),
+    (["ipc", "handle"], b"\x02e" + bytes(40)),  # an expandable segment: pidfd_getfd
+    (["ipc", "offset_bytes"], -64),
+    (["ipc", "offset_bytes"], True),
+    (["ipc", "ref_counter_offset"], -1),
+    (["ipc", "event_sync_required"], 2),
+    (["ipc", "extra"], 1),
+    (["ipc", "event_handle"], KeyError),
+])
+def test_malformed_cuda_handles_rejected(path, value):
+    with pytest.raises(ValueError, match="bad shared-buffer handle"):
+        SharedBuffers.attach(mutate(cuda_handle(), path, value))
 
 
 @pytest.mark.cuda

@@ -10,11 +10,17 @@ views at 64-byte-aligned offsets. The producer creates and unlinks it; the consu
 close() with a view still alive elsewhere is safe: that view keeps the mapping until it dies.
 
 CUDA: one device allocation exported once through torch's CUDA IPC storage sharing. A handle
-serves one consumer (torch's IPC ref counter is taken once per export). Synchronization contract:
-the producer calls `sync()` (or records an event) after its kernels write and before it announces
-the data; the consumer calls `sync()` after its reads and before it hands the buffer back.
+serves one consumer (torch's IPC ref counter is taken once per export) and names its device by
+UUID, so the consumer opens the same GPU whatever its own CUDA_VISIBLE_DEVICES numbering. Only
+the native caching allocator shares, and only blocks outside expandable segments share through
+cudaIpc (those inside need pidfd_getfd, which Yama ptrace_scope=1 refuses between sibling
+processes): create() checks the backend and allocates with expandable segments off.
+Synchronization contract: the producer calls `sync()` (or records an event) after its kernels
+write and before it announces the data; the consumer calls `sync()` after its reads and before
+it hands the buffer back.
 """
 
+import contextlib
 import copy
 import math
 import os
@@ -31,6 +37,11 @@ TensorSpec = tuple[tuple[int, ...], torch.dtype]
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary (cache line / vector loads)
 SHM_PREFIX = "minedraft-"
 _SHM_NAME = re.compile(r"minedraft-[0-9a-f]{24}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # str(props.uuid)
+ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch reads either (the second is the old name)
+# torch's shareable handle (CUDACachingAllocator shareIpcHandle): a version byte (2), then 'c' for
+# a cudaMalloc block (cudaIpcMemHandle follows) or 'e' for an expandable segment (pidfd_getfd).
+_EXPANDABLE_IPC_PREFIX = b"\x02e"
 _DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
     "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
@@ -48,6 +59,68 @@ def draft_buffer_specs(max_batch: int, max_draft: int, vocab_size: int) -> dict[
         "draft_tokens": ((max_batch, max_draft), torch.int64),  # [B, k] int64
         "draft_probs": ((max_batch, max_draft, vocab_size), torch.float32),  # [B, k, V] float32
     }
+
+
+def check_ipc_allocator(backend: str, alloc_conf: str | None) -> None:
+    """Refuse an allocator whose memory CUDA IPC cannot share; pure (tests pass fake values).
+
+    backend: torch.cuda.get_allocator_backend(); alloc_conf: the settings torch parsed from
+    PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF (torch._C._accelerator_getAllocatorSettings())."""
+    if backend != "native":
+        raise RuntimeError(
+            f"CUDA draft buffers are shared through CUDA IPC, which only torch's native caching allocator "
+            f"supports, but this process runs the {backend!r} allocator backend (allocator settings "
+            f"{alloc_conf!r}). Remove 'backend:{backend}' from {' / '.join(ALLOC_CONF_ENVS)} (or set "
+            f"backend:native) in the daemon's environment and start again.")
+
+
+def ipc_allocation_settings(alloc_conf: str | None) -> str:
+    """The allocator settings while shared buffers are allocated: the process's own with expandable
+    segments off (the later key wins), so the blocks come from plain cudaMalloc segments."""
+    return f"{alloc_conf},expandable_segments:False" if alloc_conf else "expandable_segments:False"
+
+
+def is_expandable_ipc_handle(ipc_handle: bytes) -> bool:
+    """Whether torch exported the block from an expandable segment (its consumer would need
+    pidfd_getfd on the producer, refused between sibling processes under Yama ptrace_scope=1)."""
+    return ipc_handle.startswith(_EXPANDABLE_IPC_PREFIX)
+
+
+def device_index_for_uuid(uuid: str, visible_uuids: list[str]) -> int:
+    """The local index of the CUDA device with this UUID among the visible ones; pure."""
+    if uuid in visible_uuids:
+        return visible_uuids.index(uuid)
+    raise RuntimeError(
+        f"no visible CUDA device has UUID {uuid}, the draft buffers' device (this process sees "
+        f"{len(visible_uuids)} device(s): {', '.join(visible_uuids) or 'none'}); the drafter's GPU must be "
+        f"visible to the verifier too: check each worker's CUDA_VISIBLE_DEVICES")
+
+
+def device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def visible_device_uuids() -> list[str]:
+    return [device_uuid(i) for i in range(torch.cuda.device_count())]
+
+
+def check_cuda_ipc_allocator() -> None:
+    """check_ipc_allocator on this process's allocator (a worker calls it before loading its model)."""
+    check_ipc_allocator(torch.cuda.get_allocator_backend(), torch._C._accelerator_getAllocatorSettings())
+
+
+@contextlib.contextmanager
+def _ipc_allocation():
+    """Allocations inside come from non-expandable segments (torch's allocator skips cached
+    expandable blocks while the setting is off); the process's settings are restored after."""
+    alloc_conf = torch._C._accelerator_getAllocatorSettings()
+    check_ipc_allocator(torch.cuda.get_allocator_backend(), alloc_conf)
+    torch._C._accelerator_setAllocatorSettings(ipc_allocation_settings(alloc_conf))
+    try:
+        yield
+    finally:
+        if alloc_conf:  # empty: the defaults, expandable segments off, are in force already
+            torch._C._accelerator_setAllocatorSettings(alloc_conf)
 
 
 def _bad(message: str) -> ValueError:
@@ -139,16 +212,7 @@ class SharedBuffers:
         fields, size_bytes = _layout(specs)
         device = torch.device(device)
         if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            base = torch.zeros(size_bytes, dtype=torch.uint8, device=f"cuda:{index}")  # [size_bytes] uint8
-            dev, ipc, storage_bytes, offset_bytes, rc_handle, rc_offset, event, event_sync = (
-                base.untyped_storage()._share_cuda_())
-            _local_cuda[(ipc, offset_bytes)] = base.untyped_storage()
-            handle = {"kind": "cuda_ipc", "device": dev, "size_bytes": storage_bytes, "tensors": fields,
-                      "ipc": {"handle": ipc, "offset_bytes": offset_bytes, "ref_counter_handle": rc_handle,
-                              "ref_counter_offset": rc_offset, "event_handle": event,
-                              "event_sync_required": int(event_sync)}}
-            return cls(fields, handle, base, None, is_owner=True)
+            return cls._create_cuda(fields, size_bytes, device)
         if device.type != "cpu":
             raise ValueError(f"unsupported device {device}; use cpu or cuda")
         if os.path.isdir("/dev/shm") and (st := os.statvfs("/dev/shm")).f_bavail * st.f_frsize < size_bytes:
@@ -163,6 +227,26 @@ class SharedBuffers:
             raise
         handle = {"kind": "shm", "name": shm.name, "size_bytes": size_bytes, "tensors": fields}
         return cls(fields, handle, base, shm, is_owner=True)
+
+    @classmethod
+    def _create_cuda(cls, fields: dict, size_bytes: int, device: torch.device) -> "SharedBuffers":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with _ipc_allocation():
+            base = torch.zeros(size_bytes, dtype=torch.uint8, device=f"cuda:{index}")  # [size_bytes] uint8
+        _, ipc, storage_bytes, offset_bytes, rc_handle, rc_offset, event, event_sync = (
+            base.untyped_storage()._share_cuda_())
+        if is_expandable_ipc_handle(ipc):
+            raise RuntimeError(
+                "CUDA draft buffers landed in an expandable segment although expandable_segments was off "
+                "for their allocation; the verifier could not open them without pidfd_getfd. Remove "
+                f"expandable_segments:True from {' / '.join(ALLOC_CONF_ENVS)} and start again.")
+        _local_cuda[(ipc, offset_bytes)] = base.untyped_storage()
+        handle = {"kind": "cuda_ipc", "device_uuid": device_uuid(index), "size_bytes": storage_bytes,
+                  "tensors": fields,
+                  "ipc": {"handle": ipc, "offset_bytes": offset_bytes, "ref_counter_handle": rc_handle,
+                          "ref_counter_offset": rc_offset, "event_handle": event,
+                          "event_sync_required": int(event_sync)}}
+        return cls(fields, handle, base, None, is_owner=True)
 
     def handle(self) -> dict:
         """msgpack-safe description of the block (str/int/bytes/lists/maps)."""
@@ -199,16 +283,10 @@ class SharedBuffers:
 
     @classmethod
     def _attach_cuda(cls, handle: dict) -> "SharedBuffers":
-        ipc, device = handle.get("ipc"), handle.get("device")
-        types = {"handle": bytes, "offset_bytes": int, "ref_counter_handle": bytes,
-                 "ref_counter_offset": int, "event_handle": bytes, "event_sync_required": int}
-        if set(handle) != {"kind", "device", "size_bytes", "tensors", "ipc"}:
-            raise _bad(f"cuda_ipc handle keys {sorted(handle)} != kind, device, size_bytes, tensors, ipc")
-        if not _is_int(device):
-            raise _bad(f"device {device!r} must be a non-negative int")
-        if not isinstance(ipc, dict) or set(ipc) != set(types) or not all(
-                type(ipc[key]) is kind for key, kind in types.items()):
-            raise _bad(f"'ipc' must be a map of {types}")
+        ipc, uuid = handle.get("ipc"), handle.get("device_uuid")
+        _check_cuda_handle(handle)
+        check_cuda_ipc_allocator()
+        device = device_index_for_uuid(uuid, visible_device_uuids())
         storage = _local_cuda.get((ipc["handle"], ipc["offset_bytes"]))
         if storage is not None:  # same process: CUDA cannot open its own IPC handle
             torch.UntypedStorage._release_ipc_counter(
@@ -257,9 +335,35 @@ class SharedBuffers:
             resource_tracker.unregister(self._shm._name, "shared_memory")
 
     @property
+    def device_uuid(self) -> str | None:
+        """The UUID of the buffers' GPU (None on the CPU)."""
+        return self._handle.get("device_uuid")
+
+    @property
     def names(self) -> list[str]:
         """Shared-memory segment names (empty for CUDA)."""
         return [self._handle["name"]] if self._handle["kind"] == "shm" else []
+
+
+def _check_cuda_handle(handle: dict) -> None:
+    """Every field of a cuda_ipc handle (the common ones are checked by attach)."""
+    ipc, uuid = handle.get("ipc"), handle.get("device_uuid")
+    types = {"handle": bytes, "offset_bytes": int, "ref_counter_handle": bytes,
+             "ref_counter_offset": int, "event_handle": bytes, "event_sync_required": int}
+    if set(handle) != {"kind", "device_uuid", "size_bytes", "tensors", "ipc"}:
+        raise _bad(f"cuda_ipc handle keys {sorted(handle)} != device_uuid, ipc, kind, size_bytes, tensors")
+    if not isinstance(uuid, str) or not _UUID.fullmatch(uuid):
+        raise _bad(f"device_uuid {uuid!r} is not a CUDA device UUID (8-4-4-4-12 lower-case hex)")
+    if not isinstance(ipc, dict) or set(ipc) != set(types) or not all(
+            type(ipc[key]) is kind for key, kind in types.items()):
+        raise _bad(f"'ipc' must be a map of {types}")
+    if not _is_int(ipc["offset_bytes"]) or not _is_int(ipc["ref_counter_offset"]):
+        raise _bad("'ipc' offsets must be non-negative")
+    if ipc["event_sync_required"] not in (0, 1):
+        raise _bad(f"event_sync_required {ipc['event_sync_required']!r} must be 0 or 1")
+    if is_expandable_ipc_handle(ipc["handle"]):
+        raise _bad("the block lies in an expandable segment (opening it needs pidfd_getfd, refused "
+                   "between sibling processes under Yama ptrace_scope=1)")
 
 
 def unlink_by_handle(handle: dict) -> None:

@@ -16,7 +16,7 @@ import zmq
 
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict
-from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs
+from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
 from minedraft.workers.model.fast_linear import apply_linear_path
@@ -52,6 +52,13 @@ def place(role: str, config: Config) -> torch.device:
             raise RuntimeError(f"{role}.device={section.device}: only {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(index)
     return device
+
+
+def check_buffer_allocator(config: Config) -> None:
+    """CUDA draft buffers: both ends need an allocator that CUDA IPC can share (checked before the
+    model loads, so a wrong PYTORCH_ALLOC_CONF fails the start at once)."""
+    if config.scheduler.mode != "ar" and torch.device(config.drafter.device).type == "cuda":
+        check_cuda_ipc_allocator()
 
 
 def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> float:
@@ -105,6 +112,7 @@ class WorkerLoop:
 
     def _start(self, config: Config, run_dir: str) -> None:
         device = place(self.role, config)
+        check_buffer_allocator(config)
         sc, dtype = config.scheduler, DTYPES[config.model.dtype]
         spec = config.model.draft if self.role == "drafter" else config.model.target
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
