@@ -15,6 +15,7 @@ from minedraft.workers.sampling import (
     DRAFT_SALT, SamplingParams, batch_params, draw_uniforms, probs_from_logits, sample,
 )
 from minedraft.workers.slots import SlotTable, feed_batch
+from minedraft.workers.transfer import index_tensor, to_device_packed
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,21 @@ class Drafter:
 
     def _draft(self, rows: list[Row], states, out_tokens: torch.Tensor, out_probs: torch.Tensor,
                scores: list[list[float]]) -> None:
-        temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
-        buffer_rows = torch.tensor([r.buffer_row for r in rows])
-        is_sampled = temperature > 0  # [B] bool
+        temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
+        is_sampled = (temperature > 0).tolist()  # host: no device read
+        num_draft = [r.num_draft for r in rows]
+        depth = max(num_draft)
+        device = self.cache.data.device
+        # 1. Which rows take part in each draft step, decided on the host now (row j drafts
+        #    num_draft[j] tokens), with every step's indices sent to the device in one copy.
+        live = [[j for j in range(len(rows)) if num_draft[j] > i] for i in range(depth)]
+        sampled = [[n for n, j in enumerate(step) if is_sampled[j]] for step in live]  # positions within live
+        plan = [[step, sampled[i], [rows[j].buffer_row for j in step], [rows[step[n]].buffer_row for n in sampled[i]],
+                 [n for n, j in enumerate(step) if num_draft[j] > i + 1]] for i, step in enumerate(live)]
+        on_device = to_device_packed([index_tensor(x) for step in plan for x in step]
+                                     + [index_tensor([r.buffer_row for r in rows])], device)
+        all_rows = on_device.pop()
+        buffer_device = out_tokens.device
         # 2. Catch up on committed tokens; logits after the last one give draft token 1.
         feeds = [s.tokens_to_feed(self.cache) for s in states]
         logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
@@ -69,35 +82,35 @@ class Drafter:
         #    rows take the argmax (what their one-hot distribution would sample); only sampled
         #    rows pay for a distribution over the vocabulary, and only theirs is written. Each
         #    token's log-probability (the sampled distribution's, or the temperature-1 softmax's
-        #    on greedy rows) adds to its row's running score.
-        live = list(range(len(rows)))
-        total = torch.zeros(len(rows), dtype=torch.float64)  # [B] cumulative draft log-probability
-        for i in range(max(r.num_draft for r in rows)):
+        #    on greedy rows) adds to its row's running score. All of it stays on the device.
+        total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
+        score_grid = torch.zeros(len(rows), depth, dtype=torch.float64, device=device)  # [B, depth]
+        for i in range(depth):
+            step_live, step_sampled, step_buffer, sampled_buffer, step_next = on_device[5 * i: 5 * i + 5]
             step_logits = logits[:, 0].float()  # [b, V]
             tokens = step_logits.argmax(-1)  # [b] long, first index on ties
             logp = step_logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(step_logits, -1)  # [b]
-            sampled = [n for n, j in enumerate(live) if is_sampled[j]]  # positions within live
-            if sampled:
-                keep, who = torch.tensor(sampled), [live[n] for n in sampled]
-                probs = probs_from_logits(logits[keep], temperature[who], top_k[who], top_p[who])[:, 0]  # [s, V]
-                uniforms = draw_uniforms([states[j].generator for j in who], 1, probs.device)[:, 0]
+            if sampled[i]:
+                who = [live[i][n] for n in sampled[i]]  # host row numbers of the sampled rows
+                probs = probs_from_logits(logits[step_sampled], temperature[who], top_k[who], top_p[who])[:, 0]  # [s, V]
+                uniforms = draw_uniforms([states[j].generator for j in who], 1, device)[:, 0]  # [s]
                 picked = sample(probs, uniforms)  # [s]
-                tokens[keep.to(tokens.device)] = picked
-                logp[keep.to(logp.device)] = probs.gather(-1, picked[:, None])[:, 0].log()
-                out_probs[buffer_rows[who], i] = probs.to(out_probs.device)
-            out_tokens[buffer_rows[live], i] = tokens.to(out_tokens.device)
-            total[live] += logp.double().cpu().clamp(max=0.0)  # log p <= 0: scores fall along a row
-            for j, score in zip(live, total[live].tolist()):
-                scores[j].append(score)
-            live_next = [n for n, j in enumerate(live) if rows[j].num_draft > i + 1]
-            if not live_next:
+                tokens[step_sampled] = picked
+                logp[step_sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
+                out_probs[sampled_buffer.to(buffer_device), i] = probs.to(buffer_device)
+            out_tokens[step_buffer.to(buffer_device), i] = tokens.to(buffer_device)
+            total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
+            score_grid[step_live, i] = total[step_live]
+            if i + 1 == depth:
                 break
-            live = [live[n] for n in live_next]
-            next_tokens = tokens[live_next].tolist()
-            logits = feed_batch(
-                self.model, self.cache, [states[j] for j in live], [[t] for t in next_tokens],
-                [[0] for _ in live], 1,
-            )
+            logits = feed_batch(self.model, self.cache, [states[j] for j in live[i + 1]], [[] for _ in live[i + 1]],
+                                [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
+        # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
+        drafted = out_tokens[all_rows.to(buffer_device), :depth].to(device)  # [B, depth]
+        host = torch.cat((score_grid, drafted.double()), 1).tolist()
+        for j, (state, d) in enumerate(zip(states, num_draft)):
+            scores[j].extend(host[j][:d])
+            state.cached.extend(int(t) for t in host[j][depth: depth + d - 1])  # fed: all drafts but the last
 
 
 @dataclass(frozen=True)

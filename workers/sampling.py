@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from minedraft.workers.transfer import to_device
+
 DRAFT_SALT = 1  # the drafter's stream of a request
 VERIFY_SALT = 2  # the verifier's stream of a request
 
@@ -91,13 +93,13 @@ def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
             return greedy
     is_truncated = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)  # [B] bool
     needs_truncation = bool((is_truncated & ~is_greedy).any())
-    is_greedy = is_greedy.to(device, non_blocking=True)  # [B]
-    temperature = temperature.to(device, torch.float32, non_blocking=True)  # [B]
+    is_greedy = to_device(is_greedy, device)  # [B]
+    temperature = to_device(temperature.float(), device)  # [B]
     scale = torch.where(is_greedy, 1.0, temperature)  # [B] no division by zero
     probs = torch.softmax(logits / scale[:, None, None], dim=-1)  # [B, T, V]
     if needs_truncation:
-        top_k = top_k.to(device, non_blocking=True)  # [B]
-        top_p = top_p.to(device, torch.float32, non_blocking=True)  # [B]
+        top_k = to_device(top_k, device)  # [B]
+        top_p = to_device(top_p.float(), device)  # [B]
         probs = _truncate(probs, top_k, top_p)  # [B, T, V] unnormalized
         probs = probs / probs.sum(dim=-1, keepdim=True)  # [B, T, V]
     if any_greedy:

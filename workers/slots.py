@@ -10,6 +10,7 @@ import torch
 
 from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.sampling import SamplingParams, make_generator
+from minedraft.workers.transfer import index_tensor, to_device_packed
 
 
 @dataclass
@@ -68,24 +69,26 @@ class SlotTable:
 
 
 def feed_batch(
-    model, cache: KVCache, states: list[RequestState], feeds: list[list[int]], logit_index: list[list[int]], max_short: int
+    model, cache: KVCache, states: list[RequestState], feeds: list[list[int]], logit_index: list[list[int]],
+    max_short: int, tail: torch.Tensor | None = None, num_tail: list[int] | None = None,
 ) -> torch.Tensor:
-    """Feed each row's tokens; return logits at the positions logit_index[b] (indices into
-    feeds[b], each row the same count n).
+    """Feed each row's tokens; return logits at the positions logit_index[b] (indices into the
+    row's tokens, each row the same count n). A row's tokens are its host feed, then the first
+    num_tail[b] tokens of tail[b] ([B, t] int64 on the device: drafts the host has not read).
+    Tail tokens are not added to the states' mirrors: the caller adds them once it has read them.
 
     Long feeds (prefills) are first caught up without logits among themselves, so the main
     right-padded forward stays at most max_short tokens wide.
     -> logits [B, n, V] float32
     """
-    long_rows = [i for i, f in enumerate(feeds) if len(f) > max_short]
+    num_tail = [0] * len(feeds) if num_tail is None else num_tail
+    long_rows = [i for i, (f, t) in enumerate(zip(feeds, num_tail)) if len(f) + t > max_short]
     if long_rows:
-        heads = [feeds[i][: len(feeds[i]) - max_short] for i in long_rows]
-        feed_without_logits(model, cache, [states[i] for i in long_rows], heads)
-        for i in long_rows:
-            cut = len(feeds[i]) - max_short
-            feeds[i] = feeds[i][cut:]
-            logit_index[i] = [j - cut for j in logit_index[i]]
-    return _forward(model, cache, states, feeds, logit_index)
+        cuts = {i: len(feeds[i]) + num_tail[i] - max_short for i in long_rows}  # within the host feed
+        feed_without_logits(model, cache, [states[i] for i in long_rows], [feeds[i][: cuts[i]] for i in long_rows])
+        feeds = [f[cuts[i]:] if i in cuts else f for i, f in enumerate(feeds)]
+        logit_index = [[j - cuts[i] for j in index] if i in cuts else index for i, index in enumerate(logit_index)]
+    return _forward(model, cache, states, feeds, logit_index, tail, num_tail)
 
 
 def feed_without_logits(model, cache: KVCache, states: list[RequestState], feeds: list[list[int]]) -> None:
@@ -95,14 +98,26 @@ def feed_without_logits(model, cache: KVCache, states: list[RequestState], feeds
         _forward(model, cache, [states[i] for i in rows], [feeds[i] for i in rows], [[] for _ in rows])
 
 
-def _forward(model, cache: KVCache, states, feeds, logit_index) -> torch.Tensor:
+def _forward(model, cache: KVCache, states, feeds, logit_index, tail=None, num_tail=None) -> torch.Tensor:
+    """One forward of host feeds followed by device tail tokens, with no device-to-host read:
+    the token grid reaches the device in one copy that does not block; the tail is placed there."""
     device = cache.data.device
-    width = max(len(f) for f in feeds)
-    tokens = torch.zeros(len(feeds), width, dtype=torch.long)  # [B, T]
-    for i, f in enumerate(feeds):
-        tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
-    index = torch.tensor(logit_index, dtype=torch.long).reshape(len(feeds), -1)  # [B, n]
-    logits = model(tokens.to(device), cache, [s.slot for s in states], [len(f) for f in feeds], index)
+    num_tail = [0] * len(feeds) if tail is None else num_tail
+    lengths = [len(f) + t for f, t in zip(feeds, num_tail)]
+    if tail is not None and not any(feeds) and len(set(num_tail)) == 1:  # the drafter's loop: every row one new draft
+        tokens = tail[:, : num_tail[0]]  # [B, t] already on the device
+    else:
+        grid = torch.zeros(len(feeds), max(lengths), dtype=torch.long)  # [B, T] host, tails left 0
+        for i, f in enumerate(feeds):
+            grid[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        # Where each tail token goes (row, column) and where it comes from (column in tail).
+        cells = [(i, len(feeds[i]) + j, j) for i, t in enumerate(num_tail) for j in range(t)]
+        rows, cols, src = (index_tensor(list(c)) for c in zip(*cells)) if cells else (index_tensor([]),) * 3
+        tokens, rows, cols, src = to_device_packed([grid, rows, cols, src], device)
+        if cells:
+            tokens[rows, cols] = tail[rows, src]
+    index = torch.tensor(logit_index, dtype=torch.long).reshape(len(feeds), -1)  # [B, n] host
+    logits = model(tokens, cache, [s.slot for s in states], lengths, index)
     for state, f in zip(states, feeds):
         state.cached.extend(f)
     return logits

@@ -14,6 +14,7 @@ from minedraft.workers.sampling import (
     VERIFY_SALT, batch_params, draw_uniforms, greedy_accept, probs_from_logits, speculative_accept,
 )
 from minedraft.workers.slots import SlotTable, feed_batch, feed_without_logits
+from minedraft.workers.transfer import index_tensor, to_device
 
 
 class Verifier:
@@ -41,24 +42,25 @@ class Verifier:
         the accepted drafts followed by one corrected or bonus token."""
         if not rows:
             return []
-        # 1. Apply committed tokens; each row feeds its uncached committed tokens + its drafts.
+        # 1. Apply committed tokens; each row feeds its uncached committed tokens (host), then
+        #    its drafts, which stay on the device: the host learns them with the results.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         num_draft = [r.num_draft for r in rows]
         k = max(num_draft)
         device = self.cache.data.device
+        feeds = [s.tokens_to_feed(self.cache) for s in states]
         if k > 0:
-            buffer_rows = _rows_index([r.buffer_row for r in rows])
+            buffer_rows = _rows_index([r.buffer_row for r in rows], draft_tokens.device)
             drafts = draft_tokens[buffer_rows, :k].to(device)  # [B, k] int64
         else:
             drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
-        host_drafts = drafts.tolist()  # one device-to-host copy for the whole batch
-        feeds = [s.tokens_to_feed(self.cache) + host_drafts[i][: num_draft[i]] for i, s in enumerate(states)]
         # 2. One forward; logits after the last committed token and after each draft.
-        index = [[max(len(f) - d - 1 + j, 0) if j <= d else len(f) - 1 for j in range(k + 1)] for f, d in zip(feeds, num_draft)]
-        logits = feed_batch(self.model, self.cache, states, feeds, index, self.max_draft + 1)  # [B, k+1, V]
-        temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, on the CPU: no device syncs
-        is_greedy = temperature == 0  # [B] bool, CPU
-        num_draft_t = torch.tensor(num_draft, device=device)  # [B]
+        index = [[len(f) - 1 + min(j, d) for j in range(k + 1)] for f, d in zip(feeds, num_draft)]
+        logits = feed_batch(self.model, self.cache, states, feeds, index, self.max_draft + 1,
+                            tail=drafts, num_tail=num_draft)  # [B, k+1, V]
+        temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
+        is_greedy = temperature == 0  # [B] bool, host
+        num_draft_t = to_device(index_tensor(num_draft), device)  # [B]
         # 3. Exact acceptance. All-greedy batches decide from the logits alone; otherwise each
         #    request draws its uniforms from its own generator.
         if bool(is_greedy.all()):
@@ -73,14 +75,18 @@ class Verifier:
             else:  # nothing drafted: q is never read
                 q = torch.zeros(1, 1, 1, device=device).expand(len(rows), k, target_probs.shape[-1])
             num_accepted, next_token = speculative_accept(
-                drafts, q, target_probs, num_draft_t, uniforms, is_greedy.to(device)
+                drafts, q, target_probs, num_draft_t, uniforms, to_device(is_greedy, device)
             )
-        return [host_drafts[i][:n] + [t] for i, (n, t) in enumerate(zip(num_accepted.tolist(), next_token.tolist()))]
+        # 4. The job's one device-to-host read: the drafts, how many were accepted, the next token.
+        host = torch.cat((drafts, num_accepted[:, None], next_token[:, None]), 1).tolist()  # [B, k+2]
+        for state, row, d in zip(states, host, num_draft):
+            state.cached.extend(row[:d])  # the forward cached every draft
+        return [row[: row[k]] + [row[k + 1]] for row in host]
 
 
-def _rows_index(buffer_rows: list[int]) -> slice | torch.Tensor:
+def _rows_index(buffer_rows: list[int], device: torch.device) -> slice | torch.Tensor:
     """A slice (a view, no copy) when the rows are 0..B-1, as they are unless a request was
-    aborted between its draft and its verify; else an index tensor (a gather)."""
+    aborted between its draft and its verify; else an index tensor on `device` (a gather)."""
     if buffer_rows == list(range(len(buffer_rows))):
         return slice(0, len(buffer_rows))
-    return torch.tensor(buffer_rows)
+    return to_device(index_tensor(buffer_rows), device)

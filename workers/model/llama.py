@@ -10,6 +10,7 @@ from torch import nn
 
 from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.model.config import ModelConfig
+from minedraft.workers.transfer import to_device_packed
 
 
 class RMSNorm(nn.Module):
@@ -153,36 +154,39 @@ class Decoder(nn.Module):
         or with logit_index [B, n] (indices into each row's real tokens) only those: [B, n, V].
 
         The layers run on the real tokens only, packed into [N, C]: a ragged batch (drafts kept
-        at different lengths, a prompt next to one-token rows) costs its N tokens, not B x T."""
+        at different lengths, a prompt next to one-token rows) costs its N tokens, not B x T.
+        The workers pass tokens already on the model's device (slots.py); a host tensor is
+        copied there, blocking (tests and tools). Nothing here reads from the device."""
         B, T = tokens.shape
         num_tokens = [T] * B if num_tokens is None else list(num_tokens)
         starts = self._check(cache, slots, num_tokens, B, T)
         device = self.device
-        # 1. Positions and the cache cells of the real (unpadded) tokens, built on the host.
+        # 1. Positions, the cache cells of the real (unpadded) tokens and where the wanted logits
+        #    sit, built on the host and sent to the device in one copy that does not block.
         pos = torch.tensor(starts)[:, None] + torch.arange(T)  # [B, T] long
         is_real = torch.arange(T)[None, :] < torch.tensor(num_tokens)[:, None]  # [B, T] bool
         rows, cols = is_real.nonzero(as_tuple=True)  # [N], [N]
         slots_t = torch.tensor(slots)  # [B]
-        write = torch.stack((rows, cols, slots_t[rows], pos[rows, cols])).to(device).unbind(0)  # 4 x [N]
-        read_slots = slots_t.to(device)  # [B]
-        pos = pos.to(device)
-        # 2. Query at position p sees its own slot's keys at positions <= p.
-        L = min(max(starts) + T, cache.max_len)
-        mask = torch.arange(L, device=device) <= pos[:, None, :, None]  # [B, 1, T, L] bool
-        # 3. The layers, on the N real tokens.
-        rows_d, cols_d = write[0], write[1]
-        h = self.model.embed_tokens(tokens.to(device)[rows_d, cols_d])  # [N, C]
-        cos, sin = self.rope(pos[rows_d, cols_d][None], h.dtype)  # [1, N, 1, D] each
-        cos, sin = cos[0], sin[0]  # [N, 1, D]
-        for layer, kv in zip(self.model.layers, cache.data):
-            h = layer(h, cos, sin, kv, write, read_slots, mask)  # [N, C]
+        parts = [rows, cols, slots_t[rows], pos[rows, cols], slots_t, pos]
         if logit_index is not None:  # skip the lm_head where no logits are wanted
             # Row b's token j is packed at offsets[b] + j; indices past a row's tokens are clamped.
             counts = torch.tensor(num_tokens)  # [B]
             offsets = (counts.cumsum(0) - counts)[:, None]  # [B, 1]
             index = logit_index.cpu().clamp(min=0).minimum((counts - 1).clamp(min=0)[:, None])  # [B, n]
-            flat = (offsets + index).clamp(max=max(len(rows) - 1, 0)).to(device)  # [B, n]
-            h = h[flat] if len(rows) else h.new_zeros(*flat.shape, h.shape[-1])  # [B, n, C]
+            parts.append((offsets + index).clamp(max=max(len(rows) - 1, 0)))  # [B, n]
+        rows_d, cols_d, slot_d, pos_real, read_slots, pos, *flat = to_device_packed(parts, device)
+        write = (rows_d, cols_d, slot_d, pos_real)  # 4 x [N]
+        # 2. Query at position p sees its own slot's keys at positions <= p.
+        L = min(max(starts) + T, cache.max_len)
+        mask = torch.arange(L, device=device) <= pos[:, None, :, None]  # [B, 1, T, L] bool
+        # 3. The layers, on the N real tokens.
+        h = self.model.embed_tokens(tokens.to(device)[rows_d, cols_d])  # [N, C]
+        cos, sin = self.rope(pos_real[None], h.dtype)  # [1, N, 1, D] each
+        cos, sin = cos[0], sin[0]  # [N, 1, D]
+        for layer, kv in zip(self.model.layers, cache.data):
+            h = layer(h, cos, sin, kv, write, read_slots, mask)  # [N, C]
+        if flat:
+            h = h[flat[0]] if len(rows) else h.new_zeros(*flat[0].shape, h.shape[-1])  # [B, n, C]
         else:
             grid = h.new_zeros(B, T, h.shape[-1])  # [B, T, C], padding rows stay zero
             grid[rows_d, cols_d] = h
