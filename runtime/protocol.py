@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -173,7 +173,8 @@ class PrefillJob:
 
 @dataclass(frozen=True)
 class ConnectJob:
-    """Scheduler to verifier: attach the drafter's draft buffers (once, after start-up)."""
+    """Scheduler to verifier: attach the drafter's draft buffers (once, after start-up); answered
+    by a ConnectResult, or a WorkerError when attaching fails."""
 
     TYPE: ClassVar[str] = "connect_job"
     draft_buffers: list[dict]  # SharedBuffers handles, index = batch_id
@@ -250,6 +251,16 @@ class PrefillResult:
 
 
 @dataclass(frozen=True)
+class ConnectResult:
+    """Verifier to scheduler: the ConnectJob's draft buffers are attached; start waits for it."""
+
+    TYPE: ClassVar[str] = "connect_result"
+    num_buffers: int  # buffer sets attached, index = batch_id
+    device: str  # where the attached tensors are, in the verifier's numbering ("cpu", "cuda:1")
+    device_uuid: Optional[str] = None  # CUDA: that device's UUID (numbering differs between workers)
+
+
+@dataclass(frozen=True)
 class WorkerError:
     """Worker to scheduler: a job or the start-up failed; the scheduler decides what follows."""
 
@@ -266,7 +277,7 @@ MESSAGE_TYPES: dict[str, type] = {
         GenerateRequest, AbortRequest, StatusRequest, ShutdownRequest,
         GenerateOutput, ErrorOutput, StatusOutput, ShutdownOutput,
         DraftJob, VerifyJob, PrefillJob, ConnectJob, ShutdownJob,
-        ReadyResult, DraftResult, VerifyResult, PrefillResult, WorkerError,
+        ReadyResult, DraftResult, VerifyResult, PrefillResult, ConnectResult, WorkerError,
     )
 }
 _NESTED = (SamplingSpec, JobRow)
@@ -382,4 +393,4 @@ def _hints(cls: type) -> dict:
 CLIENT_REQUESTS = (GenerateRequest, AbortRequest, StatusRequest, ShutdownRequest)
 CLIENT_OUTPUTS = (GenerateOutput, ErrorOutput, StatusOutput, ShutdownOutput)
 WORKER_JOBS = (DraftJob, VerifyJob, PrefillJob, ConnectJob, ShutdownJob)
-WORKER_RESULTS = (ReadyResult, DraftResult, VerifyResult, PrefillResult, WorkerError)
+WORKER_RESULTS = (ReadyResult, DraftResult, VerifyResult, PrefillResult, ConnectResult, WorkerError)

@@ -240,6 +240,7 @@ class Server:
             "num_restarts": self.num_restarts,
             "max_worker_frame_bytes": self.pool.max_frame_bytes,
             "linear_path": {role: ready.linear for role, ready in self.pool.ready.items()},
+            "draft_buffers": _connected_status(self.pool.connected),
         }
         status.update(self.core.status(is_detailed))
         tokenizer = self.pool.ready[VERIFIER].tokenizer if VERIFIER in self.pool.ready else {}
@@ -265,6 +266,13 @@ class Server:
         if endpoint.startswith("ipc://") and os.path.exists(endpoint[len("ipc://"):]):
             os.unlink(endpoint[len("ipc://"):])
         _remove_run_dir(self.run_dir, keep_log=self.exit_code != 0)
+
+
+def _connected_status(connected: p.ConnectResult | None) -> dict | None:
+    """Where the verifier reads the draft buffers (None without a drafter)."""
+    if connected is None:
+        return None
+    return {"num_buffers": connected.num_buffers, "device": connected.device, "device_uuid": connected.device_uuid}
 
 
 def _request_id_of(frame: bytes) -> str | None:

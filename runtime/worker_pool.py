@@ -42,54 +42,79 @@ class WorkerPool:
         self.recv_from_workers: zmq.Socket | None = None
         self.job_started_s: dict[str, float | None] = {}
         self.max_frame_bytes = 0
+        self.connected: p.ConnectResult | None = None  # what the verifier attached (None: no drafter)
 
     def start(self) -> None:
-        """Spawn the workers and complete the handshake; StartupError if they fail."""
+        """Spawn the workers, complete the handshake and, with a drafter, wait until the verifier
+        has attached the draft buffers; StartupError (with the reason) if any of it fails."""
         self.generation += 1
         self.recv_from_workers = self._socket(zmq.PULL, "results")
         for role in self.roles:
             self.send_to[role] = self._socket(zmq.PUSH, role)
-        config_path = os.path.join(self.run_dir, "config.json")
         for role in self.roles:
-            cmd = [sys.executable, "-m", "minedraft.workers.process", role, config_path,
-                   self._endpoint(role), self._endpoint("results")]
-            self.procs[role] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            self.procs[role] = self._spawn(role)
         self.job_started_s = {role: None for role in self.roles}
         self._handshake()
         if DRAFTER in self.ready:
-            drafter, verifier = self.ready[DRAFTER], self.ready[VERIFIER]
-            if drafter.vocab_size != verifier.vocab_size:
-                raise StartupError(f"vocab mismatch: draft {self.config.model.draft} has {drafter.vocab_size} ids, "
-                                   f"target {self.config.model.target} has {verifier.vocab_size}")
-            self.send(VERIFIER, p.ConnectJob(drafter.buffers))
-            self.job_started_s[VERIFIER] = None  # the connect job needs no answer
+            self._connect()
+
+    def _spawn(self, role: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "minedraft.workers.process", role, os.path.join(self.run_dir, "config.json"),
+               self._endpoint(role), self._endpoint("results")]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def _handshake(self) -> None:
         deadline = time.monotonic() + self.config.server.startup_timeout_s
         self.ready = {}
         while len(self.ready) < len(self.roles):
+            message = self._next_startup_message(deadline, "start")
+            if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
+                raise StartupError(f"unexpected start-up message {message!r}")
+            self.ready[message.role] = message
+            log.info("%s linear path: %s", message.role, message.linear)
+            log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model,
+                     message.vocab_size)
+
+    def _connect(self) -> None:
+        """Hand the drafter's buffer handles to the verifier and wait for its ConnectResult."""
+        drafter, verifier = self.ready[DRAFTER], self.ready[VERIFIER]
+        if drafter.vocab_size != verifier.vocab_size:
+            raise StartupError(f"vocab mismatch: draft {self.config.model.draft} has {drafter.vocab_size} ids, "
+                               f"target {self.config.model.target} has {verifier.vocab_size}")
+        self.send(VERIFIER, p.ConnectJob(drafter.buffers))
+        message = self._next_startup_message(time.monotonic() + self.config.server.startup_timeout_s,
+                                             "attach the draft buffers")
+        self.job_started_s[VERIFIER] = None
+        if not isinstance(message, p.ConnectResult):
+            raise StartupError(f"unexpected answer to the connect job: {message!r}")
+        reason = connect_mismatch(drafter.buffers, message)
+        if reason is not None:
+            raise StartupError(f"the verifier attached the wrong draft buffers: {reason}")
+        self.connected = message
+        log.info("verifier attached %d draft buffer set(s) on %s (uuid %s)", message.num_buffers, message.device,
+                 message.device_uuid)
+
+    def _next_startup_message(self, deadline: float, action: str):
+        """The next worker message while starting; StartupError when a worker exits or reports an
+        error, or nothing comes by the deadline. action: what the workers are doing, for errors."""
+        while True:
             for role, proc in self.procs.items():
-                if proc.poll() is not None and role not in self.ready:
-                    self._raise_startup_errors()
+                if proc.poll() is not None:
+                    self._raise_startup_errors(action)
                     raise StartupError(f"{role} exited with code {proc.returncode} during start-up")
             if time.monotonic() > deadline:
-                raise StartupError(f"workers not ready within {self.config.server.startup_timeout_s} s")
+                raise StartupError(f"workers did not {action} within {self.config.server.startup_timeout_s} s")
             if self.recv_from_workers.poll(POLL_MS):
                 message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
                 if isinstance(message, p.WorkerError):
-                    raise StartupError(f"{message.role} failed to start: {message.message}")
-                if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
-                    raise StartupError(f"unexpected start-up message {message!r}")
-                self.ready[message.role] = message
-                log.info("%s linear path: %s", message.role, message.linear)
-                log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model,
-                         message.vocab_size)
+                    raise StartupError(f"{message.role} failed to {action}: {message.message}")
+                return message
 
-    def _raise_startup_errors(self) -> None:
+    def _raise_startup_errors(self, action: str) -> None:
         while self.recv_from_workers.poll(200):
             message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
             if isinstance(message, p.WorkerError):
-                raise StartupError(f"{message.role} failed to start: {message.message}")
+                raise StartupError(f"{message.role} failed to {action}: {message.message}")
 
     def send(self, role: str, job) -> None:
         frame = p.encode(job)
@@ -105,7 +130,7 @@ class WorkerPool:
             return None
         self.max_frame_bytes = max(self.max_frame_bytes, len(frame))
         message = p.decode(frame, p.WORKER_RESULTS)
-        role = message.role if isinstance(message, p.WorkerError) else (
+        role = message.role if isinstance(message, p.WorkerError) else (  # verify, prefill, connect: verifier
             DRAFTER if isinstance(message, p.DraftResult) else VERIFIER)
         self.job_started_s[role] = None
         return message
@@ -122,21 +147,11 @@ class WorkerPool:
         return None
 
     def stop(self) -> None:
-        """Ask the workers to exit, kill those that do not, remove their sockets and buffers."""
-        for role, sock in self.send_to.items():
-            proc = self.procs.get(role)
-            if proc is not None and proc.poll() is None:
-                try:
-                    sock.send(p.encode(p.ShutdownJob()), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        deadline = time.monotonic() + EXIT_WAIT_S
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop the verifier and wait for it, then the drafter: the consumer of the draft buffers
+        goes before their producer, which torch's CUDA IPC needs to outlive its consumers. A worker
+        that does not exit within EXIT_WAIT_S is killed. Then remove their sockets and buffers."""
+        for role in (VERIFIER, DRAFTER):
+            self._stop_worker(role)
         for ready in self.ready.values():  # segments of a worker that died without cleaning up
             unlink_segments(ready.buffers)
         for sock in [*self.send_to.values(), self.recv_from_workers]:
@@ -147,6 +162,23 @@ class WorkerPool:
             if os.path.exists(path):
                 os.unlink(path)
         self.procs, self.ready, self.send_to, self.recv_from_workers = {}, {}, {}, None
+        self.connected = None
+
+    def _stop_worker(self, role: str) -> None:
+        proc, sock = self.procs.get(role), self.send_to.get(role)
+        if proc is None:
+            return
+        if proc.poll() is None and sock is not None:
+            try:
+                sock.send(p.encode(p.ShutdownJob()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        try:
+            proc.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not exit within %.1f s of its shutdown job: killing it", role, EXIT_WAIT_S)
+            proc.kill()
+            proc.wait()
 
     def pids(self) -> dict[str, int]:
         return {role: proc.pid for role, proc in self.procs.items()}
@@ -159,6 +191,26 @@ class WorkerPool:
 
     def _endpoint(self, name: str) -> str:
         return f"ipc://{os.path.join(self.run_dir, f'{name}-{self.generation}.sock')}"
+
+
+def connect_mismatch(handles: list[dict], result: p.ConnectResult) -> str | None:
+    """Why the verifier's ConnectResult does not match the drafter's buffer handles; None if it does:
+    every set attached, CPU segments on the CPU, CUDA buffers on the GPU with the handles' UUID."""
+    if result.num_buffers != len(handles):
+        return f"it attached {result.num_buffers} buffer set(s), the drafter made {len(handles)}"
+    kinds = {h.get("kind") for h in handles}
+    uuids = {h.get("device_uuid") for h in handles}
+    if kinds == {"shm"}:
+        if result.device != "cpu" or result.device_uuid is not None:
+            return f"CPU shared-memory buffers attached on {result.device} (uuid {result.device_uuid})"
+        return None
+    if kinds == {"cuda_ipc"} and len(uuids) == 1:
+        (uuid,) = uuids
+        if result.device_uuid != uuid or not result.device.startswith("cuda"):
+            return (f"buffers of the GPU with UUID {uuid} attached on {result.device} "
+                    f"(UUID {result.device_uuid})")
+        return None
+    return f"the drafter's handles mix kinds {sorted(map(str, kinds))} or devices {sorted(map(str, uuids))}"
 
 
 def unlink_segments(handles: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """Shared zero-copy buffers: same-process and cross-process attach, cleanup, strict handles, and
 the CUDA IPC preconditions checked on the CPU (allocator backend, expandable segments, the device
-found by UUID).
+found by UUID, the verifier's ConnectResult).
 
 Run: .venv/bin/python -m pytest -q tests/test_buffers.py
 """
@@ -10,17 +10,20 @@ import subprocess
 import sys
 import time
 
+import types
+
 import msgpack
 import pytest
 import torch
 
+from minedraft.runtime import protocol as p
 from minedraft.runtime.config import load_config
 from minedraft.workers import buffers as shared
 from minedraft.workers.buffers import (
     SharedBuffers, check_ipc_allocator, device_index_for_uuid, draft_buffer_specs, ipc_allocation_settings,
     is_expandable_ipc_handle, unlink_by_handle,
 )
-from minedraft.workers.process import check_buffer_allocator
+from minedraft.workers.process import check_buffer_allocator, connect_result
 
 HAS_DEV_SHM = os.path.isdir("/dev/shm")
 UUID_A = "0a1b2c3d-0000-1111-2222-333344445555"
@@ -327,6 +330,17 @@ def test_well_formed_cuda_handle_passes_validation():
 def test_malformed_cuda_handles_rejected(path, value):
     with pytest.raises(ValueError, match="bad shared-buffer handle"):
         SharedBuffers.attach(mutate(cuda_handle(), path, value))
+
+
+def test_verifier_answers_what_it_attached(buffers):
+    views = [SharedBuffers.attach(buffers.handle()) for _ in range(2)]
+    assert connect_result(views) == p.ConnectResult(2, "cpu", None)
+    for view in views:
+        view.close()
+    mixed = [types.SimpleNamespace(device=torch.device("cuda:0"), device_uuid=UUID_A),
+             types.SimpleNamespace(device=torch.device("cpu"), device_uuid=None)]
+    with pytest.raises(RuntimeError, match="one device"):
+        connect_result(mixed)
 
 
 @pytest.mark.cuda

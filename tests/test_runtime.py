@@ -135,6 +135,7 @@ def test_start_generate_stop_leaves_nothing(tmp_path):
     before = set(glob.glob("/dev/shm/minedraft-*"))
     with running_daemon(tmp_path, "psd") as (endpoint, args):
         st = status(endpoint)
+        assert st["draft_buffers"] == {"num_buffers": 2, "device": "cpu", "device_uuid": None}  # attached at start
         pids = [st["pid"], *st["worker_pids"].values()]
         during = set(glob.glob("/dev/shm/minedraft-*")) - before
         assert len(during) == 2  # one draft buffer per batch

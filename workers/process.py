@@ -61,6 +61,15 @@ def check_buffer_allocator(config: Config) -> None:
         check_cuda_ipc_allocator()
 
 
+def connect_result(buffers: list[SharedBuffers]) -> p.ConnectResult:
+    """The verifier's answer to a ConnectJob: what it attached, and on which device."""
+    devices = {(str(b.device), b.device_uuid) for b in buffers}
+    if len(devices) != 1:
+        raise RuntimeError(f"the draft buffers must all be on one device, got {sorted(map(str, devices))}")
+    ((device, uuid),) = devices
+    return p.ConnectResult(len(buffers), device, uuid)
+
+
 def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> float:
     """Give the process the cores and thread count a job asks for (auto plans on CPU devices);
     returns the seconds it took, 0.0 when nothing changed (the usual case: no syscall then).
@@ -150,6 +159,7 @@ class WorkerLoop:
     def _handle(self, job) -> None:
         if isinstance(job, p.ConnectJob):
             self.buffers = [SharedBuffers.attach(h) for h in job.draft_buffers]
+            self._send(connect_result(self.buffers))
             return
         switch_s = apply_placement(job.num_threads, job.cpu_cores)
         placed = {"num_threads": torch.get_num_threads(), "cpu_cores": sorted(os.sched_getaffinity(0)),
