@@ -47,15 +47,19 @@ def status(endpoint: str, is_detailed: bool = False) -> dict:
         return client.status(is_detailed)
 
 
-def reference_outputs(requests, mode: str = "ar", noise: float = 0.003) -> dict[str, list[int]]:
-    """In-process engine on the same tiny models as configs/tiny.toml."""
+def reference_outputs(requests, mode: str = "ar", noise: float = 0.003, draft_device: str = "cpu",
+                      target_device: str = "cpu") -> dict[str, list[int]]:
+    """In-process engine on the same tiny models as configs/tiny.toml (no process, no shared
+    buffer). Sampled rows draw from generators on their model's device, so compare a daemon with
+    the reference on the same devices."""
     from minedraft.workers.engine import Engine, EngineRequest
     from minedraft.workers.model.loader import TinySpec, load_decoder
     from minedraft.workers.sampling import SamplingParams
     import torch
 
-    target = load_decoder("tiny-llama", torch.float32, tiny=TinySpec(seed=0))
-    draft = load_decoder("tiny-llama", torch.float32, tiny=TinySpec(seed=0, noise=noise)) if mode == "sd" else None
+    target = load_decoder("tiny-llama", torch.float32, target_device, tiny=TinySpec(seed=0))
+    draft = load_decoder("tiny-llama", torch.float32, draft_device, tiny=TinySpec(seed=0, noise=noise)) \
+        if mode == "sd" else None
     engine = Engine(target, draft, mode=mode, num_draft=4, max_batch=8, max_len=512)
     for r in requests:
         params = SamplingParams(r["temperature"], 0, 1.0, r.get("seed", 0))

@@ -1,6 +1,8 @@
 """The GPU path: random-weight Qwen2.5-Coder shapes (checked on the CPU and the meta device),
 tools/gpu_check.py (imports without CUDA, skips cleanly, and runs end to end with --device cpu),
-device placement errors, and `cuda`-marked tests that run where torch sees a GPU.
+device placement errors, and `cuda`-marked tests that run where torch sees a GPU: among them the
+ones that fail if the draft exchange over CUDA IPC breaks (seeded sampling reads the draft
+probabilities, which greedy rows never do).
 
 Run: .venv/bin/python -m pytest -q tests/test_gpu.py
 """
@@ -12,15 +14,17 @@ import os
 import subprocess
 import sys
 
+import msgpack
 import pytest
 import torch
 import transformers
 
+from minedraft.workers.buffers import SharedBuffers
 from minedraft.workers.kv_cache import KVCache
 from minedraft.workers.model.config import ModelConfig
 from minedraft.workers.model.loader import load_decoder, save_tokenizer_json
 from minedraft.workers.model.shapes import RANDOM_MODELS, random_decoder
-from tests.runtime_utils import ROOT, cli, daemon_args, running_daemon
+from tests.runtime_utils import ROOT, cli, daemon_args, reference_outputs, running_daemon, status
 
 GPU_CHECK = os.path.join(ROOT, "tools", "gpu_check.py")
 NO_CUDA_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -127,17 +131,98 @@ def test_start_fails_when_the_verifier_device_is_missing(tmp_path):
 # ---------------------------------------------------------------- on a GPU
 
 
+def cuda_placement() -> tuple[str, str]:
+    """The drafter on cuda:0; the verifier on cuda:1 when there is one (IPC between two GPUs)."""
+    return "cuda:0", f"cuda:{min(torch.cuda.device_count() - 1, 1)}"
+
+
+def cuda_overrides() -> list[str]:
+    drafter, verifier = cuda_placement()
+    return [f"drafter.device={drafter}", f"verifier.device={verifier}", "drafter.cpu_cores=[]", "verifier.cpu_cores=[]"]
+
+
 @pytest.mark.cuda
 def test_runtime_greedy_psd_equals_ar_on_cuda(tmp_path):
     from tests.test_runtime import run_load, workload
 
-    devices = ["drafter.device=cuda:0", f"verifier.device=cuda:{min(torch.cuda.device_count() - 1, 1)}",
-               "drafter.cpu_cores=[]", "verifier.cpu_cores=[]"]
     outputs = {}
     for mode in ("psd", "ar"):
-        with running_daemon(tmp_path / mode, mode, *devices) as (endpoint, _):
+        with running_daemon(tmp_path / mode, mode, *cuda_overrides()) as (endpoint, _):
             outputs[mode] = asyncio.run(run_load(endpoint, workload(12)))
     assert outputs["psd"] == outputs["ar"]
+
+
+@pytest.mark.cuda
+def test_seeded_sampling_reads_the_draft_probabilities_across_processes_on_cuda(tmp_path):
+    """Sampled rows accept a draft with probability min(1, p/q), q read over CUDA IPC: zeroed,
+    stale or misplaced drafts change the tokens. psd and sd through real daemons must equal the
+    in-process engine (no IPC) on the same devices token for token; the near-copy draft of
+    configs/tiny.toml must be mostly accepted (0.96 on the CPU); and the verifier must read the
+    buffers on the GPU the config gives the drafter, by UUID."""
+    from tests.test_runtime import run_load, workload
+
+    requests = workload(12, temperature=0.8)
+    with running_daemon(tmp_path / "psd", "psd", *cuda_overrides()) as (endpoint, _):
+        psd = asyncio.run(run_load(endpoint, requests))
+        st = status(endpoint)
+    with running_daemon(tmp_path / "sd", "sd", *cuda_overrides()) as (endpoint, _):
+        sd = asyncio.run(run_load(endpoint, requests))
+    drafter, verifier = cuda_placement()
+    reference = reference_outputs(requests, mode="sd", draft_device=drafter, target_device=verifier)
+    assert psd == reference
+    assert sd == reference
+    assert len({tuple(v) for v in psd.values()}) > 1
+    assert st["acceptance_rate"] > 0.6, st["acceptance_rate"]
+    assert st["draft_buffers"] == {"num_buffers": 2, "device": drafter,
+                                   "device_uuid": str(torch.cuda.get_device_properties(drafter).uuid)}
+
+
+# The consumer of test_buffer_sets_sharing_a_segment_attach_in_another_process: attaches every
+# handle (msgpack on stdin), reports what it reads and where, adds 100 x (i + 1) to set i in place.
+SEGMENT_CONSUMER = r"""
+import json, sys, msgpack, torch
+from minedraft.workers.buffers import SharedBuffers
+views = [SharedBuffers.attach(h) for h in msgpack.unpackb(sys.stdin.buffer.read(), raw=False)]
+report = [{"values": v.tensors["x"].cpu().tolist(), "device": str(v.device),
+           "device_uuid": str(torch.cuda.get_device_properties(v.device).uuid)} for v in views]
+for i, view in enumerate(views):
+    view.tensors["x"].add_(100 * (i + 1))
+    view.sync()  # writes done before we answer
+print(json.dumps(report))
+for view in views:
+    view.close()
+"""
+
+
+@pytest.mark.cuda
+def test_buffer_sets_sharing_a_segment_attach_in_another_process():
+    """Small blocks share one cudaMalloc segment, hence one IPC handle at different offsets: each
+    set must still open its own bytes in another process, whose CUDA_VISIBLE_DEVICES lists the
+    GPUs in reverse (so the producer's cuda:0 is the consumer's last device)."""
+    made = [SharedBuffers.create({"x": ((16,), torch.float32)}, "cuda:0") for _ in range(6)]
+    try:
+        by_segment: dict[bytes, list[int]] = {}
+        for i, buffers in enumerate(made):
+            by_segment.setdefault(buffers.handle()["ipc"]["handle"], []).append(i)
+            buffers.tensors["x"].copy_(torch.arange(16.0, device="cuda:0") + 1000 * i)
+        shared = max(by_segment.values(), key=len)
+        offsets = [made[i].handle()["ipc"]["offset_bytes"] for i in shared]
+        assert len(shared) >= 2 and len(set(offsets)) == len(offsets) and max(offsets) > 0, by_segment
+        torch.cuda.synchronize()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(reversed(visible.split(",")))}
+        child = subprocess.run([sys.executable, "-c", SEGMENT_CONSUMER], env=env, capture_output=True, timeout=300,
+                               input=msgpack.packb([b.handle() for b in made], use_bin_type=True))
+        assert child.returncode == 0, child.stderr.decode()[-3000:]
+        report = json.loads(child.stdout.decode().splitlines()[-1])
+        uuid = str(torch.cuda.get_device_properties(0).uuid)
+        for i, (buffers, seen) in enumerate(zip(made, report)):
+            assert seen["values"] == (torch.arange(16.0) + 1000 * i).tolist(), (i, seen)
+            assert seen["device_uuid"] == uuid and seen["device"] == f"cuda:{torch.cuda.device_count() - 1}"
+            assert torch.equal(buffers.tensors["x"].cpu(), torch.arange(16.0) + 1000 * i + 100 * (i + 1))
+    finally:
+        for buffers in made:
+            buffers.close()
 
 
 @pytest.mark.cuda
