@@ -108,17 +108,21 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["status"] == "ok"
-    a, b, c = report["a"], report["b"], report["c"]
+    a, b, c, d = report["a"], report["b"], report["c"], report["d"]
     assert a["status"] == "ok" and all(r["max_abs_diff"] < 1e-4 for r in a["parity"].values())
     assert a["greedy"]["sd_equals_ar"] and all(a["sampler"]["checks"].values())
     assert b["status"] == "ok" and b["kind"] == "shm" and b["cuda_ipc"].startswith("skipped")
+    assert b["num_sets"] == 3 and b["consumer_checksum_ok"] and b["write_back_ok"] and b["device_uuid_ok"]
+    assert d["status"] == "ok" and all(d["checks"].values()) and d["source"] == "section c's sd and psd daemons"
+    assert d["draft_buffers"] == {"num_buffers": 2, "device": "cpu", "device_uuid": None}
+    assert all("exchange" not in run for run in c["runs"])  # section d took the sampled outputs
     assert c["status"] == "ok" and [(r["batch"], r["mode"]) for r in c["runs"]] == [(4, "ar"), (4, "sd"), (4, "psd")]
     for run in c["runs"]:
         assert run["status"] == "ok" and run["greedy_match_vs_ar"] == 1.0
         assert run["output_tokens_per_s"] > 0 and run["num_jobs"]["verifier"] > 0
     psd = c["runs"][2]
     assert psd["num_jobs"]["drafter"] > 0 and 0 < psd["overlap_efficiency"] <= 1
-    assert "out tok/s" in done.stdout  # the table
+    assert "out tok/s" in done.stdout and "d  ok" in done.stdout  # the table and section d's line
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="cuda:1 exists here")

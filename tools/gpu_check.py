@@ -1,6 +1,7 @@
-"""GPU check in one command: correctness on the device, a CUDA IPC round trip between two
-processes, and AR / SD / PSD throughput with random-weight Qwen2.5-Coder shapes. Prints a short
-table at the end and writes JSON. Exit 1 when a check fails; 0 otherwise (skips included).
+"""GPU check in one command: correctness on the device, CUDA IPC round trips between two
+processes, AR / SD / PSD throughput with random-weight Qwen2.5-Coder shapes, and the draft exchange
+through real daemons with seeded sampling. Prints a short table at the end and writes JSON. Exit 1
+when a check fails; 0 otherwise (skips included).
 
     python tools/gpu_check.py --json out/gpu_check.json            # all GPUs there are; sized for < 8 min on one H200
     python tools/gpu_check.py --device cpu --quick --json /tmp/g.json  # CPU smoke test of this script (CI)
@@ -9,9 +10,12 @@ table at the end and writes JSON. Exit 1 when a check fails; 0 otherwise (skips 
 a  our decoder vs transformers logits (tiny Llama and Qwen2 on the device, float32, max diff < 1e-4);
    greedy sd == ar through the in-process Engine on the device; chi-square checks (1e5 draws) of
    exact speculative sampling with the device's generators, plus a negative control.
-b  draft buffers (SharedBuffers) made here on cuda:0; a second process (on cuda:1 when there are
-   two GPUs) attaches them from the msgpack handle, checks a checksum and writes back in place;
-   this process checks the write. With --device cpu: the same round trip over shared memory.
+b  buffer sets (tools/gpu_ipc.py) made here on cuda:0: the draft buffers and small sets, some of which
+   share one cudaMalloc segment (one IPC handle at nonzero offsets). A second process, whose
+   CUDA_VISIBLE_DEVICES lists the GPUs in reverse when there are two or more (so it numbers them
+   differently and its current device is another GPU), attaches them all from the msgpack handles,
+   checks each checksum and the device UUID, and writes back in place; this process checks the
+   writes. With --device cpu: the same round trip over shared memory.
 c  one daemon per (batch, mode), started through the CLI on a private ipc:// endpoint: target
    random-qwen2.5-coder-1.5b, draft random-qwen2.5-coder-0.5b, bfloat16, drafter on cuda:0 and
    verifier on cuda:1 (both on cuda:0 with one GPU: two CUDA contexts time-slice it, and the
@@ -19,6 +23,10 @@ c  one daemon per (batch, mode), started through the CLI on a private ipc:// end
    requests, 2 x batch in flight. Random weights accept ~0 drafts, so sd/psd only pay for
    drafting: this times the runtime; it does not predict speedups with real weights.
    --device cpu: tiny models (configs/tiny.toml), small sizes.
+d  the draft exchange (tools/gpu_exchange.py): seeded sampled requests through a psd and an sd
+   daemon on configs/tiny.toml's float32 models (a near-copy draft), placed as in c, must equal the
+   in-process engine on the same devices token for token; psd must accept most drafts; status must
+   show the buffers read on the drafter's GPU (by UUID). --device cpu: served by c's daemons.
 
 Scale up: --batches 8,32,64 --requests-per-batch 8 --max-tokens 256 (a run's time grows with
 requests x tokens); --budget-s bounds the whole of section c (runs past it are skipped).
@@ -43,12 +51,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +63,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gpu_exchange  # noqa: E402  (section d)
+import gpu_ipc  # noqa: E402  (section b)
 import gpu_throughput  # noqa: E402  (section c; imports neither torch nor zmq at import)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,67 +230,6 @@ def section_a(device: str, quick: bool) -> dict:
             "greedy": greedy, "sampler": sampler}
 
 
-# ------------------------------------------------------------------ b: CUDA IPC round trip
-
-CONSUMER = r"""
-import json, math, sys, time, msgpack, torch
-from minedraft.workers.buffers import SharedBuffers
-device, expected = sys.argv[1], float(sys.argv[2])
-if device.startswith("cuda"):
-    torch.cuda.set_device(torch.device(device))
-start_s = time.perf_counter()
-buffers = SharedBuffers.attach(msgpack.unpackb(sys.stdin.buffer.read(), raw=False))
-attach_s = time.perf_counter() - start_s
-checksum = sum(float(t.double().sum()) for t in buffers.tensors.values())
-if math.isclose(checksum, expected, rel_tol=1e-12):
-    for tensor in buffers.tensors.values():
-        tensor.mul_(2).add_(1)  # write back in place
-buffers.sync()  # writes done before we answer
-print(json.dumps({"checksum": checksum, "attach_s": attach_s, "buffer_device": str(buffers.device),
-                  "current_device": device}))
-buffers.close()
-"""
-
-
-def section_b(device: str, num_gpus: int) -> dict:
-    import msgpack
-    import torch
-
-    from minedraft.workers.buffers import SharedBuffers, draft_buffer_specs
-
-    sizes = (32, 4, 151936) if device == "cuda" else (8, 4, 512)
-    producer = "cuda:0" if device == "cuda" else "cpu"
-    consumer = "cuda:1" if device == "cuda" and num_gpus >= 2 else producer
-    made = SharedBuffers.create(draft_buffer_specs(*sizes), producer)
-    try:
-        tokens, probs = made.tensors["draft_tokens"], made.tensors["draft_probs"]
-        tokens.copy_(torch.arange(tokens.numel(), device=producer).view(tokens.shape))
-        probs.copy_((torch.arange(probs.numel(), device=producer) % 97).float().div(97).view(probs.shape))
-        expected = {name: t.clone().mul_(2).add_(1) for name, t in made.tensors.items()}  # same ops, same device
-        checksum = sum(float(t.double().sum()) for t in made.tensors.values())
-        made.sync()  # data complete before it is announced
-        child = subprocess.run([sys.executable, "-c", CONSUMER, consumer, repr(checksum)],
-                               input=msgpack.packb(made.handle(), use_bin_type=True), capture_output=True,
-                               timeout=300)
-        if child.returncode != 0:
-            raise RuntimeError(f"consumer exited {child.returncode}: {child.stderr.decode()[-3000:]}")
-        report = json.loads(child.stdout.decode().strip().splitlines()[-1])
-        made.sync()
-        is_written = all(torch.equal(made.tensors[k], expected[k]) for k in expected)
-        is_checksum_ok = math.isclose(report["checksum"], checksum, rel_tol=1e-12)  # float64 sums on two devices
-        is_ok = is_checksum_ok and is_written
-        result = {"status": "ok" if is_ok else "failed", "kind": made.handle()["kind"], "producer": producer,
-                  "consumer": consumer, "size_bytes": made.handle()["size_bytes"], "checksum": checksum,
-                  "consumer_checksum_ok": is_checksum_ok, "write_back_ok": is_written,
-                  "attach_s": report["attach_s"]}
-        if device != "cuda":
-            result["cuda_ipc"] = "skipped: --device cpu (ran the same round trip over shared memory)"
-        return result
-    finally:
-        made.close()
-        made.unlink()
-
-
 # ------------------------------------------------------------------ report
 
 
@@ -297,16 +244,14 @@ def summary_lines(report: dict) -> list[str]:
                      f"chi-square {sum(checks.values())}/{len(checks)} passed")
     elif a:
         lines.append(f"a  {a['status']}")
-    if b and "kind" in b:
-        lines.append(f"b  {b['status']:<8} {b['kind']} {b['producer']} -> {b['consumer']}, "
-                     f"{b['size_bytes'] / 1e6:.1f} MB, checksum {b['consumer_checksum_ok']}, "
-                     f"write-back {b['write_back_ok']}, attach {b['attach_s']:.2f} s")
-    elif b:
-        lines.append(f"b  {b['status']}")
+    if b:
+        lines.append(gpu_ipc.summary_line(b))
     if c:
         lines.append(f"c  {c['status']}" + (f"  NOTE: {c['note']}" if c.get("note") else ""))
         if c.get("runs"):
             lines += gpu_throughput.table_lines(c)
+    if report.get("d"):
+        lines.append(gpu_exchange.summary_line(report["d"]))
     return lines
 
 
@@ -325,8 +270,8 @@ def parse_args(argv):
     parser.add_argument("--budget-s", type=float, default=330.0, help="section c stops starting runs after this")
     args = parser.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if args.skip - {"a", "b", "c"}:
-        parser.error(f"--skip takes a, b, c; got {sorted(args.skip)}")
+    if args.skip - {"a", "b", "c", "d"}:
+        parser.error(f"--skip takes a, b, c, d; got {sorted(args.skip)}")
     batches = args.batches or ("8,32" if args.device == "cuda" else "4")
     args.batches = [int(b) for b in batches.split(",")]
     args.requests_per_batch = args.requests_per_batch or (2 if args.quick else 4)
@@ -355,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report["device_info"] = f"cpu smoke test, torch {torch.__version__}"
         device = "cuda:0" if args.device == "cuda" else "cpu"
-        sections = {"a": lambda: section_a(device, args.quick), "b": lambda: section_b(args.device, num_gpus),
-                    "c": lambda: gpu_throughput.section_c(args, args.device, num_gpus)}
+        sections = {"a": lambda: section_a(device, args.quick), "b": lambda: gpu_ipc.section_b(args.device, num_gpus),
+                    "c": lambda: gpu_throughput.section_c(args, args.device, num_gpus),
+                    "d": lambda: gpu_exchange.section_d(args.device, num_gpus, report.get("c", {}))}
         for name, run in sections.items():
             if name in args.skip:
                 report[name] = {"status": "skipped: --skip"}

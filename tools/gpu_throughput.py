@@ -5,7 +5,9 @@ status() counters after a warm-up. Imports neither torch nor zmq at module level
 Per run: output tokens/s (client wall time), busy fraction per worker, overlap efficiency
 ((drafter busy + verifier busy) / (2 x wall), DESIGN.md section 7), the fraction of wall time both
 workers were busy at once (from the daemon's busy intervals), jobs and mean job time per worker,
-rows per verify job, acceptance, and the greedy match rate against ar.
+rows per verify job, acceptance, and the greedy match rate against ar. With --device cpu the
+models are section d's (configs/tiny.toml), so the sd and psd daemons also serve section d's
+seeded sampled requests after the window (run["exchange"]): no daemon is started twice.
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ def both_busy_s(drafter: list, verifier: list, start_s: float, end_s: float) -> 
     return total
 
 
-async def measure(endpoint: str, requests: list[dict], concurrency: int, timeout_s: float) -> dict:
-    """Warm up, then run `requests` with at most `concurrency` in flight; window metrics."""
+async def measure(endpoint: str, requests: list[dict], concurrency: int, timeout_s: float,
+                  sampled: list[dict] | None = None) -> dict:
+    """Warm up, then run `requests` with at most `concurrency` in flight; window metrics. Then the
+    `sampled` requests, if any (section d's exchange check, outside the window)."""
     from minedraft.runtime.client import AsyncClient
 
     async with AsyncClient(endpoint, timeout_s=timeout_s) as client:
@@ -100,6 +104,7 @@ async def measure(endpoint: str, requests: list[dict], concurrency: int, timeout
         outputs = dict(await asyncio.gather(*(one(r) for r in requests)))
         end_s = time.monotonic()
         after = await client.status(True)
+        exchange = await sampled_pass(client, sampled) if sampled else None
     wall_s = end_s - start_s
     roles = ("drafter", "verifier")
     busy = {role: after["busy_s"][role] - before["busy_s"][role] for role in roles}
@@ -119,7 +124,35 @@ async def measure(endpoint: str, requests: list[dict], concurrency: int, timeout
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_length": 1 + accepted / rows if rows else None,
         "output_token_ids": outputs,
+        **({"exchange": exchange} if exchange else {}),
     }
+
+
+async def sampled_pass(client, requests: list[dict]) -> dict:
+    """Seeded sampled requests, all in flight at once (they stop at EOS, as the in-process engine
+    does); their tokens, the acceptance over them, and where the verifier reads the draft buffers."""
+    before = await client.status()
+
+    async def one(r):
+        c = await client.generate(prompt_ids=r["prompt_ids"], max_tokens=r["max_tokens"],
+                                  temperature=r["temperature"], seed=r["seed"], request_id=r["request_id"])
+        return r["request_id"], c.token_ids
+
+    outputs = dict(await asyncio.gather(*(one(r) for r in requests)))
+    after = await client.status()
+    drafted, accepted = (after[k] - before[k] for k in ("num_drafted", "num_accepted"))
+    return {"output_token_ids": outputs, "acceptance_rate": accepted / drafted if drafted else None,
+            "draft_buffers": after.get("draft_buffers")}
+
+
+SAMPLED_MAX_TOKENS = 32
+
+
+def sampled_requests() -> list[dict]:
+    """Section d's 16 seeded sampled requests (temperature 0.8, byte prompts of 4..24 ids)."""
+    rng = random.Random(2)
+    return [{"request_id": f"s{i}", "prompt_ids": [rng.randrange(256) for _ in range(rng.randint(4, 24))],
+             "max_tokens": SAMPLED_MAX_TOKENS, "temperature": 0.8, "seed": 1000 + i} for i in range(16)]
 
 
 def make_requests(num: int, max_tokens: int, is_cuda: bool) -> list[dict]:
@@ -147,16 +180,21 @@ def section_c(args, device: str, num_gpus: int) -> dict:
         result["note"] = ("one GPU shared by the drafter and verifier processes: their two CUDA contexts "
                           "time-slice it (no MPS assumed); compare mean_job_ms in psd with sd")
     max_len = max(64, 1 << (args.max_tokens + 160).bit_length())  # prompts <= 128 ids, drafts, slack
-    base = [*models, f"scheduler.max_len={max_len}", f"scheduler.max_tokens_cap={args.max_tokens}",
+    max_tokens_cap = max(args.max_tokens, SAMPLED_MAX_TOKENS)
+    base = [*models, f"scheduler.max_len={max_len}", f"scheduler.max_tokens_cap={max_tokens_cap}",
             f"drafter.device={devices[0]}", f"verifier.device={devices[1]}", "drafter.cpu_cores=[]",
             "verifier.cpu_cores=[]", "server.startup_timeout_s=300"]
     deadline_s, stopping = time.monotonic() + args.budget_s, []
+    # tiny models on the CPU: the sd and psd daemons of the first batch size serve section d too
+    exchange_requests = None if is_cuda or "d" in args.skip else sampled_requests()
     try:
         for batch in args.batches:
             requests = make_requests(args.requests_per_batch * batch, args.max_tokens, is_cuda)
             for mode in MODES:
                 overrides = [*base, f"scheduler.mode={mode}", f"scheduler.max_batch={batch}"]
-                result["runs"].append(run_one(overrides, requests, batch, mode, deadline_s, args.budget_s, stopping))
+                sampled = exchange_requests if mode != "ar" and batch == args.batches[0] else None
+                result["runs"].append(run_one(overrides, requests, batch, mode, deadline_s, args.budget_s, stopping,
+                                              sampled))
             greedy_match(result["runs"], batch, is_strict=not is_cuda)
     finally:
         finish_stops(stopping)
@@ -167,14 +205,14 @@ def section_c(args, device: str, num_gpus: int) -> dict:
     return result
 
 
-def run_one(overrides, requests, batch, mode, deadline_s, budget_s, stopping) -> dict:
+def run_one(overrides, requests, batch, mode, deadline_s, budget_s, stopping, sampled=None) -> dict:
     label = {"batch": batch, "mode": mode}
     if time.monotonic() > deadline_s:
         return {**label, "status": f"skipped: past --budget-s {budget_s}"}
     start_s = time.monotonic()
     try:
-        with running_daemon(overrides, stopping) as endpoint:
-            run = asyncio.run(measure(endpoint, requests, 2 * batch, timeout_s=600))  # 2 batches' worth in flight
+        with running_daemon(overrides, stopping) as endpoint:  # 2 batches' worth in flight
+            run = asyncio.run(measure(endpoint, requests, 2 * batch, timeout_s=600, sampled=sampled))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         return {**label, "status": "failed: " + message.splitlines()[0], "error": message}
