@@ -6,6 +6,7 @@ Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSO
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -239,5 +240,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the worker. Its loop's close() has released its buffers and sockets; what is left is
+    the interpreter's teardown of torch and the model, about 1 s that every stop waits for (twice,
+    as the workers stop in turn), so a process that never started CUDA skips it. One that did
+    exits normally: torch releases CUDA IPC state in its C++ destructors."""
+    if torch.cuda.is_initialized():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))
