@@ -311,8 +311,8 @@ def test_well_formed_cuda_handle_passes_validation():
 
 
 @pytest.mark.parametrize("path, value", [
-    (["device_uuid"], "GPU-0a1b2c3d-0000-1111-2222-333344445555"),
-    (["device_uuid"], UUID_A.upper()),
+    (["device_uuid"], "not a uuid: 0a1b2c3d-0000-1111-2222"),
+    (["device_uuid"], "0" * 200),
     (["device_uuid"], 0),
     (["device_uuid"], KeyError),
     (["device"], 0),  # numbered devices are gone: the UUID names the device

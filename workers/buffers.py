@@ -37,7 +37,9 @@ TensorSpec = tuple[tuple[int, ...], torch.dtype]
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary (cache line / vector loads)
 SHM_PREFIX = "minedraft-"
 _SHM_NAME = re.compile(r"minedraft-[0-9a-f]{24}")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # str(props.uuid)
+# str(props.uuid) is 8-4-4-4-12 hex; accept any short hex-and-dash form (a "GPU-" prefix, other
+# case) rather than refuse a real device on a format detail: it is only compared for equality.
+_UUID = re.compile(r"(GPU-)?[0-9A-Fa-f-]{16,48}")
 ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch reads either (the second is the old name)
 # torch's shareable handle (CUDACachingAllocator shareIpcHandle): a version byte (2), then 'c' for
 # a cudaMalloc block (cudaIpcMemHandle follows) or 'e' for an expandable segment (pidfd_getfd).
@@ -353,7 +355,7 @@ def _check_cuda_handle(handle: dict) -> None:
     if set(handle) != {"kind", "device_uuid", "size_bytes", "tensors", "ipc"}:
         raise _bad(f"cuda_ipc handle keys {sorted(handle)} != device_uuid, ipc, kind, size_bytes, tensors")
     if not isinstance(uuid, str) or not _UUID.fullmatch(uuid):
-        raise _bad(f"device_uuid {uuid!r} is not a CUDA device UUID (8-4-4-4-12 lower-case hex)")
+        raise _bad(f"device_uuid {uuid!r} is not a CUDA device UUID (hex digits and dashes)")
     if not isinstance(ipc, dict) or set(ipc) != set(types) or not all(
             type(ipc[key]) is kind for key, kind in types.items()):
         raise _bad(f"'ipc' must be a map of {types}")
