@@ -229,6 +229,25 @@ class WorkerSection:
         _check(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
 
 
+DRAFT_TRANSPORTS = ("auto", "shared", "frames")
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    draft_transport: str = "auto"  # how drafts reach the verifier: auto (shared memory or CUDA IPC on one host) | shared | frames (ZeroMQ frames: workers that share no memory; CPU devices)
+
+    def __post_init__(self):
+        _check_field_types(self)
+        _check(self.draft_transport in DRAFT_TRANSPORTS, "draft_transport",
+               f"expected one of {', '.join(DRAFT_TRANSPORTS)}, got {self.draft_transport!r}")
+
+
+def draft_transport(config: "Config") -> str:
+    """"shared" (one host: shared memory or CUDA IPC) or "frames" (ZeroMQ frames). Every worker
+    runs on the daemon's host today, so auto means shared."""
+    return "frames" if config.cluster.draft_transport == "frames" else "shared"
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelSection = field(default_factory=ModelSection)  # draft and target models
@@ -236,10 +255,14 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)  # client endpoint and run directory
     drafter: WorkerSection = field(default_factory=lambda: WorkerSection(cpu_cores=(0,)))  # draft worker
     verifier: WorkerSection = field(default_factory=lambda: WorkerSection(cpu_cores=(1,)))  # verify worker
+    cluster: ClusterSection = field(default_factory=ClusterSection)  # how the workers reach each other
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check(isinstance(getattr(self, f.name), f.type), f.name, f"expected {f.type.__name__}")
+        _check(draft_transport(self) == "shared" or (self.drafter.device == "cpu" and self.verifier.device == "cpu"),
+               "cluster.draft_transport", "frames carries CPU buffers only so far; use it with "
+               f"drafter.device = verifier.device = cpu (got {self.drafter.device}, {self.verifier.device})")
 
 
 _SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -144,6 +144,7 @@ class DraftJob:
     capacity: Optional[int] = None  # TETRIS: keep the best `capacity` drafted positions of the batch (None: all)
     num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
     cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
+    draft_id: Optional[int] = None  # the scheduler's number for this draft (frames transport: tags the drafts sent)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class VerifyJob:
     release: list[str] = field(default_factory=list)
     num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
     cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
+    draft_id: Optional[int] = None  # the DraftJob whose drafts this verifies (None: no drafts, an ar step)
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ class ConnectResult:
     num_buffers: int  # buffer sets attached, index = batch_id
     device: str  # where the attached tensors are, in the verifier's numbering ("cpu", "cuda:1")
     device_uuid: Optional[str] = None  # CUDA: that device's UUID (numbering differs between workers)
+    kind: str = ""  # the transport attached: "shm", "cuda_ipc" or "frames" (the handles' kind)
 
 
 @dataclass(frozen=True)

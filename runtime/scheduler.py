@@ -63,6 +63,7 @@ class Batch:
     dispatch_s: float = 0.0  # when the current job was sent (scheduler clock)
     plan: Plan | None = None  # the draft budget's plan for the current step
     job_mode: str = ""  # the mode in force when the current job was sent
+    draft_id: int | None = None  # the batch's latest draft job (frames transport: names its drafts)
 
 
 class SchedulerCore:
@@ -103,6 +104,7 @@ class SchedulerCore:
         self.outputs: list[tuple[bytes, object]] = []
         self.metrics = Metrics(clock)
         self.last_drafted = -1
+        self.num_draft_jobs = 0  # numbers each draft job (its draft_id)
         self.last_step_s: float | None = None  # dispatch time of the previous step's pacing job
         self.drafter_spans: deque[tuple[float, float | None]] = deque(maxlen=8)  # dispatch, result (scheduler clock)
 
@@ -320,7 +322,10 @@ class SchedulerCore:
         batch.dispatch_s = self.clock()
         self.drafter_spans.append((batch.dispatch_s, None))
         rows = [self._row(r, DRAFTER) for r in batch.rows]
-        return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity, *placement)
+        self.num_draft_jobs += 1
+        batch.draft_id = self.num_draft_jobs
+        return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), plan.capacity, *placement,
+                        draft_id=batch.draft_id)
 
     def _verify_job(self, batch: Batch) -> VerifyJob | None:
         is_ar_step = batch.state == "ready"  # ar: no drafts; else the batch was drafted
@@ -344,7 +349,7 @@ class SchedulerCore:
             self._observe_step(batch)
         placement = self._placement(VERIFIER)
         return VerifyJob(batch.batch_id, [self._row(r, VERIFIER) for r in batch.rows], self._take_release(VERIFIER),
-                         *placement)
+                         *placement, draft_id=None if is_ar_step else batch.draft_id)
 
     def _prefill_job(self) -> PrefillJob | None:
         """The prompts of requests being drafted that the verifier has not seen yet: it caches

@@ -241,6 +241,7 @@ class Server:
             "max_worker_frame_bytes": self.pool.max_frame_bytes,
             "linear_path": {role: ready.linear for role, ready in self.pool.ready.items()},
             "draft_buffers": _connected_status(self.pool.connected),
+            "draft_transport": self.pool.connected.kind if self.pool.connected is not None else None,
         }
         status.update(self.core.status(is_detailed))
         tokenizer = self.pool.ready[VERIFIER].tokenizer if VERIFIER in self.pool.ready else {}

@@ -17,7 +17,7 @@ import _posixshmem
 import zmq
 
 from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config
+from minedraft.runtime.config import Config, draft_transport
 
 log = logging.getLogger("minedraft.workers")
 POLL_MS = 100
@@ -61,6 +61,8 @@ class WorkerPool:
     def _spawn(self, role: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "minedraft.workers.process", role, os.path.join(self.run_dir, "config.json"),
                self._endpoint(role), self._endpoint("results")]
+        if role == DRAFTER and draft_transport(self.config) == "frames":
+            cmd.append(self._endpoint("drafts"))  # the drafter binds it, the verifier connects
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def _handshake(self) -> None:
@@ -157,7 +159,7 @@ class WorkerPool:
         for sock in [*self.send_to.values(), self.recv_from_workers]:
             if sock is not None:
                 sock.close(linger=0)
-        for name in [*self.send_to, "results"]:
+        for name in [*self.send_to, "results", "drafts"]:
             path = self._endpoint(name)[len("ipc://"):]
             if os.path.exists(path):
                 os.unlink(path)
@@ -200,6 +202,12 @@ def connect_mismatch(handles: list[dict], result: p.ConnectResult) -> str | None
         return f"it attached {result.num_buffers} buffer set(s), the drafter made {len(handles)}"
     kinds = {h.get("kind") for h in handles}
     uuids = {h.get("device_uuid") for h in handles}
+    if result.kind and {result.kind} != kinds:
+        return f"it attached {result.kind} buffers, the drafter made {sorted(map(str, kinds))}"
+    if kinds == {"frames"}:
+        if result.device != "cpu":
+            return f"frames buffers received on {result.device} (CPU only)"
+        return None
     if kinds == {"shm"}:
         if result.device != "cpu" or result.device_uuid is not None:
             return f"CPU shared-memory buffers attached on {result.device} (uuid {result.device_uuid})"

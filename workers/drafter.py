@@ -56,7 +56,7 @@ class Drafter:
         if active:
             self._draft([rows[i] for i in active], [states[i] for i in active], out_tokens, out_probs,
                         [scores[i] for i in active])
-        return DraftOutcome(select_positions(scores, capacity), scores)
+        return DraftOutcome(select_positions(scores, capacity), scores, [not s.params.is_greedy for s in states])
 
     def _draft(self, rows: list[Row], states, out_tokens: torch.Tensor, out_probs: torch.Tensor,
                scores: list[list[float]]) -> None:
@@ -117,6 +117,7 @@ class Drafter:
 class DraftOutcome:
     num_kept: list[int]  # per row, in job order: the leading drafts to verify
     scores: list[list[float]]  # per row: cumulative draft log-probability at each drafted position
+    is_sampled: list[bool]  # per row: its draft distributions were written (sampled rows only)
 
 
 def select_positions(scores: list[list[float]], capacity: int | None) -> list[int]:

@@ -1,6 +1,7 @@
 """Worker processes: run_drafter_process and run_verifier_process wrap the Drafter and Verifier
 cores with their sockets, device placement, the start-up handshake and the job loop.
-Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSON JOBS RESULTS`.
+Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSON JOBS RESULTS [DRAFTS]`
+(DRAFTS: the drafter's drafts endpoint, with the frames draft transport).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 import zmq
 
 from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, config_from_dict
+from minedraft.runtime.config import Config, config_from_dict, draft_transport
 from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
+from minedraft.workers.frames import FrameBuffers, FrameReceiver, FrameSender
 from minedraft.workers.model.fast_linear import apply_linear_path
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
@@ -30,8 +32,10 @@ PARENT_CHECK_S = 1.0  # how often an idle worker checks that the scheduler still
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def run_drafter_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
-    _serve("drafter", config, jobs_endpoint, results_endpoint, run_dir)
+def run_drafter_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
+                        drafts_endpoint: str | None = None) -> None:
+    """drafts_endpoint: where the drafter binds its drafts socket (the frames transport only)."""
+    _serve("drafter", config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint)
 
 
 def run_verifier_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
@@ -62,13 +66,14 @@ def check_buffer_allocator(config: Config) -> None:
         check_cuda_ipc_allocator()
 
 
-def connect_result(buffers: list[SharedBuffers]) -> p.ConnectResult:
+def connect_result(buffers: list, handles: list[dict] = ()) -> p.ConnectResult:
     """The verifier's answer to a ConnectJob: what it attached, and on which device."""
     devices = {(str(b.device), b.device_uuid) for b in buffers}
     if len(devices) != 1:
         raise RuntimeError(f"the draft buffers must all be on one device, got {sorted(map(str, devices))}")
     ((device, uuid),) = devices
-    return p.ConnectResult(len(buffers), device, uuid)
+    kinds = {h.get("kind") for h in handles if isinstance(h, dict)}
+    return p.ConnectResult(len(buffers), device, uuid, kinds.pop() if len(kinds) == 1 else "")
 
 
 def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> float:
@@ -106,8 +111,11 @@ def tiny_spec(config: Config, role: str) -> TinySpec:
 class WorkerLoop:
     """One worker's state between jobs: its core, its buffers and its sockets."""
 
-    def __init__(self, role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str):
+    def __init__(self, role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
+                 drafts_endpoint: str | None = None):
         self.role = role
+        self.config = config
+        self.drafts_endpoint = drafts_endpoint
         self.parent_pid = os.getppid()
         self.context = zmq.Context()
         self.recv_from_scheduler = self.context.socket(zmq.PULL)
@@ -116,7 +124,9 @@ class WorkerLoop:
         self.send_to_scheduler = self.context.socket(zmq.PUSH)
         self.send_to_scheduler.setsockopt(zmq.LINGER, 1000)
         self.send_to_scheduler.connect(results_endpoint)
-        self.buffers: list[SharedBuffers] = []  # drafter: owned; verifier: attached
+        self.buffers: list[SharedBuffers | FrameBuffers] = []  # drafter: owned; verifier: attached
+        self.sender: FrameSender | None = None  # frames transport, drafter
+        self.receiver: FrameReceiver | None = None  # frames transport, verifier
         self.core = None
         self._start(config, run_dir)
 
@@ -132,7 +142,13 @@ class WorkerLoop:
         tokenizer = {"kind": "bytes"}
         if self.role == "drafter":
             specs = draft_buffer_specs(sc.max_rows, sc.max_depth, model.config.vocab_size)
-            self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
+            if draft_transport(config) == "frames":
+                if self.drafts_endpoint is None:
+                    raise RuntimeError("cluster.draft_transport = frames, but the drafter was given no drafts endpoint")
+                self.buffers = [FrameBuffers.create(specs, self.drafts_endpoint) for _ in range(NUM_BATCHES)]
+                self.sender = FrameSender(self.context, self.drafts_endpoint)
+            else:
+                self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
             tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json"),
                          **chat_template_info(resolve_spec(spec, dtype, config.model.cache_dir))}
@@ -159,8 +175,8 @@ class WorkerLoop:
 
     def _handle(self, job) -> None:
         if isinstance(job, p.ConnectJob):
-            self.buffers = [SharedBuffers.attach(h) for h in job.draft_buffers]
-            self._send(connect_result(self.buffers))
+            self._connect(job.draft_buffers)
+            self._send(connect_result(self.buffers, job.draft_buffers))
             return
         switch_s = apply_placement(job.num_threads, job.cpu_cores)
         placed = {"num_threads": torch.get_num_threads(), "cpu_cores": sorted(os.sched_getaffinity(0)),
@@ -176,13 +192,32 @@ class WorkerLoop:
         if isinstance(job, p.DraftJob):
             outcome = self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"], job.capacity)
             self.buffers[job.batch_id].sync()  # data visible before it is announced
+            if self.sender is not None:  # frames: the drafts go to the verifier before the result to the scheduler
+                self.sender.send(self.buffers[job.batch_id], job.batch_id, job.draft_id, [
+                    (r.buffer_row, kept, is_sampled) for r, kept, is_sampled in
+                    zip(rows, outcome.num_kept, outcome.is_sampled)])
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
                                      outcome.num_kept, outcome.scores, **placed))
         else:
+            if self.receiver is not None and job.draft_id is not None:
+                self.receiver.wait_for(job.batch_id, job.draft_id)  # into this batch's buffer
             emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
             if self.buffers:
                 self.buffers[job.batch_id].sync()  # reads done before the buffer goes back to the drafter
             self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic(), **placed))
+
+    def _connect(self, handles: list[dict]) -> None:
+        """Attach the drafter's buffer sets: in place (shared memory, CUDA IPC), or as this
+        process's own sets filled from the drafter's frames."""
+        if handles and all(isinstance(h, dict) and h.get("kind") == "frames" for h in handles):
+            self.buffers = [FrameBuffers.attach(h) for h in handles]
+            endpoints = {h["endpoint"] for h in handles}
+            if len(endpoints) != 1:
+                raise ValueError(f"frames handles name several endpoints: {sorted(endpoints)}")
+            self.receiver = FrameReceiver(self.context, endpoints.pop(), self.buffers,
+                                          self.config.scheduler.job_timeout_s)
+        else:
+            self.buffers = [SharedBuffers.attach(h) for h in handles]
 
     def _send(self, message) -> None:
         self.send_to_scheduler.send(p.encode(message))
@@ -203,10 +238,11 @@ def _row(row: p.JobRow) -> Row:
     return Row(row.request_id, row.new_tokens, row.num_draft, row.buffer_row, params)
 
 
-def _serve(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
+def _serve(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
+           drafts_endpoint: str | None = None) -> None:
     loop = None
     try:
-        loop = WorkerLoop(role, config, jobs_endpoint, results_endpoint, run_dir)
+        loop = WorkerLoop(role, config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint)
         loop.run()
     except Exception as exc:  # start-up failure: tell the scheduler why, then exit non-zero
         if loop is None:
@@ -228,13 +264,15 @@ def _report_startup_failure(role: str, results_endpoint: str, exc: Exception) ->
 
 
 def main(argv: list[str]) -> int:
-    role, config_path, jobs_endpoint, results_endpoint = argv
+    role, config_path, jobs_endpoint, results_endpoint, *drafts_endpoint = argv  # the drafter's, with frames
     run_dir = os.path.dirname(config_path)
     with open(config_path) as f:
         config = config_from_dict(json.load(f))
-    entry = run_drafter_process if role == "drafter" else run_verifier_process
     try:
-        entry(config, jobs_endpoint, results_endpoint, run_dir)
+        if role == "drafter":
+            run_drafter_process(config, jobs_endpoint, results_endpoint, run_dir, *drafts_endpoint)
+        else:
+            run_verifier_process(config, jobs_endpoint, results_endpoint, run_dir)
     except Exception:
         return 1
     return 0
