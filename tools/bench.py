@@ -6,6 +6,7 @@ the CLI (private ipc:// endpoint and run dir under a temp dir), the same load ru
     python tools/bench.py --config tiny --requests 32 --concurrency 16 --max-tokens 64
     python tools/bench.py --config tiny --modes sd,psd --sweep-k 2,4,6 --sweep-batch 4,8
     python tools/bench.py --config default --modes ar,sd,psd --linear-paths auto,plain
+    python tools/bench.py --modes sd,psd --transports frames,shared --temperature 0.8   # draft transports
     python tools/bench.py --config tiny --modes sd,psd,sd-tetris,psd-tetris,sd-adaptive,psd-adaptive --extra-draft 2
     python tools/bench.py --config tiny --modes psd-adaptive --sweep-k 2,4 --sweep-e 0,2 --sweep-modes psd
     python tools/bench.py --config default --sweep-concurrency 1,2,4,8,16,32 --requests 32 --max-tokens 64
@@ -111,16 +112,17 @@ def running_daemon(config: str | None, overrides: list[str]):
 
 def plan_runs(modes: list[str], sweep_k: list[int], sweep_batch: list[int], linear_paths: list[str] = (),
               sweep_e: list[int] = (), sweep_modes: list[str] = SWEEP_MODES,
-              extra_draft: int = DEFAULT_EXTRA_DRAFT) -> list[dict]:
+              extra_draft: int = DEFAULT_EXTRA_DRAFT, variant_key: str = "model.linear_path") -> list[dict]:
     """(label, mode, extra overrides) of every daemon to start, in order. With several linear
-    paths each mode runs on each (label "mode/path"), compared with sd on the same path. Sweeps
+    paths (or values of another variant_key, such as cluster.draft_transport) each mode runs on
+    each (label "mode/path"), compared with sd on the same path. Sweeps
     run each of sweep_modes per (k, e) pair ("psd k=3 e=2"; "psd k=3" without sweep_e) and per
     max_batch ("psd batch=8"); a sweep run's "sweep" holds its swept values."""
     if len(linear_paths) > 1:
         return [{"label": f"{m}/{path}", "mode": m,
-                 "overrides": mode_overrides(m, extra_draft) + [f"model.linear_path={path}"],
-                 "sd_label": f"sd/{path}", "linear_path": path} for m in modes for path in linear_paths]
-    overrides = [f"model.linear_path={linear_paths[0]}"] if linear_paths else []
+                 "overrides": mode_overrides(m, extra_draft) + [f"{variant_key}={path}"],
+                 "sd_label": f"sd/{path}", "variant": path} for m in modes for path in linear_paths]
+    overrides = [f"{variant_key}={linear_paths[0]}"] if linear_paths else []
     runs = [{"label": m, "mode": m, "overrides": mode_overrides(m, extra_draft) + overrides, "sd_label": "sd"}
             for m in modes]
     for k in sweep_k or ([None] if sweep_e else []):
@@ -422,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-plans", type=_names, default=[],
                         help='with --sweep-concurrency: only these plans (e.g. "auto,ar x1,sd x2"; default all)')
     parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
+    parser.add_argument("--transports", default="",
+                        help="e.g. frames,shared: run every mode with each cluster.draft_transport")
     parser.add_argument("--timeline-s", type=float, default=TIMELINE_S,
                         help=f"seconds of each mode's worker jobs drawn, from the middle of those recorded "
                              f"(default {TIMELINE_S:g})")
@@ -453,11 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         return plan_sweep.main(args, running_daemon, WARMUP_MAX_TOKENS)
     prompts = load_prompts(args.prompts)
     linear_paths = [v.strip() for v in args.linear_paths.split(",") if v.strip()]
+    transports = [v.strip() for v in args.transports.split(",") if v.strip()]
+    if linear_paths and transports:
+        print("error: --linear-paths and --transports are two axes; give one", file=sys.stderr)
+        return 2
+    variant_key = "cluster.draft_transport" if transports else "model.linear_path"
+    linear_paths = linear_paths or transports
     if not args.concurrency or min(args.concurrency) < 1:
         print("error: --concurrency must list values >= 1", file=sys.stderr)
         return 2
     daemons = per_concurrency(plan_runs(modes, args.sweep_k, args.sweep_batch, linear_paths, args.sweep_e,
-                                        sweep_modes, args.extra_draft), args.concurrency)
+                                        sweep_modes, args.extra_draft, variant_key), args.concurrency)
     runs = [run for group in daemons for run in group]
     for number, group in enumerate(daemons, 1):
         print(f"[{number}/{len(daemons)}] {group[0]['daemon_label']}: starting a daemon", file=sys.stderr, flush=True)
