@@ -17,6 +17,7 @@ class Metrics:
         self.jobs: deque[dict] = deque(maxlen=2 * MAX_INTERVALS)  # recent jobs of both workers, with their sizes
         self.num_jobs = {role: 0 for role in self.busy_s}  # draft / verify jobs answered (steps)
         self.num_prefill_jobs = 0  # verifier prefill-ahead jobs (not steps; their time is in busy_s)
+        self.num_draft_frame_bytes = 0  # frames transport: draft bytes the verifier received
         self.num_draft_tokens = 0  # drafted, including those TETRIS did not keep
         self.num_drafted = 0  # drafts verified
         self.num_accepted = 0
@@ -75,6 +76,7 @@ class Metrics:
             "busy_fraction": {role: busy / uptime_s for role, busy in self.busy_s.items()},
             "num_jobs": dict(self.num_jobs),
             "num_prefill_jobs": self.num_prefill_jobs,
+            "num_draft_frame_bytes": self.num_draft_frame_bytes,
             "finish_reasons": dict(self.finish_reasons),
         }
         if is_detailed:

@@ -237,6 +237,7 @@ class VerifyResult:
     num_threads: int = 0  # the threads and cores the job ran with (as the worker observed them)
     cpu_cores: list[int] = field(default_factory=list)
     switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
+    draft_frame_bytes: int = 0  # frames transport: bytes of draft messages received for this job
 
 
 @dataclass(frozen=True)

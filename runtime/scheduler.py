@@ -223,6 +223,7 @@ class SchedulerCore:
         assert batch.state == "verifying", f"batch_id={batch.batch_id} verify result in state {batch.state}"
         assert len(result.emitted) == len(batch.rows), "verify result rows != job rows"
         self._job_done(VERIFIER, result)
+        self.metrics.num_draft_frame_bytes += result.draft_frame_bytes
         self.metrics.add_busy(VERIFIER, result.busy_start_s, result.busy_end_s, job={
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1],
             "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})

@@ -42,14 +42,15 @@ def test_drafts_arrive_byte_exact_where_the_verifier_reads_them(pair):
     _fill(sent[0], 1)
     rows = [(0, 3, True), (1, 2, False), (2, 0, True), (3, 1, True)]  # (buffer_row, kept, is_sampled)
     sender.send(sent[0], 0, 7, rows)
-    receiver.wait_for(0, 7)
+    assert receiver.wait_for(0, 7) == sender.num_bytes > 4 * 3 * 8 + (3 + 1) * 16 * 4  # tokens + 2 sampled rows
+    assert receiver.wait_for(0, 7) == 0  # already there
     assert torch.equal(got[0].tensors["draft_tokens"], sent[0].tensors["draft_tokens"])
     for row, kept, is_sampled in rows:
         expected = sent[0].tensors["draft_probs"][row, :kept] if is_sampled else torch.zeros(kept, 16)
         assert torch.equal(got[0].tensors["draft_probs"][row, :kept], expected)
     assert not got[0].tensors["draft_probs"][1].any()  # greedy rows send no distributions
-    assert receiver.num_bytes == sender.num_bytes - len(msgpack.packb(
-        {"batch_id": 0, "draft_id": 7, "num_rows": 4, "rows": [list(r) for r in rows]}))
+    header = msgpack.packb({"batch_id": 0, "draft_id": 7, "num_rows": 4, "rows": [list(r) for r in rows]})
+    assert receiver.num_bytes == sender.num_bytes == len(header) + 4 * 3 * 8 + (3 + 1) * 16 * 4
 
 
 def test_other_batches_and_stale_drafts_land_in_their_own_buffers(pair):
@@ -100,7 +101,7 @@ def test_daemon_with_frames_gives_the_shared_memory_tokens(tmp_path):
     with running_daemon(tmp_path, "psd", "cluster.draft_transport=frames") as (endpoint, _):
         outputs = asyncio.run(run_load(endpoint, requests))
         st = status(endpoint)
-    assert st["draft_transport"] == "frames"
+    assert st["draft_transport"] == "frames" and st["num_draft_frame_bytes"] > 0
     assert st["draft_buffers"] == {"num_buffers": 2, "device": "cpu", "device_uuid": None}
     assert outputs == reference_outputs(requests, mode="sd")
     assert st["acceptance_rate"] > 0.3

@@ -119,9 +119,10 @@ class FrameReceiver:
         self.draft_ids: dict[int, int] = {}  # batch_id -> the draft its buffer holds
         self.num_bytes = 0
 
-    def wait_for(self, batch_id: int, draft_id: int) -> None:
-        """Receive messages until batch batch_id's buffer holds draft draft_id."""
-        deadline = time.monotonic() + self.timeout_s
+    def wait_for(self, batch_id: int, draft_id: int) -> int:
+        """Receive messages until batch batch_id's buffer holds draft draft_id; returns the bytes
+        received meanwhile (0 when it already did)."""
+        deadline, start_bytes = time.monotonic() + self.timeout_s, self.num_bytes
         while self.draft_ids.get(batch_id) != draft_id:
             if not self.sock.poll(POLL_MS):
                 if time.monotonic() > deadline:
@@ -129,9 +130,12 @@ class FrameReceiver:
                                        f"arrive within {self.timeout_s} s")
                 continue
             self._receive_one()
+        return self.num_bytes - start_bytes
 
     def _receive_one(self) -> None:
-        header = _parse_header(self.sock.recv(), len(self.buffers))
+        frame = self.sock.recv()
+        self.num_bytes += len(frame)
+        header = _parse_header(frame, len(self.buffers))
         tensors = self.buffers[header["batch_id"]].tensors
         tokens, probs = tensors["draft_tokens"], tensors["draft_probs"]
         if header["num_rows"] > tokens.shape[0] or any(

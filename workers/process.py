@@ -199,12 +199,14 @@ class WorkerLoop:
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
                                      outcome.num_kept, outcome.scores, **placed))
         else:
+            num_bytes = 0
             if self.receiver is not None and job.draft_id is not None:
-                self.receiver.wait_for(job.batch_id, job.draft_id)  # into this batch's buffer
+                num_bytes = self.receiver.wait_for(job.batch_id, job.draft_id)  # into this batch's buffer
             emitted = self.core.verify(rows, buffers.get("draft_tokens"), buffers.get("draft_probs"))
             if self.buffers:
                 self.buffers[job.batch_id].sync()  # reads done before the buffer goes back to the drafter
-            self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic(), **placed))
+            self._send(p.VerifyResult(job.batch_id, emitted, start_s, time.monotonic(), **placed,
+                                      draft_frame_bytes=num_bytes))
 
     def _connect(self, handles: list[dict]) -> None:
         """Attach the drafter's buffer sets: in place (shared memory, CUDA IPC), or as this
