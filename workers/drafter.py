@@ -52,16 +52,17 @@ class Drafter:
         scores: list[list[float]] = [[] for _ in rows]
         # 1. Apply committed tokens; rows with nothing to draft only record them.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
+        is_sampled = [not s.params.is_greedy for s in states]
         active = [i for i, r in enumerate(rows) if r.num_draft > 0]
         if active:
-            self._draft([rows[i] for i in active], [states[i] for i in active], out_tokens, out_probs,
-                        [scores[i] for i in active])
-        return DraftOutcome(select_positions(scores, capacity), scores, [not s.params.is_greedy for s in states])
+            self._draft([rows[i] for i in active], [states[i] for i in active], [is_sampled[i] for i in active],
+                        out_tokens, out_probs, [scores[i] for i in active])
+        return DraftOutcome(select_positions(scores, capacity), scores, is_sampled)
 
-    def _draft(self, rows: list[Row], states, out_tokens: torch.Tensor, out_probs: torch.Tensor,
-               scores: list[list[float]]) -> None:
+    def _draft(self, rows: list[Row], states, is_sampled: list[bool], out_tokens: torch.Tensor,
+               out_probs: torch.Tensor, scores: list[list[float]]) -> None:
+        """The buffers live on the drafter's device (out_tokens, out_probs as in draft())."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
-        is_sampled = (temperature > 0).tolist()  # host: no device read
         num_draft = [r.num_draft for r in rows]
         depth = max(num_draft)
         device = self.cache.data.device
@@ -74,7 +75,6 @@ class Drafter:
         on_device = to_device_packed([index_tensor(x) for step in plan for x in step]
                                      + [index_tensor([r.buffer_row for r in rows])], device)
         all_rows = on_device.pop()
-        buffer_device = out_tokens.device
         # 2. Catch up on committed tokens; logits after the last one give draft token 1.
         feeds = [s.tokens_to_feed(self.cache) for s in states]
         logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
@@ -97,8 +97,8 @@ class Drafter:
                 picked = sample(probs, uniforms)  # [s]
                 tokens[step_sampled] = picked
                 logp[step_sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-                out_probs[sampled_buffer.to(buffer_device), i] = probs.to(buffer_device)
-            out_tokens[step_buffer.to(buffer_device), i] = tokens.to(buffer_device)
+                out_probs[sampled_buffer, i] = probs
+            out_tokens[step_buffer, i] = tokens
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
             score_grid[step_live, i] = total[step_live]
             if i + 1 == depth:
@@ -106,7 +106,7 @@ class Drafter:
             logits = feed_batch(self.model, self.cache, [states[j] for j in live[i + 1]], [[] for _ in live[i + 1]],
                                 [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
-        drafted = out_tokens[all_rows.to(buffer_device), :depth].to(device)  # [B, depth]
+        drafted = out_tokens[all_rows, :depth]  # [B, depth]
         host = torch.cat((score_grid, drafted.double()), 1).tolist()
         for j, (state, d) in enumerate(zip(states, num_draft)):
             scores[j].extend(host[j][:d])
