@@ -30,7 +30,7 @@ def _load(args) -> "Config":  # noqa: F821
     overrides = list(args.set or [])
     for flag, key in (("mode", "scheduler.mode"), ("draft", "model.draft"), ("target", "model.target"),
                       ("endpoint", "server.endpoint"), ("http", "server.http"), ("listen", "server.http"),
-                      ("api_key", "server.api_key")):
+                      ("api_key", "server.api_key"), ("replicas", "cluster.replicas")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -194,6 +194,13 @@ def cmd_status(args) -> int:
         switch = plan["placement"]
         lines.append(("plan", f"{plan['name']} ({plan['reason']}), {plan['num_switches']} switches; "
                               f"{switch['num_switches']} thread/core changes, {switch['total_s'] * 1e3:.2f} ms in all"))
+    for replica in status.get("replicas", []) if status.get("num_replicas", 1) > 1 or status.get("backend") == "ray" else []:
+        where = "; ".join(f"{role} on {w['hostname']} ({w['ip']}, pid {w['pid']})" if "ip" in w else
+                          f"{role} pid {w['pid']}" for role, w in replica["workers"].items())
+        dead = f" ({replica['dead_reason']})" if replica.get("dead_reason") else ""
+        lines.append((f"replica {replica['index']}", f"{replica['state']}{dead}, {replica['num_routed']} routed, "
+                      f"{replica['num_in_flight']} in flight, {replica['num_restarts']} restarts; {where}; "
+                      f"drafts by {replica['draft_transport']}"))
     http = status.get("http")
     if http:
         state = "running" if http["is_running"] else "not running"
@@ -305,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API here "
                        "(loopback; another address needs an API key)")
     start.add_argument("--api-key", help=f"Bearer key for the HTTP /v1 routes (or ${API_KEY_ENV})")
+    start.add_argument("--replicas", type=int, metavar="N", help="run N replicas (scheduler, drafter, verifier) "
+                       "behind the one endpoint (cluster.replicas)")
     start.set_defaults(func=cmd_start)
     stop = sub.add_parser("stop", help="stop the daemon (in-flight requests are aborted)")
     common(stop)

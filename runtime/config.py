@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 _TUPLE_OF_INT = tuple[int, ...]
+_RESOURCES = dict[str, float]  # a table of Ray resources, e.g. {GPU = 1} or {"node:10.0.0.2" = 0.01}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -28,7 +29,7 @@ def _check(is_ok: bool, key: str, problem: str) -> None:
 
 
 def _type_name(typ) -> str:
-    return "list of int" if typ == _TUPLE_OF_INT else typ.__name__
+    return {_TUPLE_OF_INT: "list of int", _RESOURCES: "table of name = number"}.get(typ) or typ.__name__
 
 
 def _is_int(value) -> bool:
@@ -46,6 +47,10 @@ def _check_type(key: str, typ, value):
         value = float(value) if is_ok else value
     elif typ is str:
         is_ok = isinstance(value, str)
+    elif typ == _RESOURCES:
+        is_ok = isinstance(value, dict) and all(
+            isinstance(k, str) and k and (_is_int(v) or isinstance(v, float)) for k, v in value.items())
+        value = {k: float(v) for k, v in value.items()} if is_ok else value
     else:
         assert typ == _TUPLE_OF_INT, f"unsupported config field type {typ}"
         is_ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
@@ -67,10 +72,15 @@ def _parse_text(key: str, typ, text: str):
         if typ is str:
             is_quoted = len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "\"'"
             return stripped[1:-1] if is_quoted else text
+        if typ == _RESOURCES:  # a TOML inline table: {GPU = 1} or {"accelerator_type:H100" = 1}
+            value = tomllib.loads(f"v = {stripped}")["v"]
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if stripped.startswith("[") and stripped.endswith("]"):
             stripped = stripped[1:-1].strip()
         return tuple(int(part) for part in stripped.split(",")) if stripped else ()
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, tomllib.TOMLDecodeError):
         raise ConfigError(f"{key}: expected {_type_name(typ)}, got {text!r}") from None
 
 
@@ -230,21 +240,37 @@ class WorkerSection:
 
 
 DRAFT_TRANSPORTS = ("auto", "shared", "frames")
+BACKENDS = ("local", "ray")
+MAX_REPLICAS = 64
 
 
 @dataclass(frozen=True)
 class ClusterSection:
-    draft_transport: str = "auto"  # how drafts reach the verifier: auto (shared memory or CUDA IPC on one host) | shared | frames (ZeroMQ frames: workers that share no memory; CPU devices)
+    backend: str = "local"  # where the workers run: local (processes on this host) | ray (Ray actors where their resources are; pip install 'minedraft-runtime[cluster]')
+    ray_address: str = ""  # ray: the cluster to join ("auto" = the one `ray start` made here, or ray://HOST:PORT, HOST:PORT); "" = start a private one-node Ray
+    replicas: int = 1  # independent groups of scheduler, drafter and verifier behind the one endpoint
+    drafter_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each drafter actor needs, e.g. {GPU = 1} or a custom resource
+    verifier_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each verifier actor needs
+    draft_transport: str = "auto"  # how drafts reach the verifier: auto (shared memory or CUDA IPC on one host, frames across hosts) | shared | frames (ZeroMQ frames: workers that share no memory; CPU devices)
 
     def __post_init__(self):
         _check_field_types(self)
+        _check(self.backend in BACKENDS, "backend", f"expected local or ray, got {self.backend!r}")
+        _check(1 <= self.replicas <= MAX_REPLICAS, "replicas", f"must be in 1..{MAX_REPLICAS}, got {self.replicas}")
+        _check(self.backend == "ray" or not self.ray_address, "ray_address", "is only used with backend = ray")
+        for key in ("drafter_resources", "verifier_resources"):
+            bad = {name: amount for name, amount in getattr(self, key).items() if not amount >= 0}
+            _check(not bad, key, f"amounts must be >= 0, got {bad}")
+            _check(any(getattr(self, key).values()), key, "needs at least one resource with an amount > 0 "
+                   "(Ray places each actor by them), e.g. {CPU = 1}")
         _check(self.draft_transport in DRAFT_TRANSPORTS, "draft_transport",
                f"expected one of {', '.join(DRAFT_TRANSPORTS)}, got {self.draft_transport!r}")
 
 
 def draft_transport(config: "Config") -> str:
-    """"shared" (one host: shared memory or CUDA IPC) or "frames" (ZeroMQ frames). Every worker
-    runs on the daemon's host today, so auto means shared."""
+    """"shared" (one host: shared memory or CUDA IPC) or "frames" (ZeroMQ frames). Local workers
+    share the daemon's host, so auto means shared there; the Ray backend resolves auto from where
+    its actors landed and hands the workers a config that names the choice."""
     return "frames" if config.cluster.draft_transport == "frames" else "shared"
 
 
@@ -364,6 +390,9 @@ def _format_value(value) -> str:
         return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
     if isinstance(value, list):
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # a TOML inline table; keys quoted unless bare
+        return "{" + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = {_format_value(v)}"
+                               for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -20,6 +20,7 @@ import zmq
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
 from minedraft.runtime.http_front_end import HttpFrontEnd
+from minedraft.runtime.router import Replica, choose_replica, merge_core_status
 from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import make_tokenizer
 from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
@@ -31,18 +32,39 @@ CLIENT_HWM = 10000  # queued frames per client before sends would block (then ba
 MAX_FRAMES_PER_LOOP = 1000  # client frames handled before worker results get a turn
 
 
+def make_pool(config: Config, run_dir: str, context: zmq.Context, index: int):
+    """Replica index's worker pool: processes on this host, or Ray actors (cluster.backend)."""
+    if config.cluster.backend == "ray":
+        from minedraft.runtime.ray_pool import RayWorkerPool
+
+        return RayWorkerPool(config, run_dir, context, index)
+    return WorkerPool(config, run_dir, context)
+
+
+def replica_dir(config: Config, run_dir: str, index: int) -> str:
+    """Where replica index keeps its config, sockets and tokenizer: the run directory itself when
+    there is one replica, else run_dir/rINDEX (0700), so replicas never share a file."""
+    if config.cluster.replicas == 1:
+        return run_dir
+    path = os.path.join(run_dir, f"r{index}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_dict(config), f)
+    return path
+
+
 class Server:
     def __init__(self, config: Config, run_dir: str):
         self.config = config
         self.run_dir = run_dir
         self.context = zmq.Context()
-        self.pool = WorkerPool(config, run_dir, self.context)
-        self.core: SchedulerCore | None = None
-        self.state = "starting"  # starting -> serving -> stopping | dead
+        self.replicas = [Replica(i, make_pool(config, replica_dir(config, run_dir, i), self.context, i))
+                         for i in range(config.cluster.replicas)]
+        self.state = "starting"  # starting -> serving -> stopping | dead (every replica dead)
         self.dead_reason: str | None = None
         self.dead_since_s = 0.0
-        self.num_restarts = 0
         self.exit_code = 0
+        self.outputs: list[tuple[bytes, object]] = []  # the server's own answers (status, refusals)
         self.backlog: dict[bytes, deque[tuple[float, bytes]]] = {}  # outputs a slow client has not taken
         self.auth = None
         self.is_term_requested = False  # set by SIGTERM; acted on in the loop
@@ -67,14 +89,27 @@ class Server:
         if server.curve_dir:
             self._enable_curve(server.curve_dir)
         self.frontend.bind(server.endpoint)
-        self.pool.start()
-        verifier = self.pool.ready[VERIFIER]
-        max_len = min(r.max_len for r in self.pool.ready.values())
-        self.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size, max_len,
-                                  verifier.eos_token_ids)
+        for replica in self.replicas:  # every replica loads its models at the same time
+            replica.pool.begin_start()
+        for replica in self.replicas:
+            while not replica.pool.poll_start():
+                replica.pool.recv_from_workers.poll(POLL_MS)
+            self._on_replica_started(replica)
         self.state = "serving"
         if self.http is not None:
             self.http.spawn()
+
+    def _on_replica_started(self, replica: Replica) -> None:
+        """Its workers are ready: a first start makes its scheduler core; a restart resets it."""
+        if replica.core is None:
+            verifier = replica.pool.ready[VERIFIER]
+            max_len = min(r.max_len for r in replica.pool.ready.values())
+            replica.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size,
+                                         max_len, verifier.eos_token_ids)
+        else:
+            replica.num_restarts += 1
+            log.info("replica %d: workers restarted (restart %d)", replica.index, replica.num_restarts)
+        replica.state = "serving"
 
     def _enable_curve(self, curve_dir: str) -> None:
         """CURVE encryption and authentication: only clients whose public key is in
@@ -93,59 +128,81 @@ class Server:
 
     def serve(self) -> int:
         while True:
-            sockets = [self.frontend, self.pool.recv_from_workers] if self.state != "dead" else [self.frontend]
-            if all(sock.poll(0) == 0 for sock in sockets):  # dead: the stopped pool has no sockets
+            sockets = [self.frontend] + [r.pool.recv_from_workers for r in self.replicas if r.state != "dead"]
+            if all(sock.poll(0) == 0 for sock in sockets):  # a dead replica's stopped pool has no sockets
                 zmq.select(sockets, [], [], POLL_MS / 1000)
             if self.is_term_requested:
                 self.is_term_requested = False
                 self.begin_shutdown()
-            self._on_worker_messages()
+            for replica in self.replicas:
+                self._step_replica(replica)
             self._on_client_frames()
-            if self.state != "dead":
-                reason = self.pool.failure()
-                if reason is not None:
-                    self._on_worker_failure(reason)
-            if self.state in ("serving", "stopping"):
-                for role, job in self.core.next_jobs():
-                    self.pool.send(role, job)
+            for replica in self.replicas:
+                if replica.is_live and self.state in ("serving", "stopping"):
+                    for role, job in replica.core.next_jobs():
+                        replica.pool.send(role, job)
             self._flush_outputs()
             if self.http is not None:
                 self.http.check()
-            if self.state == "stopping" and not self.core.requests:
+            if self.state == "stopping" and not any(r.num_in_flight for r in self.replicas):
                 return 0
             if self.state == "dead" and time.monotonic() - self.dead_since_s >= self.config.server.dead_linger_s:
                 return 1
 
-    def _on_worker_messages(self) -> None:
-        while self.state != "dead" and (message := self.pool.recv()) is not None:
+    def _step_replica(self, replica: Replica) -> None:
+        """Take its workers' messages and check their health; advance a restart."""
+        if replica.state == "restarting":
+            try:
+                if replica.pool.poll_start():
+                    self._on_replica_started(replica)
+            except StartupError as exc:
+                replica.pool.stop()
+                self._on_replica_dead(replica, f"{replica.dead_reason}; restart failed: {exc}")
+            return
+        while replica.is_live and (message := replica.pool.recv()) is not None:
             if isinstance(message, p.DraftResult):
-                self.core.on_draft_result(message)
+                replica.core.on_draft_result(message)
             elif isinstance(message, p.VerifyResult):
-                self.core.on_verify_result(message)
+                replica.core.on_verify_result(message)
             elif isinstance(message, p.PrefillResult):
-                self.core.on_prefill_result(message)
+                replica.core.on_prefill_result(message)
             elif isinstance(message, p.WorkerError):
-                log.error("%s failed batch_id=%s: %s\n%s", message.role, message.batch_id, message.message,
-                          message.traceback)
-                self._on_worker_failure(f"{message.role} failed: {message.message}")
+                log.error("replica %d: %s failed batch_id=%s: %s\n%s", replica.index, message.role,
+                          message.batch_id, message.message, message.traceback)
+                self._on_worker_failure(replica, f"{message.role} failed: {message.message}")
+        if replica.is_live:
+            reason = replica.pool.failure()
+            if reason is not None:
+                self._on_worker_failure(replica, reason)
 
-    def _on_worker_failure(self, reason: str) -> None:
-        """Every live request fails now; then restart the workers, or linger as dead and exit 1."""
+    def _on_worker_failure(self, replica: Replica, reason: str) -> None:
+        """Every live request of the replica fails now; then its workers restart in the background
+        (requests keep going to the other replicas), or the replica is dead."""
+        if len(self.replicas) > 1:
+            reason = f"replica {replica.index}: {reason}"
         log.error("runtime dead: %s", reason)
-        self.core.abort_all("runtime_dead", f"runtime dead: {reason}")
+        replica.core.abort_all("runtime_dead", f"runtime dead: {reason}")
         self._flush_outputs()
-        self.pool.stop()
+        replica.pool.stop()
+        replica.core.reset_workers()  # the new workers hold nothing; requests may queue meanwhile
+        replica.dead_reason = reason
         if self.config.scheduler.restart_workers and self.state != "stopping":
             try:
-                self.pool.start()
-                self.core.reset_workers()
-                self.num_restarts += 1
-                log.info("workers restarted (restart %d)", self.num_restarts)
+                replica.pool.begin_start()
+                replica.state = "restarting"
                 return
             except StartupError as exc:
+                replica.pool.stop()
                 reason = f"{reason}; restart failed: {exc}"
-                log.error("%s", reason)
-        self.state, self.dead_reason, self.dead_since_s = "dead", reason, time.monotonic()
+        self._on_replica_dead(replica, reason)
+
+    def _on_replica_dead(self, replica: Replica, reason: str) -> None:
+        log.error("%s", reason)
+        replica.core.abort_all("runtime_dead", f"runtime dead: {reason}")  # requests queued during a restart
+        replica.state, replica.dead_reason = "dead", reason
+        if all(r.state == "dead" for r in self.replicas):
+            self.state, self.dead_since_s = "dead", time.monotonic()
+            self.dead_reason = "; ".join(r.dead_reason for r in self.replicas)
 
     def _on_client_frames(self) -> None:
         for _ in range(MAX_FRAMES_PER_LOOP):
@@ -161,39 +218,56 @@ class Server:
             except p.ProtocolError as exc:
                 request_id = _request_id_of(frame)
                 code = "invalid_request" if request_id is not None else "bad_frame"
-                self.core.outputs.append((client_id, p.ErrorOutput(request_id, code, str(exc))))
+                self._reply(client_id, p.ErrorOutput(request_id, code, str(exc)))
                 continue
             try:
                 self._on_client_message(client_id, message)
             except Exception as exc:  # a bug must fail one request, not the runtime
                 log.exception("request handling failed: %r", message)
-                self.core.outputs.append((client_id, p.ErrorOutput(getattr(message, "request_id", None),
-                                                                   "internal_error", repr(exc))))
+                self._reply(client_id, p.ErrorOutput(getattr(message, "request_id", None), "internal_error", repr(exc)))
+
+    def _reply(self, client_id: bytes, message) -> None:
+        self.outputs.append((client_id, message))
 
     def _on_client_message(self, client_id: bytes, message) -> None:
-        core = self.core
         if isinstance(message, p.GenerateRequest):
             if self.state == "dead":
-                core.outputs.append((client_id, p.ErrorOutput(message.request_id, "runtime_dead",
-                                                              f"runtime dead: {self.dead_reason}")))
+                self._reply(client_id, p.ErrorOutput(message.request_id, "runtime_dead",
+                                                     f"runtime dead: {self.dead_reason}"))
             elif self.state == "stopping":
-                core.outputs.append((client_id, p.ErrorOutput(message.request_id, "shutting_down",
-                                                              "the runtime is stopping")))
+                self._reply(client_id, p.ErrorOutput(message.request_id, "shutting_down", "the runtime is stopping"))
+            elif any(message.request_id in r.core.requests for r in self.replicas):
+                self._reply(client_id, p.ErrorOutput(message.request_id, "invalid_request",
+                                                     f"request_id: {message.request_id!r} is already in use"))
             else:
-                core.add_request(client_id, message)
+                replica = self.route()
+                replica.num_routed += 1
+                replica.core.add_request(client_id, message)
         elif isinstance(message, p.AbortRequest):
-            core.abort(message.request_id)
+            for replica in self.replicas:
+                replica.core.abort(message.request_id)
         elif isinstance(message, p.StatusRequest):
-            core.outputs.append((client_id, p.StatusOutput(self.status(message.is_detailed))))
+            self._reply(client_id, p.StatusOutput(self.status(message.is_detailed)))
         elif isinstance(message, p.ShutdownRequest):
             num_aborted = self.begin_shutdown()
-            core.outputs.append((client_id, p.ShutdownOutput(num_aborted)))
+            self._reply(client_id, p.ShutdownOutput(num_aborted))
+
+    def route(self) -> Replica:
+        """The live replica with the fewest requests in flight; with none live (restarts under
+        way), the restarting one with the fewest, where the request waits for its workers."""
+        replica = choose_replica(self.replicas)
+        if replica is None:
+            restarting = [r for r in self.replicas if r.state == "restarting"]
+            replica = min(restarting, key=lambda r: (r.num_in_flight, r.index))
+        return replica
 
     def begin_shutdown(self) -> int:
         """Abort in-flight requests (finish reason "shutdown"); the loop ends once they are gone."""
-        num_aborted = len(self.core.requests)
-        for request_id in list(self.core.requests):
-            self.core.abort(request_id, "shutdown")
+        num_aborted = 0
+        for replica in self.replicas:
+            num_aborted += replica.num_in_flight
+            for request_id in list(replica.core.requests):
+                replica.core.abort(request_id, "shutdown")
         if self.state != "dead":
             self.state = "stopping"
         return num_aborted
@@ -202,7 +276,10 @@ class Server:
 
     def _flush_outputs(self) -> None:
         now = time.monotonic()
-        for client_id, message in self.core.take_outputs():
+        outputs, self.outputs = self.outputs, []
+        for replica in self.replicas:
+            outputs += replica.core.take_outputs() if replica.core is not None else []
+        for client_id, message in outputs:
             self.backlog.setdefault(client_id, deque()).append((now, p.encode(message)))
         for client_id in list(self.backlog):
             queue = self.backlog[client_id]
@@ -221,32 +298,46 @@ class Server:
                 self.backlog.pop(client_id, None)
 
     def _drop_client(self, client_id: bytes, why: str) -> None:
-        aborted = self.core.abort_client(client_id)
+        aborted = []
+        for replica in self.replicas:
+            aborted += replica.core.abort_client(client_id)
+            replica.core.take_outputs()  # their final outputs have nowhere to go
         self.backlog.pop(client_id, None)
-        self.core.take_outputs()  # their final outputs have nowhere to go
         if aborted:
             log.warning("aborted %d request(s) of a client: %s", len(aborted), why)
 
     def status(self, is_detailed: bool = False) -> dict:
+        replicas = [self._replica_status(r, is_detailed) for r in self.replicas]
+        single = len(replicas) == 1
         status = {
             "state": self.state,
             "dead_reason": self.dead_reason,
             "pid": os.getpid(),
             "endpoint": self.config.server.endpoint,
             "target": self.config.model.target,
-            "draft": self.config.model.draft if DRAFTER in self.pool.roles else None,
+            "draft": self.config.model.draft if DRAFTER in self.replicas[0].pool.roles else None,
             "dtype": self.config.model.dtype,
-            "worker_pids": self.pool.pids(),
-            "num_restarts": self.num_restarts,
-            "max_worker_frame_bytes": self.pool.max_frame_bytes,
-            "linear_path": {role: ready.linear for role, ready in self.pool.ready.items()},
-            "draft_buffers": _connected_status(self.pool.connected),
-            "draft_transport": self.pool.connected.kind if self.pool.connected is not None else None,
+            "backend": self.config.cluster.backend,
+            "num_replicas": len(replicas),
+            "num_live_replicas": sum(r.is_live for r in self.replicas),
+            "worker_pids": replicas[0]["worker_pids"] if single else {
+                f"{role}.{r['index']}": pid for r in replicas for role, pid in r["worker_pids"].items()},
+            "num_restarts": sum(r.num_restarts for r in self.replicas),
+            "max_worker_frame_bytes": max(r.pool.max_frame_bytes for r in self.replicas),
+            "linear_path": replicas[0]["linear_path"],
+            "draft_buffers": replicas[0]["draft_buffers"],
+            "draft_transport": replicas[0]["draft_transport"] if single else ",".join(
+                sorted({str(r["draft_transport"]) for r in replicas})),
         }
-        status.update(self.core.status(is_detailed))
-        tokenizer = self.pool.ready[VERIFIER].tokenizer if VERIFIER in self.pool.ready else {}
+        status.update(merge_core_status([r["scheduler"] for r in replicas]))
+        status["replicas"] = [{key: value for key, value in r.items() if key != "scheduler"} for r in replicas]
+        if not single:
+            for entry, replica in zip(status["replicas"], replicas):
+                entry.update(replica["scheduler"])
+        core = self.replicas[0].core
+        tokenizer = self.replicas[0].pool.ready[VERIFIER].tokenizer if VERIFIER in self.replicas[0].pool.ready else {}
         status.update({  # what front ends need to translate requests
-            "max_len": self.core.max_len,
+            "max_len": core.max_len,
             "max_tokens_cap": self.config.scheduler.max_tokens_cap,
             "chat_template": tokenizer.get("chat_template"),
             "special_tokens": {key: tokenizer.get(key) for key in ("bos_token", "eos_token")},
@@ -254,12 +345,30 @@ class Server:
         })
         return status
 
+    def _replica_status(self, replica: Replica, is_detailed: bool) -> dict:
+        pool = replica.pool
+        return {
+            "index": replica.index,
+            "state": replica.state,
+            "dead_reason": replica.dead_reason if replica.state != "serving" else None,
+            "num_in_flight": replica.num_in_flight,
+            "num_routed": replica.num_routed,
+            "num_restarts": replica.num_restarts,
+            "worker_pids": pool.pids(),
+            "workers": pool.placement(),
+            "linear_path": {role: ready.linear for role, ready in pool.ready.items()},
+            "draft_buffers": _connected_status(pool.connected),
+            "draft_transport": pool.connected.kind if pool.connected is not None else None,
+            "scheduler": replica.core.status(is_detailed),
+        }
+
     # --- shutdown ---------------------------------------------------------------------------
 
     def close(self) -> None:
         if self.http is not None:  # first: no new HTTP requests while the workers go
             self.http.stop()
-        self.pool.stop()
+        for replica in self.replicas:
+            replica.pool.stop()
         if self.auth is not None:
             self.auth.stop()
         self.context.destroy(linger=0)
@@ -318,9 +427,11 @@ def run_scheduler_process(config: Config, run_dir: str) -> int:
         log.exception("scheduler failed")
         server.exit_code = 1
         try:  # every live request still gets its one terminal outcome
-            if server.core is not None:
-                server.core.abort_all("runtime_dead", f"runtime dead: scheduler error: {type(exc).__name__}: {exc}")
-                server._flush_outputs()
+            for replica in server.replicas:
+                if replica.core is not None:
+                    replica.core.abort_all("runtime_dead",
+                                           f"runtime dead: scheduler error: {type(exc).__name__}: {exc}")
+            server._flush_outputs()
         except Exception:
             log.exception("could not tell clients that the scheduler failed")
     finally:

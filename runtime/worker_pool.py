@@ -43,20 +43,27 @@ class WorkerPool:
         self.job_started_s: dict[str, float | None] = {}
         self.max_frame_bytes = 0
         self.connected: p.ConnectResult | None = None  # what the verifier attached (None: no drafter)
+        self._start_phase, self._start_deadline = "done", 0.0  # poll_start's progress
 
     def start(self) -> None:
         """Spawn the workers, complete the handshake and, with a drafter, wait until the verifier
         has attached the draft buffers; StartupError (with the reason) if any of it fails."""
+        self.begin_start()
+        while not self.poll_start():
+            self.recv_from_workers.poll(POLL_MS)
+
+    def begin_start(self) -> None:
+        """Spawn the workers; poll_start then follows their start-up without blocking, so a
+        replica restarting does not hold up the others."""
         self.generation += 1
         self.recv_from_workers = self._socket(zmq.PULL, "results")
         for role in self.roles:
             self.send_to[role] = self._socket(zmq.PUSH, role)
+        self.ready, self.connected = {}, None
         for role in self.roles:
             self.procs[role] = self._spawn(role)
         self.job_started_s = {role: None for role in self.roles}
-        self._handshake()
-        if DRAFTER in self.ready:
-            self._connect()
+        self._start_phase, self._start_deadline = "start", time.monotonic() + self.config.server.startup_timeout_s
 
     def _spawn(self, role: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "minedraft.workers.process", role, os.path.join(self.run_dir, "config.json"),
@@ -65,52 +72,67 @@ class WorkerPool:
             cmd.append(self._endpoint("drafts"))  # the drafter binds it, the verifier connects
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
-    def _handshake(self) -> None:
-        deadline = time.monotonic() + self.config.server.startup_timeout_s
-        self.ready = {}
-        while len(self.ready) < len(self.roles):
-            message = self._next_startup_message(deadline, "start")
-            if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
-                raise StartupError(f"unexpected start-up message {message!r}")
-            self.ready[message.role] = message
-            log.info("%s linear path: %s", message.role, message.linear)
-            log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model,
-                     message.vocab_size)
+    def poll_start(self) -> bool:
+        """Take the start-up messages that have come: True once every worker is ready and the
+        verifier has attached the draft buffers; StartupError when a worker exits or reports an
+        error, or a phase passes server.startup_timeout_s."""
+        while self._start_phase != "done":
+            message = self._next_startup_message(self._start_phase)
+            if message is None:
+                return False
+            if self._start_phase == "start":
+                self._on_ready(message)
+            else:
+                self._on_connected(message)
+        return True
 
-    def _connect(self) -> None:
-        """Hand the drafter's buffer handles to the verifier and wait for its ConnectResult."""
+    def _on_ready(self, message) -> None:
+        if not isinstance(message, p.ReadyResult) or message.protocol_version != p.PROTOCOL_VERSION:
+            raise StartupError(f"unexpected start-up message {message!r}")
+        self.ready[message.role] = message
+        log.info("%s linear path: %s", message.role, message.linear)
+        log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model, message.vocab_size)
+        if len(self.ready) < len(self.roles):
+            return
+        if DRAFTER not in self.ready:
+            self._start_phase = "done"
+            return
         drafter, verifier = self.ready[DRAFTER], self.ready[VERIFIER]
         if drafter.vocab_size != verifier.vocab_size:
             raise StartupError(f"vocab mismatch: draft {self.config.model.draft} has {drafter.vocab_size} ids, "
                                f"target {self.config.model.target} has {verifier.vocab_size}")
-        self.send(VERIFIER, p.ConnectJob(drafter.buffers))
-        message = self._next_startup_message(time.monotonic() + self.config.server.startup_timeout_s,
-                                             "attach the draft buffers")
+        self.send(VERIFIER, p.ConnectJob(drafter.buffers))  # hand the drafter's buffer handles to the verifier
+        self._start_phase = "attach the draft buffers"
+        self._start_deadline = time.monotonic() + self.config.server.startup_timeout_s
+
+    def _on_connected(self, message) -> None:
         self.job_started_s[VERIFIER] = None
         if not isinstance(message, p.ConnectResult):
             raise StartupError(f"unexpected answer to the connect job: {message!r}")
-        reason = connect_mismatch(drafter.buffers, message)
+        reason = connect_mismatch(self.ready[DRAFTER].buffers, message)
         if reason is not None:
             raise StartupError(f"the verifier attached the wrong draft buffers: {reason}")
         self.connected = message
+        self._start_phase = "done"
         log.info("verifier attached %d draft buffer set(s) on %s (uuid %s)", message.num_buffers, message.device,
                  message.device_uuid)
 
-    def _next_startup_message(self, deadline: float, action: str):
-        """The next worker message while starting; StartupError when a worker exits or reports an
-        error, or nothing comes by the deadline. action: what the workers are doing, for errors."""
-        while True:
-            for role, proc in self.procs.items():
-                if proc.poll() is not None:
-                    self._raise_startup_errors(action)
-                    raise StartupError(f"{role} exited with code {proc.returncode} during start-up")
-            if time.monotonic() > deadline:
-                raise StartupError(f"workers did not {action} within {self.config.server.startup_timeout_s} s")
-            if self.recv_from_workers.poll(POLL_MS):
-                message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
-                if isinstance(message, p.WorkerError):
-                    raise StartupError(f"{message.role} failed to {action}: {message.message}")
-                return message
+    def _next_startup_message(self, action: str):
+        """The next worker message while starting, None if none has come yet; StartupError when a
+        worker exits or reports an error, or nothing came by the deadline. action: what the workers
+        are doing, for errors."""
+        for role, proc in self.procs.items():
+            if proc.poll() is not None:
+                self._raise_startup_errors(action)
+                raise StartupError(f"{self._exit_reason(role, proc)} during start-up")
+        if self.recv_from_workers.poll(0):
+            message = p.decode(self.recv_from_workers.recv(), p.WORKER_RESULTS)
+            if isinstance(message, p.WorkerError):
+                raise StartupError(f"{message.role} failed to {action}: {message.message}")
+            return message
+        if time.monotonic() > self._start_deadline:
+            raise StartupError(f"workers did not {action} within {self.config.server.startup_timeout_s} s")
+        return None
 
     def _raise_startup_errors(self, action: str) -> None:
         while self.recv_from_workers.poll(200):
@@ -141,7 +163,7 @@ class WorkerPool:
         """Why the workers can no longer serve (a process exited, or a job passed its deadline)."""
         for role, proc in self.procs.items():
             if proc.poll() is not None:
-                return f"{role} exited with code {proc.returncode}"
+                return self._exit_reason(role, proc)
         now = time.monotonic()
         for role, started in self.job_started_s.items():
             if started is not None and now - started > self.config.scheduler.job_timeout_s:
@@ -159,12 +181,18 @@ class WorkerPool:
         for sock in [*self.send_to.values(), self.recv_from_workers]:
             if sock is not None:
                 sock.close(linger=0)
+        self._remove_endpoints()
+        self.procs, self.ready, self.send_to, self.recv_from_workers = {}, {}, {}, None
+        self.connected = None
+
+    def _remove_endpoints(self) -> None:
         for name in [*self.send_to, "results", "drafts"]:
             path = self._endpoint(name)[len("ipc://"):]
             if os.path.exists(path):
                 os.unlink(path)
-        self.procs, self.ready, self.send_to, self.recv_from_workers = {}, {}, {}, None
-        self.connected = None
+
+    def _exit_reason(self, role: str, proc) -> str:
+        return f"{role} exited with code {proc.returncode}"
 
     def _stop_worker(self, role: str) -> None:
         proc, sock = self.procs.get(role), self.send_to.get(role)
@@ -184,6 +212,10 @@ class WorkerPool:
 
     def pids(self) -> dict[str, int]:
         return {role: proc.pid for role, proc in self.procs.items()}
+
+    def placement(self) -> dict[str, dict]:
+        """Where each worker runs (for status)."""
+        return {role: {"host": "local", "pid": proc.pid} for role, proc in self.procs.items()}
 
     def _socket(self, kind: int, name: str) -> zmq.Socket:
         sock = self.context.socket(kind)
