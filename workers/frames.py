@@ -25,6 +25,7 @@ import msgpack
 import torch
 import zmq
 
+from minedraft.runtime import curve as cv
 from minedraft.workers.buffers import _check_tensors, _layout, _views, TensorSpec
 
 POLL_MS = 100
@@ -40,15 +41,23 @@ class FrameBuffers:
         self._handle = handle
 
     @classmethod
-    def create(cls, specs: dict[str, TensorSpec], endpoint: str) -> "FrameBuffers":
+    def create(cls, specs: dict[str, TensorSpec], endpoint: str, curve_public: str | None = None) -> "FrameBuffers":
+        """endpoint: where the sender is bound; curve_public: its CURVE public key, when it is a
+        CURVE server (tcp://)."""
         fields, size_bytes = _layout(specs)
-        return cls(fields, {"kind": "frames", "endpoint": endpoint, "size_bytes": size_bytes, "tensors": fields})
+        handle = {"kind": "frames", "endpoint": endpoint, "size_bytes": size_bytes, "tensors": fields}
+        if curve_public is not None:
+            handle["curve_public"] = curve_public
+        return cls(fields, handle)
 
     @classmethod
     def attach(cls, handle: dict) -> "FrameBuffers":
         """The consumer's own copy of a producer's set (same layout); checks the handle."""
-        if not isinstance(handle, dict) or set(handle) != {"kind", "endpoint", "size_bytes", "tensors"}:
-            raise ValueError(f"bad frames handle: expected kind, endpoint, size_bytes, tensors; got {handle!r:.200}")
+        if not isinstance(handle, dict) or set(handle) - {"curve_public"} != {"kind", "endpoint", "size_bytes", "tensors"}:
+            raise ValueError("bad frames handle: expected kind, endpoint, size_bytes, tensors (and curve_public); "
+                             f"got {handle!r:.200}")
+        if not isinstance(handle.get("curve_public", ""), str) or len(handle.get("curve_public", "x" * 40)) != 40:
+            raise ValueError(f"bad frames handle: curve_public {handle.get('curve_public')!r}")
         endpoint, size_bytes = handle["endpoint"], handle["size_bytes"]
         if handle["kind"] != "frames" or not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
             raise ValueError(f"bad frames handle: kind {handle['kind']!r}, endpoint {endpoint!r}")
@@ -83,12 +92,19 @@ def _frame(tensor: torch.Tensor) -> memoryview:
 
 
 class FrameSender:
-    """The drafter's end: binds the PUSH socket its buffer handles name."""
+    """The drafter's end: binds the PUSH socket its buffer handles name (endpoint may end in ":*"
+    for any free port; self.endpoint is where it is bound). server_keys: (public, secret) to make
+    it a CURVE server, whose ZAP handler the caller runs."""
 
-    def __init__(self, context: zmq.Context, endpoint: str):
+    def __init__(self, context: zmq.Context, endpoint: str, server_keys: tuple[str, str] | None = None):
         self.sock = context.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.curve_public = None
+        if server_keys is not None:
+            cv.make_server(self.sock, *server_keys)
+            self.curve_public = server_keys[0]
         self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.num_bytes = 0
 
     def send(self, buffers: FrameBuffers, batch_id: int, draft_id: int, rows: list[tuple[int, int, bool]]) -> None:
@@ -110,9 +126,13 @@ class FrameSender:
 class FrameReceiver:
     """The verifier's end: connects a PULL socket and fills its own buffer sets."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, buffers: list[FrameBuffers], timeout_s: float):
+    def __init__(self, context: zmq.Context, endpoint: str, buffers: list[FrameBuffers], timeout_s: float,
+                 server_public: str | None = None, keys: dict[str, str] | None = None):
+        """server_public, keys: the sender's CURVE public key and this worker's key pair (tcp://)."""
         self.sock = context.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if server_public is not None:
+            cv.make_client(self.sock, server_public, keys)
         self.sock.connect(endpoint)
         self.buffers = buffers
         self.timeout_s = timeout_s

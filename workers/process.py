@@ -16,6 +16,7 @@ import traceback
 import torch
 import zmq
 
+from minedraft.runtime import curve as cv
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, config_from_dict, draft_transport
 from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
@@ -40,6 +41,14 @@ def run_drafter_process(config: Config, jobs_endpoint: str, results_endpoint: st
 
 def run_verifier_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
     _serve("verifier", config, jobs_endpoint, results_endpoint, run_dir)
+
+
+def run_remote_worker(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
+                      drafts_endpoint: str | None, curve: dict[str, str]) -> None:
+    """A worker in a Ray actor: tcp:// sockets under CURVE (curve: runtime/curve.for_worker);
+    drafts_endpoint (the drafter, frames) may end in ":*" for a free port. Its life is the
+    actor's: no parent check, since Ray ends the actors of a scheduler that dies."""
+    _serve(role, config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint, curve, parent_pid=None)
 
 
 def place(role: str, config: Config) -> torch.device:
@@ -112,18 +121,25 @@ class WorkerLoop:
     """One worker's state between jobs: its core, its buffers and its sockets."""
 
     def __init__(self, role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
-                 drafts_endpoint: str | None = None):
+                 drafts_endpoint: str | None = None, curve: dict[str, str] | None = None,
+                 parent_pid: int | None = -1):
+        """curve: key pairs for tcp:// sockets (None: ipc://, same host); parent_pid: the
+        scheduler to outlive no longer (-1: this process's parent; None: no check)."""
         self.role = role
         self.config = config
         self.drafts_endpoint = drafts_endpoint
-        self.parent_pid = os.getppid()
+        self.curve = curve
+        self.parent_pid = os.getppid() if parent_pid == -1 else parent_pid
         self.context = zmq.Context()
+        self.auth = None  # the drafts socket's ZAP handler (frames under CURVE)
         self.recv_from_scheduler = self.context.socket(zmq.PULL)
-        self.recv_from_scheduler.setsockopt(zmq.LINGER, 0)
-        self.recv_from_scheduler.connect(jobs_endpoint)
         self.send_to_scheduler = self.context.socket(zmq.PUSH)
-        self.send_to_scheduler.setsockopt(zmq.LINGER, 1000)
-        self.send_to_scheduler.connect(results_endpoint)
+        for sock, endpoint, linger in ((self.recv_from_scheduler, jobs_endpoint, 0),
+                                       (self.send_to_scheduler, results_endpoint, 1000)):
+            sock.setsockopt(zmq.LINGER, linger)
+            if curve is not None:
+                cv.make_client(sock, curve["scheduler_public"], curve)
+            sock.connect(endpoint)
         self.buffers: list[SharedBuffers | FrameBuffers] = []  # drafter: owned; verifier: attached
         self.sender: FrameSender | None = None  # frames transport, drafter
         self.receiver: FrameReceiver | None = None  # frames transport, verifier
@@ -145,8 +161,13 @@ class WorkerLoop:
             if draft_transport(config) == "frames":
                 if self.drafts_endpoint is None:
                     raise RuntimeError("cluster.draft_transport = frames, but the drafter was given no drafts endpoint")
-                self.buffers = [FrameBuffers.create(specs, self.drafts_endpoint) for _ in range(NUM_BATCHES)]
-                self.sender = FrameSender(self.context, self.drafts_endpoint)
+                server_keys = None
+                if self.curve is not None:
+                    self.auth = cv.start_authenticator(self.context, self.curve["worker_public"])
+                    server_keys = (self.curve["drafts_public"], self.curve["drafts_secret"])
+                self.sender = FrameSender(self.context, self.drafts_endpoint, server_keys)
+                self.buffers = [FrameBuffers.create(specs, self.sender.endpoint, self.sender.curve_public)
+                                for _ in range(NUM_BATCHES)]
             else:
                 self.buffers = [SharedBuffers.create(specs, device) for _ in range(NUM_BATCHES)]
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
@@ -161,7 +182,7 @@ class WorkerLoop:
     def run(self) -> None:
         while True:
             if not self.recv_from_scheduler.poll(int(PARENT_CHECK_S * 1000)):
-                if os.getppid() != self.parent_pid:  # the scheduler died: nothing left to serve
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:  # the scheduler died
                     return
                 continue
             job = p.decode(self.recv_from_scheduler.recv(copy=False).bytes, p.WORKER_JOBS)
@@ -216,8 +237,11 @@ class WorkerLoop:
             endpoints = {h["endpoint"] for h in handles}
             if len(endpoints) != 1:
                 raise ValueError(f"frames handles name several endpoints: {sorted(endpoints)}")
+            server_public = {h.get("curve_public") for h in handles}
+            if len(server_public) != 1 or (None in server_public) != (self.curve is None):
+                raise ValueError("frames handles: a CURVE public key is needed exactly when the workers use CURVE")
             self.receiver = FrameReceiver(self.context, endpoints.pop(), self.buffers,
-                                          self.config.scheduler.job_timeout_s)
+                                          self.config.scheduler.job_timeout_s, server_public.pop(), self.curve)
         else:
             self.buffers = [SharedBuffers.attach(h) for h in handles]
 
@@ -230,6 +254,8 @@ class WorkerLoop:
             if self.role == "drafter":
                 buffers.unlink()
         self.buffers = []
+        if self.auth is not None:
+            self.auth.stop()
         self.context.destroy(linger=0)
 
 
@@ -241,24 +267,26 @@ def _row(row: p.JobRow) -> Row:
 
 
 def _serve(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
-           drafts_endpoint: str | None = None) -> None:
+           drafts_endpoint: str | None = None, curve: dict[str, str] | None = None, parent_pid: int | None = -1) -> None:
     loop = None
     try:
-        loop = WorkerLoop(role, config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint)
+        loop = WorkerLoop(role, config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint, curve, parent_pid)
         loop.run()
     except Exception as exc:  # start-up failure: tell the scheduler why, then exit non-zero
         if loop is None:
-            _report_startup_failure(role, results_endpoint, exc)
+            _report_startup_failure(role, results_endpoint, exc, curve)
         raise
     finally:
         if loop is not None:
             loop.close()
 
 
-def _report_startup_failure(role: str, results_endpoint: str, exc: Exception) -> None:
+def _report_startup_failure(role: str, results_endpoint: str, exc: Exception, curve: dict | None = None) -> None:
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 2000)
+    if curve is not None:
+        cv.make_client(sock, curve["scheduler_public"], curve)
     sock.connect(results_endpoint)
     sock.send(p.encode(p.WorkerError(role, f"{type(exc).__name__}: {exc}", traceback.format_exc())))
     sock.close()

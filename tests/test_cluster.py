@@ -1,0 +1,168 @@
+"""The Ray backend and replicas, on a local multi-node Ray cluster (ray.cluster_utils.Cluster):
+a head with no CPUs and two nodes whose custom resources force every drafter onto one node and
+every verifier onto the other, so the drafts must cross between nodes as frames."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import time
+
+import pytest
+
+from minedraft.runtime.client import AsyncClient, RequestError
+from tests.runtime_utils import cli, daemon_args, reference_outputs, running_daemon, status
+from tests.test_runtime import run_load, workload
+
+ray = pytest.importorskip("ray", reason="the cluster extra (Ray) is not installed")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+NODE_RESOURCES = ({"drafter_host": 4}, {"verifier_host": 4})
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for resources in NODE_RESOURCES:
+        cluster.add_node(num_cpus=4, resources=resources)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="minedraft", logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def ray_overrides(cluster, *more: str) -> list[str]:
+    return ["cluster.backend=ray", f"cluster.ray_address={cluster.address}",
+            "cluster.drafter_resources={drafter_host = 1}", "cluster.verifier_resources={verifier_host = 1}", *more]
+
+
+def _worker_actor_pids() -> set[int]:
+    """Processes of worker actors on this machine (every simulated node is here)."""
+    pids = set()
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                if f.read().startswith(b"ray::WorkerActor"):
+                    pids.add(int(path.split("/")[2]))
+        except OSError:
+            pass
+    return pids
+
+
+def _shm_segments() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def assert_nothing_left(daemon_pid: int, shm_before: set[str]) -> None:
+    """No actor, placement group, process or shared-memory segment of the daemon remains."""
+    deadline = time.monotonic() + 10
+    while _worker_actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _worker_actor_pids() == set()
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert [n for n in names if n.startswith(f"minedraft-{daemon_pid}-")] == []
+    groups = ray.util.placement_group_table().values()
+    assert [g for g in groups if g["name"].startswith(f"minedraft-{daemon_pid}-") and g["state"] != "REMOVED"] == []
+    assert not os.path.exists(f"/proc/{daemon_pid}")
+    assert {s for s in _shm_segments() - shm_before if "minedraft" in s or s.startswith("psm_")} == set()
+
+
+def test_workers_on_two_nodes_give_the_local_backends_tokens_over_frames(tmp_path, ray_cluster):
+    """Greedy and seeded sampled requests through psd with the drafter and the verifier on
+    different Ray nodes equal the local backend's outputs, and the drafts went as frames."""
+    requests = workload(8, temperature=0.0) + [dict(r, request_id=f"s{i}") for i, r in
+                                                enumerate(workload(8, temperature=0.8))]
+    shm_before = _shm_segments()
+    with running_daemon(tmp_path / "ray", "psd", *ray_overrides(ray_cluster)) as (endpoint, _):
+        on_ray = asyncio.run(run_load(endpoint, requests))
+        st = status(endpoint)
+    assert_nothing_left(st["pid"], shm_before)
+    with running_daemon(tmp_path / "local", "psd") as (endpoint, _):
+        local = asyncio.run(run_load(endpoint, requests))
+    assert on_ray == local
+    assert on_ray == reference_outputs(requests, mode="sd")
+    workers = st["replicas"][0]["workers"]
+    assert workers["drafter"]["node_id"] != workers["verifier"]["node_id"]
+    assert st["backend"] == "ray" and st["draft_transport"] == "frames" and st["num_draft_frame_bytes"] > 0
+    assert st["acceptance_rate"] > 0.3
+
+
+async def _generate_all(endpoint: str, requests: list[dict]) -> dict[str, tuple[str, float, int]]:
+    """request_id -> (outcome, time it ended, tokens): outcome is the finish reason or the error code."""
+    async with AsyncClient(endpoint, timeout_s=60) as client:
+        async def one(r):
+            try:
+                c = await client.generate(prompt_ids=r["prompt_ids"], max_tokens=r["max_tokens"], request_id=r["request_id"],
+                                          temperature=r["temperature"], seed=r["seed"], ignore_eos=True)
+                return r["request_id"], (c.finish_reason, time.monotonic(), len(c.token_ids))
+            except RequestError as exc:
+                return r["request_id"], (exc.code, time.monotonic(), 0)
+        return dict(await asyncio.gather(*(one(r) for r in requests)))
+
+
+def _wait_status(endpoint: str, is_ok, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = status(endpoint)
+        if is_ok(st):
+            return st
+        assert time.monotonic() < deadline, f"status never matched: {st['replicas']}"
+        time.sleep(0.05)
+
+
+def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster):
+    """2 replicas on Ray share 32 concurrent requests; killing one replica's verifier actor ends
+    that replica's in-flight requests with runtime_dead within 5 s while the other replica's
+    finish; with restart_workers the replica returns and serves again; stop leaves nothing."""
+    shm_before = _shm_segments()
+    overrides = ray_overrides(ray_cluster, "cluster.replicas=2", "scheduler.restart_workers=true")
+    args = daemon_args(tmp_path, "psd", *overrides)
+    started = cli("start", *args)
+    assert started.returncode == 0, started.stdout + started.stderr
+    endpoint = args[args.index("--endpoint") + 1]
+    try:
+        outcomes = asyncio.run(_generate_all(endpoint, workload(32, temperature=0.0)))
+        assert {o for o, _, _ in outcomes.values()} <= {"length", "stop"} and len(outcomes) == 32
+        st = status(endpoint)
+        assert sum(r["num_routed"] for r in st["replicas"]) == 32 and min(r["num_routed"] for r in st["replicas"]) >= 8
+        assert all(r["num_jobs"]["verifier"] > 0 and r["num_jobs"]["drafter"] > 0 for r in st["replicas"])
+
+        # long requests on both replicas; then replica 0 loses its verifier
+        long = [dict(r, request_id=f"long{i}", max_tokens=250) for i, r in enumerate(workload(16))]
+
+        async def kill_while_running():
+            task = asyncio.create_task(_generate_all(endpoint, long))
+            in_flight = await asyncio.to_thread(
+                _wait_status, endpoint, lambda s: all(r["num_in_flight"] >= 4 for r in s["replicas"]))
+            victim = in_flight["replicas"][0]["workers"]["verifier"]["actor"]
+            killed_s = time.monotonic()
+            ray.kill(ray.get_actor(victim, namespace="minedraft"), no_restart=True)
+            return await task, killed_s, in_flight
+
+        ended, killed_s, before = asyncio.run(kill_while_running())
+        dead = {rid: t for rid, (o, t, _) in ended.items() if o == "runtime_dead"}
+        finished = [rid for rid, (o, _, n) in ended.items() if o == "length" and n == 250]
+        assert len(dead) + len(finished) == len(long)  # every request had its one outcome
+        assert 0 < len(dead) <= before["replicas"][0]["num_in_flight"]
+        assert max(dead.values()) - killed_s < 5.0
+        assert len(finished) >= before["replicas"][1]["num_in_flight"]  # the other replica's all finished
+
+        back = _wait_status(endpoint, lambda s: s["replicas"][0]["state"] == "serving"
+                            and s["replicas"][0]["num_restarts"] == 1)
+        assert back["state"] == "serving" and back["num_live_replicas"] == 2
+        assert back["replicas"][0]["workers"]["verifier"]["actor"] != before["replicas"][0]["workers"]["verifier"]["actor"]
+        again = asyncio.run(_generate_all(endpoint, [dict(r, request_id=f"again{i}") for i, r in
+                                                     enumerate(workload(8))]))
+        assert {o for o, _, _ in again.values()} <= {"length", "stop"}
+        after = status(endpoint)
+        assert after["replicas"][0]["num_routed"] > back["replicas"][0]["num_routed"]
+    finally:
+        stopped = cli("stop", *args)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert_nothing_left(st["pid"], shm_before)
+
