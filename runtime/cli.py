@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -74,6 +75,9 @@ def cmd_start(args) -> int:
         if missing:
             print(f"error: --http needs {', '.join(missing)}: pip install 'minedraft-runtime[http]'", file=sys.stderr)
             return 1
+    if config.cluster.backend == "ray" and importlib.util.find_spec("ray") is None:
+        print("error: cluster.backend = ray needs Ray: pip install 'minedraft-runtime[cluster]'", file=sys.stderr)
+        return 1
     if args.foreground:
         import logging
 

@@ -134,6 +134,7 @@ class RayWorkerPool(WorkerPool):
 
     def __init__(self, config: Config, run_dir: str, context: zmq.Context, index: int = 0):
         super().__init__(config, run_dir, None)  # a context of its own per start: its own ZAP handler
+        self._check_devices()  # before joining the cluster
         self.ray = import_ray()
         self.index = index
         self.ip = connect_ray(config)
@@ -150,7 +151,6 @@ class RayWorkerPool(WorkerPool):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._check_devices()
         self.generation += 1
         self.context = zmq.Context()
         self.keys = cv.new_worker_keys()
@@ -279,6 +279,14 @@ class RayWorkerPool(WorkerPool):
 
     def _exit_reason(self, role: str, proc: ActorProcess) -> str:
         return f"{role} actor {proc.reason} on {proc.node['ip']}"
+
+
+def disconnect_ray() -> None:
+    """Leave the Ray cluster (a private instance stops with it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _host(ip: str) -> str:

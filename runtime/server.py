@@ -155,7 +155,8 @@ class Server:
             try:
                 if replica.pool.poll_start():
                     self._on_replica_started(replica)
-            except StartupError as exc:
+            except Exception as exc:  # StartupError, or the Ray cluster failing under the restart
+                log.exception("replica %d: restart failed", replica.index)
                 replica.pool.stop()
                 self._on_replica_dead(replica, f"{replica.dead_reason}; restart failed: {exc}")
             return
@@ -191,7 +192,8 @@ class Server:
                 replica.pool.begin_start()
                 replica.state = "restarting"
                 return
-            except StartupError as exc:
+            except Exception as exc:  # StartupError, or the Ray cluster failing under the restart
+                log.exception("replica %d: restart failed", replica.index)
                 replica.pool.stop()
                 reason = f"{reason}; restart failed: {exc}"
         self._on_replica_dead(replica, reason)
@@ -369,6 +371,10 @@ class Server:
             self.http.stop()
         for replica in self.replicas:
             replica.pool.stop()
+        if self.config.cluster.backend == "ray":
+            from minedraft.runtime.ray_pool import disconnect_ray
+
+            disconnect_ray()
         if self.auth is not None:
             self.auth.stop()
         self.context.destroy(linger=0)

@@ -8,11 +8,12 @@ import asyncio
 import glob
 import logging
 import os
+import signal
 import time
 
 import pytest
 
-from minedraft.runtime.client import AsyncClient, RequestError
+from minedraft.runtime.client import AsyncClient, Client, RequestError
 from tests.runtime_utils import cli, daemon_args, reference_outputs, running_daemon, status
 from tests.test_runtime import run_load, workload
 
@@ -61,7 +62,7 @@ def _shm_segments() -> set[str]:
 def assert_nothing_left(daemon_pid: int, shm_before: set[str]) -> None:
     """No actor, placement group, process or shared-memory segment of the daemon remains."""
     deadline = time.monotonic() + 10
-    while _worker_actor_pids() and time.monotonic() < deadline:
+    while (_worker_actor_pids() or os.path.exists(f"/proc/{daemon_pid}")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _worker_actor_pids() == set()
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
@@ -74,13 +75,20 @@ def assert_nothing_left(daemon_pid: int, shm_before: set[str]) -> None:
 
 def test_workers_on_two_nodes_give_the_local_backends_tokens_over_frames(tmp_path, ray_cluster):
     """Greedy and seeded sampled requests through psd with the drafter and the verifier on
-    different Ray nodes equal the local backend's outputs, and the drafts went as frames."""
+    different Ray nodes equal the local backend's outputs, and the drafts went as frames. Then
+    the daemon is killed outright: Ray ends its actors, and nothing of it stays."""
     requests = workload(8, temperature=0.0) + [dict(r, request_id=f"s{i}") for i, r in
                                                 enumerate(workload(8, temperature=0.8))]
     shm_before = _shm_segments()
-    with running_daemon(tmp_path / "ray", "psd", *ray_overrides(ray_cluster)) as (endpoint, _):
+    args = daemon_args(tmp_path / "ray", "psd", *ray_overrides(ray_cluster))
+    started = cli("start", *args)
+    assert started.returncode == 0, started.stdout + started.stderr
+    endpoint = args[args.index("--endpoint") + 1]
+    try:
         on_ray = asyncio.run(run_load(endpoint, requests))
         st = status(endpoint)
+    finally:
+        os.kill(int((tmp_path / "ray" / "run" / "daemon.pid").read_text()), signal.SIGKILL)
     assert_nothing_left(st["pid"], shm_before)
     with running_daemon(tmp_path / "local", "psd") as (endpoint, _):
         local = asyncio.run(run_load(endpoint, requests))
@@ -116,11 +124,19 @@ def _wait_status(endpoint: str, is_ok, timeout_s: float = 60) -> dict:
 
 
 def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster):
-    """2 replicas on Ray share 32 concurrent requests; killing one replica's verifier actor ends
-    that replica's in-flight requests with runtime_dead within 5 s while the other replica's
-    finish; with restart_workers the replica returns and serves again; stop leaves nothing."""
+    """2 replicas on Ray share 32 concurrent requests, also through the HTTP front end; killing
+    one replica's verifier actor ends that replica's in-flight requests with runtime_dead within
+    5 s while the other replica's finish; with restart_workers the replica returns and serves
+    again; stop leaves nothing. The models are folders with a tokenizer file, which the verifier
+    actors write on their node and the scheduler fetches."""
+    import httpx
+
+    from tests.http_utils import write_chat_model
+
     shm_before = _shm_segments()
-    overrides = ray_overrides(ray_cluster, "cluster.replicas=2", "scheduler.restart_workers=true")
+    target, draft = write_chat_model(tmp_path / "target"), write_chat_model(tmp_path / "draft", noise=0.003)
+    overrides = ray_overrides(ray_cluster, "cluster.replicas=2", "scheduler.restart_workers=true",
+                              f"model.target={target}", f"model.draft={draft}", "server.http=127.0.0.1:0")
     args = daemon_args(tmp_path, "psd", *overrides)
     started = cli("start", *args)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -131,6 +147,11 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
         st = status(endpoint)
         assert sum(r["num_routed"] for r in st["replicas"]) == 32 and min(r["num_routed"] for r in st["replicas"]) >= 8
         assert all(r["num_jobs"]["verifier"] > 0 and r["num_jobs"]["drafter"] > 0 for r in st["replicas"])
+        reply = httpx.post(st["http"]["url"] + "/v1/completions", timeout=30,
+                           json={"model": target, "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8, reply.text
+        with Client(endpoint, timeout_s=30) as client:  # the text the scheduler decodes with the fetched tokenizer
+            assert client.generate("def fib(n):", max_tokens=8).text == reply.json()["choices"][0]["text"]
 
         # long requests on both replicas; then replica 0 loses its verifier
         long = [dict(r, request_id=f"long{i}", max_tokens=250) for i, r in enumerate(workload(16))]
@@ -138,7 +159,8 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
         async def kill_while_running():
             task = asyncio.create_task(_generate_all(endpoint, long))
             in_flight = await asyncio.to_thread(
-                _wait_status, endpoint, lambda s: all(r["num_in_flight"] >= 4 for r in s["replicas"]))
+                _wait_status, endpoint, lambda s: sum(r["num_in_flight"] for r in s["replicas"]) == len(long)
+                and all(r["num_in_flight"] >= 4 for r in s["replicas"]))  # all sent, both replicas busy
             victim = in_flight["replicas"][0]["workers"]["verifier"]["actor"]
             killed_s = time.monotonic()
             ray.kill(ray.get_actor(victim, namespace="minedraft"), no_restart=True)
@@ -166,3 +188,29 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert_nothing_left(st["pid"], shm_before)
 
+
+
+def test_ray_backend_refuses_cuda_drafts_between_actors_before_joining(tmp_path):
+    """Ray gives each actor only its own GPUs, so CUDA IPC cannot attach and frames are CPU-only:
+    the start fails at once with the reason, before joining any cluster."""
+    from minedraft.runtime.config import load_config
+    from minedraft.runtime.ray_pool import RayWorkerPool
+    from minedraft.runtime.worker_pool import StartupError
+
+    config = load_config("tiny", ["cluster.backend=ray", "cluster.ray_address=198.51.100.1:6379",
+                                  "drafter.device=cuda", "verifier.device=cuda:1"])
+    with pytest.raises(StartupError, match="CUDA workers is not supported yet"):
+        RayWorkerPool(config, str(tmp_path), None)
+
+
+def test_start_without_ray_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from minedraft.runtime import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    args = daemon_args(tmp_path, "psd", "cluster.backend=ray")
+    assert cli.main(["start", *args]) == 1
+    assert "pip install 'minedraft-runtime[cluster]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

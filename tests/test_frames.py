@@ -3,6 +3,7 @@ verifier's own buffers, drafts of other batches and stale drafts placed where th
 headers and frame sizes, and the real processes giving the shared-memory reference's tokens."""
 
 import asyncio
+import time
 
 import msgpack
 import pytest
@@ -105,3 +106,40 @@ def test_daemon_with_frames_gives_the_shared_memory_tokens(tmp_path):
     assert st["draft_buffers"] == {"num_buffers": 2, "device": "cpu", "device_uuid": None}
     assert outputs == reference_outputs(requests, mode="sd")
     assert st["acceptance_rate"] > 0.3
+
+
+def test_frames_over_tcp_reach_only_the_workers_key():
+    """Across hosts the drafts socket is a CURVE server on tcp://: the verifier holding this
+    start's worker key receives the drafts byte-exact; a peer that knows the server's public key
+    but holds another key pair gets nothing, and neither does one without CURVE."""
+    from minedraft.runtime import curve as cv
+
+    keys = cv.new_worker_keys()
+    context = zmq.Context()
+    auth = cv.start_authenticator(context, keys["worker_public"])
+    sender = FrameSender(context, "tcp://127.0.0.1:*", (keys["drafts_public"], keys["drafts_secret"]))
+    sent = [FrameBuffers.create(SPECS, sender.endpoint, sender.curve_public) for _ in range(2)]
+    assert sender.endpoint.startswith("tcp://127.0.0.1:") and sent[0].handle()["curve_public"] == keys["drafts_public"]
+    intruder_keys = {**keys, **dict(zip(("worker_public", "worker_secret"), (k.decode() for k in zmq.curve_keypair())))}
+    receivers = []
+    try:
+        for client_keys in (intruder_keys, None, keys):  # the intruders connect first
+            got = [FrameBuffers.attach(b.handle()) for b in sent]
+            receivers.append(FrameReceiver(context, sender.endpoint, got, 2.0,
+                                           keys["drafts_public"] if client_keys else None, client_keys))
+        time.sleep(0.5)  # handshakes done (or refused)
+        _fill(sent[0], 3)
+        sender.send(sent[0], 0, 1, [(0, 3, True), (1, 3, False)])
+        assert receivers[2].wait_for(0, 1) == sender.num_bytes
+        assert torch.equal(receivers[2].buffers[0].tensors["draft_tokens"][:2], sent[0].tensors["draft_tokens"][:2])
+        assert torch.equal(receivers[2].buffers[0].tensors["draft_probs"][0], sent[0].tensors["draft_probs"][0])
+        for intruder in receivers[:2]:
+            with pytest.raises(RuntimeError, match="did not arrive"):
+                intruder.timeout_s = 0.3
+                intruder.wait_for(0, 1)
+    finally:
+        for receiver in receivers:
+            receiver.close()
+        sender.close()
+        auth.stop()
+        context.destroy(linger=0)
