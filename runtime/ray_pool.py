@@ -138,6 +138,8 @@ class RayWorkerPool(WorkerPool):
         self.ray = import_ray()
         self.index = index
         self.ip = connect_ray(config)
+        if index == 0:
+            self._check_capacity()
         self.keys: dict[str, str] = {}
         self.auth = None
         self.endpoints: dict[str, str] = {}
@@ -213,6 +215,24 @@ class RayWorkerPool(WorkerPool):
                                f"and verifier on different nodes ({self.nodes[DRAFTER]['ip']}, "
                                f"{self.nodes[VERIFIER]['ip']}): use auto or frames, or resources that keep them together")
         return "frames" if setting == "frames" or (setting == "auto" and is_split) else "shared"
+
+    def _check_capacity(self) -> None:
+        """Fail at once when the cluster's nodes hold less of a resource than the replicas need in
+        all (a placement group that can never be placed would only time out)."""
+        totals = self.ray.cluster_resources()
+        n = self.config.cluster.replicas
+        need: dict[str, float] = {}
+        for role in self.roles:
+            for name, amount in self._resources(role).items():
+                need[name] = need.get(name, 0.0) + n * amount
+        short = {name: (amount, totals.get(name, 0.0)) for name, amount in need.items() if amount > totals.get(name, 0.0)}
+        if short:
+            raise StartupError(
+                f"the Ray cluster cannot hold {n} replica(s): they need "
+                + ", ".join(f"{amount:g} {name} (the cluster has {have:g})" for name, (amount, have) in short.items())
+                + f", as cluster.drafter_resources = {self.config.cluster.drafter_resources} and "
+                f"cluster.verifier_resources = {self.config.cluster.verifier_resources} per replica; give fewer "
+                "replicas, smaller amounts (e.g. {CPU = 0.5}) or more nodes")
 
     def _check_devices(self) -> None:
         """Fail at once where the draft exchange between actors cannot work yet."""

@@ -58,8 +58,7 @@ class Server:
         self.config = config
         self.run_dir = run_dir
         self.context = zmq.Context()
-        self.replicas = [Replica(i, make_pool(config, replica_dir(config, run_dir, i), self.context, i))
-                         for i in range(config.cluster.replicas)]
+        self.replicas: list[Replica] = []  # made by start (joining a Ray cluster can fail)
         self.state = "starting"  # starting -> serving -> stopping | dead (every replica dead)
         self.dead_reason: str | None = None
         self.dead_since_s = 0.0
@@ -89,6 +88,9 @@ class Server:
         if server.curve_dir:
             self._enable_curve(server.curve_dir)
         self.frontend.bind(server.endpoint)
+        for i in range(self.config.cluster.replicas):
+            self.replicas.append(Replica(i, make_pool(self.config, replica_dir(self.config, self.run_dir, i),
+                                                      self.context, i)))
         for replica in self.replicas:  # every replica loads its models at the same time
             replica.pool.begin_start()
         for replica in self.replicas:

@@ -214,3 +214,16 @@ def test_start_without_ray_says_what_to_install(tmp_path, monkeypatch, capsys):
     assert cli.main(["start", *args]) == 1
     assert "pip install 'minedraft-runtime[cluster]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_more_replicas_than_the_cluster_holds_fail_at_once(tmp_path, ray_cluster):
+    """5 replicas need 5 drafter_host where the cluster has 4: refused before any actor is made,
+    with what is needed and what there is."""
+    from minedraft.runtime.config import load_config
+    from minedraft.runtime.ray_pool import RayWorkerPool
+    from minedraft.runtime.worker_pool import StartupError
+
+    config = load_config("tiny", ray_overrides(ray_cluster, "cluster.replicas=5"))
+    with pytest.raises(StartupError, match=r"cannot hold 5 replica\(s\): they need 5 drafter_host \(the cluster "
+                                           r"has 4\), 5 verifier_host \(the cluster has 4\)"):
+        RayWorkerPool(config, str(tmp_path), None, 0)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minedraft.runtime import protocol as p  # noqa: E402
 from minedraft.runtime.config import load_config  # noqa: E402
+from minedraft.runtime.router import Replica  # noqa: E402
 from minedraft.runtime.scheduler import SchedulerCore  # noqa: E402
 from minedraft.runtime.server import Server  # noqa: E402
 from minedraft.runtime.tokenizer import ByteTokenizer  # noqa: E402
@@ -51,6 +52,7 @@ def time_routed(config, n: int, num_in_flight: int, run_dir: str) -> float:
     """Seconds per request through the server's router over config.cluster.replicas cores, each
     holding num_in_flight requests already."""
     server = Server(config, run_dir)
+    server.replicas = [Replica(i, pool=None) for i in range(config.cluster.replicas)]
     server.state = "serving"
     for replica in server.replicas:
         replica.core, replica.state = make_core(config), "serving"
