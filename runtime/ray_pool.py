@@ -271,7 +271,8 @@ class RayWorkerPool(WorkerPool):
             self.auth.stop()
         if self.context is not None:
             self.context.destroy(linger=0)
-        self.actors, self.node_refs, self.placement_group, self.auth, self.context = {}, {}, None, None, None
+        self.actors, self.node_refs, self.nodes = {}, {}, {}
+        self.placement_group, self.auth, self.context = None, None, None
         self.endpoints, self.transport = {}, None
 
     def placement(self) -> dict[str, dict]:
