@@ -61,6 +61,27 @@ class RuntimeCollector:
         yield busy_s
         yield busy
         yield _gauge("minedraft_uptime_seconds", "seconds since the runtime started", s.get("uptime_s"))
+        yield from _replica_families(s.get("replicas") or [])
+
+
+def _replica_families(replicas: list[dict]):
+    """Per replica (label replica = its index): whether it serves, requests in flight and routed,
+    restarts."""
+    families = (
+        (GaugeMetricFamily, "minedraft_replica_up", "1 while the replica serves; 0 when restarting or dead",
+         lambda r: 1.0 if r["state"] == "serving" else 0.0),
+        (GaugeMetricFamily, "minedraft_replica_requests_in_flight", "requests the replica holds",
+         lambda r: r["num_in_flight"]),
+        (CounterMetricFamily, "minedraft_replica_routed_requests", "requests the router sent to the replica",
+         lambda r: r["num_routed"]),
+        (CounterMetricFamily, "minedraft_replica_restarts", "times the replica's workers were restarted",
+         lambda r: r["num_restarts"]),
+    )
+    for cls, name, documentation, value in families:
+        family = cls(name, documentation, labels=["replica"])
+        for replica in replicas:
+            family.add_metric([str(replica["index"])], float(value(replica)))
+        yield family
 
 
 def _gauge(name: str, documentation: str, value) -> GaugeMetricFamily:

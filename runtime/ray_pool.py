@@ -16,6 +16,7 @@ Never imports torch (the actors do).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ log = logging.getLogger("minedraft.ray")
 LIVENESS_CHECK_S = 0.1  # how often a worker actor's run call is checked (ray.wait costs ~0.1 ms)
 NAMESPACE = "minedraft"
 PLACE_PHASE = "be placed by Ray"
+ACTOR_DIR_PREFIX = "minedraft-actor-"  # a worker actor's run directory on its node: PREFIX<pid>-<random>
 
 
 def import_ray():
@@ -61,7 +63,8 @@ class WorkerActor:
     until shut down (max_concurrency 2, so the scheduler may fetch its tokenizer meanwhile)."""
 
     def __init__(self):
-        self.run_dir = tempfile.mkdtemp(prefix="minedraft-actor-")
+        remove_stale_actor_dirs()
+        self.run_dir = tempfile.mkdtemp(prefix=f"{ACTOR_DIR_PREFIX}{os.getpid()}-")
 
     def node(self) -> dict:
         import ray
@@ -85,6 +88,24 @@ class WorkerActor:
         """The tokenizer.json the verifier wrote into its own run directory."""
         with open(os.path.join(self.run_dir, "tokenizer.json"), "rb") as f:
             return f.read()
+
+
+def remove_stale_actor_dirs() -> list[str]:
+    """Remove the run directories of this node's worker actors whose process is gone (killed
+    outright, so their own clean-up never ran); returns them. Each new actor does this."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), ACTOR_DIR_PREFIX + "*")):
+        pid = os.path.basename(path)[len(ACTOR_DIR_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)  # another user's stays: not ours to remove
+            removed.append(path)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
 
 
 class ActorProcess:

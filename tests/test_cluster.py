@@ -9,6 +9,7 @@ import glob
 import logging
 import os
 import signal
+import tempfile
 import time
 
 import pytest
@@ -150,6 +151,9 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
         reply = httpx.post(st["http"]["url"] + "/v1/completions", timeout=30,
                            json={"model": target, "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8, reply.text
+        metrics = httpx.get(st["http"]["url"] + "/metrics", timeout=30).text
+        assert 'minedraft_replica_up{replica="0"} 1.0' in metrics and 'minedraft_replica_up{replica="1"} 1.0' in metrics
+        assert 'minedraft_replica_routed_requests_total{replica="1"}' in metrics
         with Client(endpoint, timeout_s=30) as client:  # the text the scheduler decodes with the fetched tokenizer
             assert client.generate("def fib(n):", max_tokens=8).text == reply.json()["choices"][0]["text"]
 
@@ -177,6 +181,8 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
         back = _wait_status(endpoint, lambda s: s["replicas"][0]["state"] == "serving"
                             and s["replicas"][0]["num_restarts"] == 1)
         assert back["state"] == "serving" and back["num_live_replicas"] == 2
+        killed_pid = before["replicas"][0]["workers"]["verifier"]["pid"]  # its run directory held the tokenizer
+        assert glob.glob(f"{tempfile.gettempdir()}/minedraft-actor-{killed_pid}-*") == []  # removed by its successor
         assert back["replicas"][0]["workers"]["verifier"]["actor"] != before["replicas"][0]["workers"]["verifier"]["actor"]
         again = asyncio.run(_generate_all(endpoint, [dict(r, request_id=f"again{i}") for i, r in
                                                      enumerate(workload(8))]))
@@ -227,3 +233,20 @@ def test_more_replicas_than_the_cluster_holds_fail_at_once(tmp_path, ray_cluster
     with pytest.raises(StartupError, match=r"cannot hold 5 replica\(s\): they need 5 drafter_host \(the cluster "
                                            r"has 4\), 5 verifier_host \(the cluster has 4\)"):
         RayWorkerPool(config, str(tmp_path), None, 0)
+
+
+def test_a_new_actor_removes_the_run_directories_of_killed_ones(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from minedraft.runtime.ray_pool import remove_stale_actor_dirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f"minedraft-actor-{gone.pid}-abc").mkdir()
+    (tmp_path / f"minedraft-actor-{gone.pid}-abc" / "tokenizer.json").write_text("{}")
+    (tmp_path / f"minedraft-actor-{os.getpid()}-def").mkdir()  # a live actor's
+    (tmp_path / "minedraft-actor-x-ghi").mkdir()  # not ours by name
+    assert remove_stale_actor_dirs() == [str(tmp_path / f"minedraft-actor-{gone.pid}-abc")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"minedraft-actor-{os.getpid()}-def", "minedraft-actor-x-ghi"]
