@@ -60,17 +60,19 @@ def _shm_segments() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
-def assert_nothing_left(daemon_pid: int, shm_before: set[str]) -> None:
-    """No actor, placement group, process or shared-memory segment of the daemon remains."""
+def assert_nothing_left(daemon_pid: int | None, shm_before: set[str]) -> None:
+    """No actor, placement group, process or shared-memory segment of the daemon (None: of any
+    daemon) remains."""
+    prefix = "minedraft-" if daemon_pid is None else f"minedraft-{daemon_pid}-"
+    is_alive = lambda: daemon_pid is not None and os.path.exists(f"/proc/{daemon_pid}")  # noqa: E731
     deadline = time.monotonic() + 10
-    while (_worker_actor_pids() or os.path.exists(f"/proc/{daemon_pid}")) and time.monotonic() < deadline:
+    while (_worker_actor_pids() or is_alive()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _worker_actor_pids() == set()
+    assert _worker_actor_pids() == set() and not is_alive()
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert [n for n in names if n.startswith(f"minedraft-{daemon_pid}-")] == []
+    assert [n for n in names if n.startswith(prefix)] == []
     groups = ray.util.placement_group_table().values()
-    assert [g for g in groups if g["name"].startswith(f"minedraft-{daemon_pid}-") and g["state"] != "REMOVED"] == []
-    assert not os.path.exists(f"/proc/{daemon_pid}")
+    assert [g for g in groups if g["name"].startswith(prefix) and g["state"] != "REMOVED"] == []
     assert {s for s in _shm_segments() - shm_before if "minedraft" in s or s.startswith("psm_")} == set()
 
 
@@ -250,3 +252,15 @@ def test_a_new_actor_removes_the_run_directories_of_killed_ones(tmp_path, monkey
     (tmp_path / "minedraft-actor-x-ghi").mkdir()  # not ours by name
     assert remove_stale_actor_dirs() == [str(tmp_path / f"minedraft-actor-{gone.pid}-abc")]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"minedraft-actor-{os.getpid()}-def", "minedraft-actor-x-ghi"]
+
+
+def test_a_worker_that_cannot_load_its_model_fails_the_start_with_the_reason(tmp_path, ray_cluster):
+    """The actor's start-up error reaches the scheduler over its CURVE socket: start fails with
+    the worker's own reason, and nothing stays in the cluster."""
+    shm_before = _shm_segments()
+    missing = tmp_path / "no-such-model"
+    args = daemon_args(tmp_path, "psd", *ray_overrides(ray_cluster, f"model.target={missing}"))
+    started = cli("start", *args)
+    assert started.returncode == 1
+    assert "start-up failed: verifier failed to start" in started.stderr and str(missing) in started.stderr
+    assert_nothing_left(None, shm_before)
