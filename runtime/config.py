@@ -247,7 +247,7 @@ MAX_REPLICAS = 64
 @dataclass(frozen=True)
 class ClusterSection:
     backend: str = "local"  # where the workers run: local (processes on this host) | ray (Ray actors where their resources are; pip install 'minedraft-runtime[cluster]')
-    ray_address: str = ""  # ray: the cluster to join ("auto" = the one `ray start` made here, or ray://HOST:PORT, HOST:PORT); "" = start a private one-node Ray
+    ray_address: str = ""  # ray: the cluster to join ("auto" = the one `ray start` made on this machine, or HEAD_IP:PORT; the daemon runs as a Ray driver, not a Ray Client); "" = start a private one-node Ray
     replicas: int = 1  # independent groups of scheduler, drafter and verifier behind the one endpoint
     drafter_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each drafter actor needs, e.g. {GPU = 1} or a custom resource
     verifier_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each verifier actor needs
