@@ -251,6 +251,7 @@ class ClusterSection:
     replicas: int = 1  # independent groups of scheduler, drafter and verifier behind the one endpoint
     drafter_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each drafter actor needs, e.g. {GPU = 1} or a custom resource
     verifier_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # ray: what each verifier actor needs
+    worker_ports: tuple[int, ...] = ()  # ray: [FIRST, LAST], the ports the tcp:// worker sockets bind in (3 per replica on the daemon's machine, 1 per drafter); [] = any free port
     draft_transport: str = "auto"  # how drafts reach the verifier: auto (shared memory or CUDA IPC on one host, frames across hosts) | shared | frames (ZeroMQ frames: workers that share no memory; CPU devices)
 
     def __post_init__(self):
@@ -263,6 +264,10 @@ class ClusterSection:
             _check(not bad, key, f"amounts must be >= 0, got {bad}")
             _check(any(getattr(self, key).values()), key, "needs at least one resource with an amount > 0 "
                    "(Ray places each actor by them), e.g. {CPU = 1}")
+        _check(self.worker_ports == () or (len(self.worker_ports) == 2 and
+                                           1024 <= self.worker_ports[0] <= self.worker_ports[1] <= 65535),
+               "worker_ports", f"expected [] or [FIRST, LAST] with 1024 <= FIRST <= LAST <= 65535, got "
+               f"{list(self.worker_ports)}")
         _check(self.draft_transport in DRAFT_TRANSPORTS, "draft_transport",
                f"expected one of {', '.join(DRAFT_TRANSPORTS)}, got {self.draft_transport!r}")
 

@@ -47,6 +47,20 @@ def make_client(sock: zmq.Socket, server_public: str, keys: dict[str, str]) -> N
     sock.curve_publickey, sock.curve_secretkey = keys["worker_public"].encode(), keys["worker_secret"].encode()
 
 
+def bind_tcp(sock: zmq.Socket, host: str, ports: tuple[int, ...] = ()) -> str:
+    """Bind sock on tcp://host at any free port, or at a free one in ports = (first, last);
+    returns the endpoint bound. ValueError when the range has no free port."""
+    if not ports:
+        sock.bind(f"tcp://{host}:*")
+    else:
+        first, last = ports
+        try:
+            sock.bind_to_random_port(f"tcp://{host}", first, last + 1, max_tries=min(4 * (last - first + 1), 20000))
+        except zmq.ZMQBindError:
+            raise ValueError(f"no free port in cluster.worker_ports [{first}, {last}] on {host}") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 class _OneKey:
     def __init__(self, public: str):
         self.public = public.encode()

@@ -163,7 +163,7 @@ class RayWorkerPool(WorkerPool):
             self._check_capacity()
         self.keys: dict[str, str] = {}
         self.auth = None
-        self.endpoints: dict[str, str] = {}
+        self.bound: dict[str, str] = {}
         self.actors: dict[str, object] = {}
         self.nodes: dict[str, dict] = {}
         self.node_refs: dict[str, object] = {}
@@ -219,7 +219,7 @@ class RayWorkerPool(WorkerPool):
         config = config_to_dict(dataclasses.replace(self.config, cluster=cluster))
         for role in self.roles:
             drafts = f"tcp://{_host(self.nodes[DRAFTER]['ip'])}:*" if role == DRAFTER and self.transport == "frames" else None
-            ref = self.actors[role].run.remote(role, config, self.endpoints[role], self.endpoints["results"], drafts,
+            ref = self.actors[role].run.remote(role, config, self.bound[role], self.bound["results"], drafts,
                                                cv.for_worker(self.keys, role))
             self.procs[role] = ActorProcess(self.ray, self.actors[role], ref, self.nodes[role])
         log.info("replica %d: %s (draft transport %s)", self.index,
@@ -294,7 +294,7 @@ class RayWorkerPool(WorkerPool):
             self.context.destroy(linger=0)
         self.actors, self.node_refs, self.nodes = {}, {}, {}
         self.placement_group, self.auth, self.context = None, None, None
-        self.endpoints, self.transport = {}, None
+        self.bound, self.transport = {}, None
 
     def placement(self) -> dict[str, dict]:
         return {role: {**self.nodes[role], "actor": f"{self._name()}-{role}"} for role in self.nodes}
@@ -309,12 +309,15 @@ class RayWorkerPool(WorkerPool):
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         cv.make_server(sock, self.keys["scheduler_public"], self.keys["scheduler_secret"])
-        sock.bind(f"tcp://{_host(self.ip)}:*")
-        self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.bound[name] = cv.bind_tcp(sock, _host(self.ip), self.config.cluster.worker_ports)
+        except ValueError as exc:
+            sock.close(linger=0)
+            raise StartupError(str(exc)) from None
         return sock
 
     def _endpoint(self, name: str) -> str:
-        return self.endpoints[name]
+        return self.bound[name]
 
     def _remove_endpoints(self) -> None:
         """tcp:// endpoints leave nothing on disk."""

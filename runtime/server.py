@@ -360,6 +360,7 @@ class Server:
             "num_restarts": replica.num_restarts,
             "worker_pids": pool.pids(),
             "workers": pool.placement(),
+            "endpoints": pool.endpoints(),
             "linear_path": {role: ready.linear for role, ready in pool.ready.items()},
             "draft_buffers": _connected_status(pool.connected),
             "draft_transport": pool.connected.kind if pool.connected is not None else None,

@@ -213,6 +213,17 @@ class WorkerPool:
     def pids(self) -> dict[str, int]:
         return {role: proc.pid for role, proc in self.procs.items()}
 
+    def endpoints(self) -> dict[str, str]:
+        """Where the workers' sockets are (for status): the scheduler's, and the drafter's
+        drafts socket with the frames transport."""
+        if self.recv_from_workers is None:
+            return {}
+        endpoints = {name: self._endpoint(name) for name in [*self.send_to, "results"]}
+        drafter = self.ready.get(DRAFTER)
+        if drafter is not None and drafter.buffers and drafter.buffers[0].get("kind") == "frames":
+            endpoints["drafts"] = drafter.buffers[0]["endpoint"]
+        return endpoints
+
     def placement(self) -> dict[str, dict]:
         """Where each worker runs (for status)."""
         return {role: {"host": "local", "pid": proc.pid} for role, proc in self.procs.items()}

@@ -83,7 +83,7 @@ def test_workers_on_two_nodes_give_the_local_backends_tokens_over_frames(tmp_pat
     requests = workload(8, temperature=0.0) + [dict(r, request_id=f"s{i}") for i, r in
                                                 enumerate(workload(8, temperature=0.8))]
     shm_before = _shm_segments()
-    args = daemon_args(tmp_path / "ray", "psd", *ray_overrides(ray_cluster))
+    args = daemon_args(tmp_path / "ray", "psd", *ray_overrides(ray_cluster, "cluster.worker_ports=[41700, 41799]"))
     started = cli("start", *args)
     assert started.returncode == 0, started.stdout + started.stderr
     endpoint = args[args.index("--endpoint") + 1]
@@ -101,6 +101,9 @@ def test_workers_on_two_nodes_give_the_local_backends_tokens_over_frames(tmp_pat
     assert workers["drafter"]["node_id"] != workers["verifier"]["node_id"]
     assert st["backend"] == "ray" and st["draft_transport"] == "frames" and st["num_draft_frame_bytes"] > 0
     assert st["acceptance_rate"] > 0.3
+    endpoints = st["replicas"][0]["endpoints"]  # every worker socket in cluster.worker_ports
+    assert sorted(endpoints) == ["drafter", "drafts", "results", "verifier"]
+    assert all(e.startswith("tcp://") and 41700 <= int(e.rsplit(":", 1)[1]) <= 41799 for e in endpoints.values())
 
 
 async def _generate_all(endpoint: str, requests: list[dict]) -> dict[str, tuple[str, float, int]]:

@@ -143,3 +143,16 @@ def test_frames_over_tcp_reach_only_the_workers_key():
         sender.close()
         auth.stop()
         context.destroy(linger=0)
+
+
+def test_drafts_socket_binds_in_the_configured_ports_or_says_none_is_free():
+    context = zmq.Context()
+    try:
+        first = FrameSender(context, "tcp://127.0.0.1:*", ports=(41800, 41809))
+        port = int(first.endpoint.rsplit(":", 1)[1])
+        assert 41800 <= port <= 41809
+        with pytest.raises(ValueError, match=rf"no free port in cluster.worker_ports \[{port}, {port}\]"):
+            FrameSender(context, "tcp://127.0.0.1:*", ports=(port, port))
+        first.close()
+    finally:
+        context.destroy(linger=0)

@@ -96,15 +96,20 @@ class FrameSender:
     for any free port; self.endpoint is where it is bound). server_keys: (public, secret) to make
     it a CURVE server, whose ZAP handler the caller runs."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, server_keys: tuple[str, str] | None = None):
+    def __init__(self, context: zmq.Context, endpoint: str, server_keys: tuple[str, str] | None = None,
+                 ports: tuple[int, ...] = ()):
+        """ports: (first, last) to bind a "tcp://HOST:*" endpoint in (cluster.worker_ports)."""
         self.sock = context.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.curve_public = None
         if server_keys is not None:
             cv.make_server(self.sock, *server_keys)
             self.curve_public = server_keys[0]
-        self.sock.bind(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if endpoint.startswith("tcp://") and endpoint.endswith(":*"):
+            self.endpoint = cv.bind_tcp(self.sock, endpoint[len("tcp://"):-2], ports)
+        else:
+            self.sock.bind(endpoint)
+            self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.num_bytes = 0
 
     def send(self, buffers: FrameBuffers, batch_id: int, draft_id: int, rows: list[tuple[int, int, bool]]) -> None:

@@ -165,7 +165,7 @@ class WorkerLoop:
                 if self.curve is not None:
                     self.auth = cv.start_authenticator(self.context, self.curve["worker_public"])
                     server_keys = (self.curve["drafts_public"], self.curve["drafts_secret"])
-                self.sender = FrameSender(self.context, self.drafts_endpoint, server_keys)
+                self.sender = FrameSender(self.context, self.drafts_endpoint, server_keys, config.cluster.worker_ports)
                 self.buffers = [FrameBuffers.create(specs, self.sender.endpoint, self.sender.curve_public)
                                 for _ in range(NUM_BATCHES)]
             else:
