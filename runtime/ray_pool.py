@@ -170,19 +170,18 @@ class RayWorkerPool(WorkerPool):
         self.placement_group = None
         self.transport: str | None = None  # the draft transport this start chose
 
-    def begin_start(self) -> None:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self.generation += 1
+    def _prepare_sockets(self) -> None:
+        """This start's context, keys and ZAP handler, for the tcp:// sockets under CURVE."""
         self.context = zmq.Context()
         self.keys = cv.new_worker_keys()
         self.auth = cv.start_authenticator(self.context, self.keys["worker_public"])
-        self.recv_from_workers = self._socket(zmq.PULL, "results")
-        for role in self.roles:
-            self.send_to[role] = self._socket(zmq.PUSH, role)
-        self.ready, self.connected, self.procs, self.nodes = {}, None, {}, {}
-        self.job_started_s = {role: None for role in self.roles}
+
+    def _launch(self) -> str:
+        """The placement group and the actors; each reports its node, then _run_workers."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.nodes = {}
         bundles = [dict(self._resources(role)) for role in self.roles]
         self.placement_group = placement_group(bundles, strategy="PACK", name=f"{self._name()}-workers")
         actor_cls = self.ray.remote(max_concurrency=2)(WorkerActor)
@@ -194,7 +193,7 @@ class RayWorkerPool(WorkerPool):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote()
             self.node_refs[role] = self.actors[role].node.remote()
-        self._start_phase, self._start_deadline = PLACE_PHASE, time.monotonic() + self.config.server.startup_timeout_s
+        return PLACE_PHASE
 
     def poll_start(self) -> bool:
         if self._start_phase == PLACE_PHASE:

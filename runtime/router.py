@@ -5,7 +5,7 @@ with the fewest requests in flight and merges their status. Pure Python, never i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minedraft.runtime.scheduler import SchedulerCore
 
@@ -25,7 +25,6 @@ class Replica:
     dead_reason: str | None = None
     num_restarts: int = 0
     num_routed: int = 0  # requests sent to it
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_live(self) -> bool:

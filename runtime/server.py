@@ -311,7 +311,8 @@ class Server:
             log.warning("aborted %d request(s) of a client: %s", len(aborted), why)
 
     def status(self, is_detailed: bool = False) -> dict:
-        replicas = [self._replica_status(r, is_detailed) for r in self.replicas]
+        replicas = [self._replica_status(r) for r in self.replicas]
+        cores = [r.core.status(is_detailed) for r in self.replicas]
         single = len(replicas) == 1
         status = {
             "state": self.state,
@@ -333,11 +334,11 @@ class Server:
             "draft_transport": replicas[0]["draft_transport"] if single else ",".join(
                 sorted({str(r["draft_transport"]) for r in replicas})),
         }
-        status.update(merge_core_status([r["scheduler"] for r in replicas]))
-        status["replicas"] = [{key: value for key, value in r.items() if key != "scheduler"} for r in replicas]
-        if not single:
-            for entry, replica in zip(status["replicas"], replicas):
-                entry.update(replica["scheduler"])
+        status.update(merge_core_status(cores))
+        if not single:  # each replica's own scheduler figures next to its state
+            for entry, core in zip(replicas, cores):
+                entry.update(core)
+        status["replicas"] = replicas
         core = self.replicas[0].core
         tokenizer = self.replicas[0].pool.ready[VERIFIER].tokenizer if VERIFIER in self.replicas[0].pool.ready else {}
         status.update({  # what front ends need to translate requests
@@ -349,7 +350,7 @@ class Server:
         })
         return status
 
-    def _replica_status(self, replica: Replica, is_detailed: bool) -> dict:
+    def _replica_status(self, replica: Replica) -> dict:
         pool = replica.pool
         return {
             "index": replica.index,
@@ -364,7 +365,6 @@ class Server:
             "linear_path": {role: ready.linear for role, ready in pool.ready.items()},
             "draft_buffers": _connected_status(pool.connected),
             "draft_transport": pool.connected.kind if pool.connected is not None else None,
-            "scheduler": replica.core.status(is_detailed),
         }
 
     # --- shutdown ---------------------------------------------------------------------------

@@ -56,14 +56,23 @@ class WorkerPool:
         """Spawn the workers; poll_start then follows their start-up without blocking, so a
         replica restarting does not hold up the others."""
         self.generation += 1
+        self._prepare_sockets()
         self.recv_from_workers = self._socket(zmq.PULL, "results")
         for role in self.roles:
             self.send_to[role] = self._socket(zmq.PUSH, role)
-        self.ready, self.connected = {}, None
+        self.ready, self.connected, self.procs = {}, None, {}
+        self.job_started_s = {role: None for role in self.roles}
+        self._start_deadline = time.monotonic() + self.config.server.startup_timeout_s
+        self._start_phase = self._launch()
+
+    def _prepare_sockets(self) -> None:
+        """Before this start's sockets are made (ipc:// sockets need nothing)."""
+
+    def _launch(self) -> str:
+        """Start the workers; returns the first start-up phase."""
         for role in self.roles:
             self.procs[role] = self._spawn(role)
-        self.job_started_s = {role: None for role in self.roles}
-        self._start_phase, self._start_deadline = "start", time.monotonic() + self.config.server.startup_timeout_s
+        return "start"
 
     def _spawn(self, role: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "minedraft.workers.process", role, os.path.join(self.run_dir, "config.json"),

@@ -56,8 +56,9 @@ class FrameBuffers:
         if not isinstance(handle, dict) or set(handle) - {"curve_public"} != {"kind", "endpoint", "size_bytes", "tensors"}:
             raise ValueError("bad frames handle: expected kind, endpoint, size_bytes, tensors (and curve_public); "
                              f"got {handle!r:.200}")
-        if not isinstance(handle.get("curve_public", ""), str) or len(handle.get("curve_public", "x" * 40)) != 40:
-            raise ValueError(f"bad frames handle: curve_public {handle.get('curve_public')!r}")
+        public = handle.get("curve_public")
+        if public is not None and not (isinstance(public, str) and len(public) == 40):  # z85 of 32 bytes
+            raise ValueError(f"bad frames handle: curve_public {public!r}")
         endpoint, size_bytes = handle["endpoint"], handle["size_bytes"]
         if handle["kind"] != "frames" or not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://")):
             raise ValueError(f"bad frames handle: kind {handle['kind']!r}, endpoint {endpoint!r}")
