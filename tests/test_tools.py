@@ -266,3 +266,18 @@ def test_bench_sweep_concurrency_runs_every_plan_at_every_load(tmp_path):
     assert (out / "sweep.png").stat().st_size > 0
     for text in ("concurrency 1:", "concurrency 3:", "auto ran (steps):", "fixed plan with the best total"):
         assert text in done.stdout
+
+
+def test_router_overhead_and_frames_cost_tools(tmp_path):
+    """The two scaling tools run and write what they print: the router's cost per request for
+    each replica count (every request routed, asserted inside), and one draft message's transfer
+    against a memcpy of its bytes."""
+    tool("router_overhead.py", "--replicas", "1,3", "--requests", "50", "--repeats", "1",
+         "--json", str(tmp_path / "router.json"))
+    rows = json.loads((tmp_path / "router.json").read_text())["rows"]
+    assert [r["replicas"] for r in rows] == [1, 3] and all(r["routed_us"] > 0 and r["add_request_us"] > 0 for r in rows)
+    tool("frames_cost.py", "--vocab", "512", "--rows", "2", "--depth", "3", "--repeats", "3",
+         "--json", str(tmp_path / "frames.json"))
+    cost = json.loads((tmp_path / "frames.json").read_text())
+    header = cost["bytes_per_message"] - 2 * 3 * 8 - 2 * 3 * 512 * 4  # tokens and distributions of 2 sampled rows
+    assert 0 < header < 200 and cost["transfer_ms"] > 0 and cost["memcpy_ms"] > 0
