@@ -212,7 +212,8 @@ def cmd_status(args) -> int:
     for role, linear in sorted(status.get("linear_path", {}).items()):
         shapes = ", ".join(f"{shape} {path}" for shape, path in linear.get("shapes", {}).items())
         merged = f"; merged {', '.join(linear['fused'])}" if linear.get("fused") else ""
-        lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}{merged}; {shapes}"))
+        weights = f"; {linear['weights']} weights" if linear.get("weights", "float32") != "float32" else ""
+        lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}{merged}{weights}; {shapes}"))
     for key, value in lines:
         print(f"{key:<22}{value}")
     return 0

@@ -96,6 +96,7 @@ class ModelSection:
     draft: str = "tiny-llama"  # same forms; must share the target's vocabulary
     dtype: str = "float32"  # float32 | bfloat16
     linear_path: str = "auto"  # auto (per shape, the faster of the CPU kernel and F.linear, timed at load) | plain (F.linear) | packed (the kernel everywhere)
+    draft_weights: str = "float32"  # float32 | bfloat16: the draft's linear weights rounded to bfloat16 (half the bytes a draft step reads; proposals may change, outputs do not)
     cache_dir: str = "~/.cache/minedraft"  # where prepared real models are kept
     tiny_seed: int = 0  # weight seed of tiny-* and random-* models
     tiny_draft_noise: float = 0.0  # std of noise added to a tiny draft's weights (draft = target + noise)
@@ -113,6 +114,8 @@ class ModelSection:
         _check(self.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {self.dtype!r}")
         _check(self.linear_path in ("auto", "plain", "packed"), "linear_path",
                f"expected auto, plain or packed, got {self.linear_path!r}")
+        _check(self.draft_weights in ("float32", "bfloat16"), "draft_weights",
+               f"expected float32 or bfloat16, got {self.draft_weights!r}")
         _check(self.tiny_draft_noise >= 0, "tiny_draft_noise", f"must be >= 0, got {self.tiny_draft_noise}")
         for key in ("tiny_vocab_size", "tiny_hidden_size", "tiny_intermediate_size", "tiny_num_layers",
                     "tiny_num_heads", "tiny_num_kv_heads"):

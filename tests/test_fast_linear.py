@@ -70,6 +70,36 @@ def test_rows_do_not_depend_on_their_batch_or_threads(ops):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bfloat16_weights_give_float32_products_of_the_rounded_weights(ops, n, k):
+    gen = torch.Generator().manual_seed(7 * n + k)
+    weight = torch.randn(n, k, generator=gen) / k**0.5
+    bias = torch.randn(n, generator=gen)
+    packed = ops.pack(weight.to(torch.bfloat16))
+    assert packed.dtype == torch.bfloat16 and packed.shape == ((n + 15) // 16, k, 16)
+    rounded = weight.to(torch.bfloat16).float()
+    for m in (1, 2, 5, 13, 40, 81):
+        x = torch.randn(m, k, generator=gen)
+        y = ops.linear(x, packed, bias, n)
+        assert y.dtype == torch.float32
+        assert (y - F.linear(x, rounded, bias)).abs().max().item() < 1e-4
+        # the same chain as float32 panels of the rounded weights: the widening is exact
+        assert torch.equal(y, ops.linear(x, ops.pack(rounded), bias, n))
+
+
+@needs_kernel
+def test_bfloat16_rows_do_not_depend_on_their_batch(ops):
+    gen = torch.Generator().manual_seed(4)
+    packed = ops.pack(torch.randn(90, 300, generator=gen).to(torch.bfloat16))
+    x = torch.randn(17, 300, generator=gen)
+    batch = ops.linear(x, packed, None, 90)
+    for m in (1, 3, 6, 7, 12):
+        assert torch.equal(ops.linear(x[:m].contiguous(), packed, None, 90), batch[:m])
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.pack(torch.randn(4, 8, dtype=torch.float16))
+
+
+@needs_kernel
 def test_rejects_mismatched_inputs(ops):
     packed = ops.pack(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="does not fit"):
@@ -115,6 +145,37 @@ def test_fused_projections_give_the_separate_projections_bits():
         for got, linear in ((q, attn.q_proj), (k, attn.k_proj), (v, attn.v_proj), (gate, mlp.gate_proj), (up, mlp.up_proj)):
             alone = ops.linear(x, ops.pack(linear.weight), linear.bias, linear.out_features)
             assert torch.equal(got, alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_bfloat16_weights_pack_every_linear_in_bfloat16(arch):
+    plain, fast = tiny_decoder(arch), tiny_decoder(arch)
+    report = apply_linear_path(fast, "auto", CACHE_DIR, weights="bfloat16")
+    assert report.weights == "bfloat16" and report.choose_s == 0  # nothing to time: no float32 copy to serve from
+    assert set(report.shapes.values()) == {"packed"}
+    linears = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 4 * fast.config.num_layers + 1
+    assert all(m.packed.dtype == torch.bfloat16 and m.weight is None for m in linears)
+    ids = torch.arange(fast.config.vocab_size).reshape(2, -1)
+    embedded = fast.model.embed_tokens(ids)
+    assert embedded.dtype == torch.float32
+    if fast.config.tie_word_embeddings:  # the embedding is the lm_head's rounded panels
+        assert torch.equal(embedded, plain.model.embed_tokens(ids).to(torch.bfloat16).float())
+    else:
+        assert torch.equal(embedded, plain.model.embed_tokens(ids))
+
+
+def test_bfloat16_weights_on_the_plain_path_are_rounded_in_place():
+    plain, rounded = tiny_decoder("tiny-qwen2"), tiny_decoder("tiny-qwen2")
+    report = apply_linear_path(rounded, "plain", CACHE_DIR, weights="bfloat16")
+    assert report.weights == "bfloat16" and set(report.shapes.values()) == {"plain"}
+    for (name, a), b in zip(plain.named_modules(), rounded.modules()):
+        if isinstance(a, nn.Linear):
+            assert b.weight.dtype == torch.float32, name
+            assert torch.equal(b.weight, a.weight.to(torch.bfloat16).float()), name
+    with pytest.raises(ValueError, match="weights must be one of"):
+        apply_linear_path(tiny_decoder("tiny-qwen2"), "auto", CACHE_DIR, weights="float16")
 
 
 def test_plain_path_changes_nothing():
@@ -178,15 +239,16 @@ def test_mixed_choice_serves_each_m_on_its_path(ops):
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode", ["ar", "sd"])
+@pytest.mark.parametrize("mode", ["ar", "sd", "sd-bf16-draft"])
 def test_engine_greedy_on_packed_path_equals_transformers(mode):
     target_hf = tiny_hf_model("tiny-llama", TinySpec(seed=0))
     target = decoder_from_hf(target_hf)
     apply_linear_path(target, "packed", CACHE_DIR)
     draft = None
-    if mode == "sd":
+    if mode != "ar":
         draft = decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(seed=0, noise=0.003)))
-        apply_linear_path(draft, "packed", CACHE_DIR)
+        apply_linear_path(draft, "packed", CACHE_DIR, weights="bfloat16" if mode == "sd-bf16-draft" else "float32")
+        mode = "sd"
     gen = torch.Generator().manual_seed(5)
     requests = [EngineRequest(f"r{i}", torch.randint(0, 256, (1 + 5 * i,), generator=gen).tolist(), 6 + 3 * i)
                 for i in range(6)]
@@ -206,3 +268,7 @@ def test_config_switch():
     assert load_config(overrides=["model.linear_path=plain"]).model.linear_path == "plain"
     with pytest.raises(ConfigError, match="model.linear_path: expected auto, plain or packed"):
         load_config(overrides=["model.linear_path=mkl"])
+    assert load_config().model.draft_weights == "float32"
+    assert load_config(overrides=["model.draft_weights=bfloat16"]).model.draft_weights == "bfloat16"
+    with pytest.raises(ConfigError, match="model.draft_weights: expected float32 or bfloat16"):
+        load_config(overrides=["model.draft_weights=int8"])

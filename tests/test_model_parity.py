@@ -1,6 +1,8 @@
 """Our Decoder against transformers on tiny random models (float32, CPU): prefill of ragged
 batches, incremental decode, rollback + re-append, batch vs alone; plus a bfloat16 smoke test.
-Every check runs on each linear path that can serve (plain F.linear and the packed kernel)."""
+Every check runs on each linear path that can serve (plain F.linear and the packed kernel), and
+on the kernel with bfloat16 weights (a draft's option) against transformers on the same rounded
+weights."""
 
 import pytest
 import torch
@@ -14,20 +16,32 @@ TOL = 1e-4
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", params=[(arch, path) for arch in TINY_ARCHS for path in ("plain", "packed")],
-                ids=lambda param: "-".join(param))
-def models(request):
-    arch, path = request.param
-    reason = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
-    if path == "packed" and reason is not None:
-        pytest.skip(f"kernel unavailable: {reason}")
+def sharp_hf_model(arch: str):
     hf = tiny_hf_model(arch, SPEC)
     with torch.no_grad():  # sharper than the 0.02 init, so a wrong position or mask shows
         for p in hf.parameters():
             if p.dim() == 2:
                 p.mul_(5)
-    model = decoder_from_hf(hf)
-    apply_linear_path(model, path, "~/.cache/minedraft")
+    return hf
+
+
+@pytest.fixture(scope="module", params=[(arch, path) for arch in TINY_ARCHS for path in ("plain", "packed", "packed-bf16")],
+                ids=lambda param: "-".join(param))
+def models(request):
+    arch, path = request.param
+    reason = kernel_unavailable_reason(torch.device("cpu"), torch.float32)
+    if path.startswith("packed") and reason is not None:
+        pytest.skip(f"kernel unavailable: {reason}")
+    hf = sharp_hf_model(arch)
+    model = decoder_from_hf(sharp_hf_model(arch))  # its own copy of the same weights
+    if path == "packed-bf16":
+        apply_linear_path(model, "packed", "~/.cache/minedraft", weights="bfloat16")
+        with torch.no_grad():  # the reference: transformers on the same rounded weights, in float32
+            for module in hf.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(module.weight.to(torch.bfloat16))
+    else:
+        apply_linear_path(model, path, "~/.cache/minedraft")
     return hf, model
 
 

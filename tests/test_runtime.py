@@ -62,6 +62,28 @@ def test_greedy_equals_reference(tmp_path, mode, linear_path, greedy_reference):
         assert 1 < st["mean_accepted_length"] <= 5
 
 
+def test_bfloat16_draft_weights_keep_outputs_exact(tmp_path, greedy_reference):
+    """A draft whose linears are rounded to bfloat16 proposes differently, and nothing else
+    changes: greedy output is the target's own; seeded sampling is the same in psd and sd."""
+    import torch
+    from minedraft.workers.model.fast_linear import kernel_unavailable_reason
+
+    requests = workload(12, temperature=0.8)
+    sampled = {}
+    for mode in ("psd", "sd"):
+        with running_daemon(tmp_path / mode, mode, "model.draft_weights=bfloat16") as (endpoint, _):
+            if mode == "psd":
+                assert asyncio.run(run_load(endpoint, workload())) == greedy_reference
+            sampled[mode] = asyncio.run(run_load(endpoint, requests))
+            st = status(endpoint)
+        assert st["linear_path"]["drafter"]["weights"] == "bfloat16"
+        assert st["linear_path"]["verifier"]["weights"] == "float32"
+        if kernel_unavailable_reason(torch.device("cpu"), torch.float32) is None:
+            assert set(st["linear_path"]["drafter"]["shapes"].values()) == {"packed"}
+        assert 0 < st["acceptance_rate"] <= 1
+    assert sampled["psd"] == sampled["sd"] and all(sampled["sd"].values())
+
+
 def test_seeded_sampling_same_in_psd_and_sd_and_any_order(tmp_path):
     requests = workload(16, temperature=0.8)
     with running_daemon(tmp_path / "psd", "psd") as (endpoint, _):

@@ -156,13 +156,20 @@ def format_table(results: dict, num_prompts: int) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+VARIANTS = {  # mode label suffix -> config overrides
+    "": [],
+    "noprefill": ["scheduler.prefill_ahead=false"],  # the verifier prefills a prompt only in its first verify
+    "bf16draft": ["model.draft_weights=bfloat16"],  # the draft's linear weights rounded to bfloat16
+}
+
+
 def mode_overrides(label: str) -> list[str]:
-    """"sd" / "psd" / "ar", or "sd-noprefill" / "psd-noprefill": the mode without prefill ahead
-    (the verifier then prefills a new prompt only in its first verify, after the drafter)."""
+    """"sd" / "psd" / "ar", or with a variant: "sd-noprefill" (without prefill ahead),
+    "sd-bf16draft" (the draft's weights in bfloat16)."""
     mode, _, variant = label.partition("-")
-    if mode not in ("ar", "sd", "psd") or variant not in ("", "noprefill"):
-        raise SystemExit(f"unknown mode {label!r}: expected ar, sd, psd, sd-noprefill or psd-noprefill")
-    return [f"scheduler.mode={mode}"] + (["scheduler.prefill_ahead=false"] if variant else [])
+    if mode not in ("ar", "sd", "psd") or variant not in VARIANTS:
+        raise SystemExit(f"unknown mode {label!r}: expected ar, sd or psd, optionally with -noprefill or -bf16draft")
+    return [f"scheduler.mode={mode}"] + VARIANTS[variant]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny", help="config name or path (default tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--modes", default="sd,psd", help="runtime modes to run at concurrency 1 (ar, sd, psd; "
-                        "sd-noprefill, psd-noprefill: without scheduler.prefill_ahead)")
+                        "-noprefill: without scheduler.prefill_ahead; -bf16draft: model.draft_weights = bfloat16)")
     parser.add_argument("--endpoint", help="measure this running runtime instead of starting one per mode "
                         "(it should serve the same models as --config)")
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS)

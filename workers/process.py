@@ -152,7 +152,8 @@ class WorkerLoop:
         sc, dtype = config.scheduler, DTYPES[config.model.dtype]
         spec = config.model.draft if self.role == "drafter" else config.model.target
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
-        linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir)
+        weights = config.model.draft_weights if self.role == "drafter" else "float32"
+        linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights)
         core_cls = Drafter if self.role == "drafter" else Verifier
         self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}

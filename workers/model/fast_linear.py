@@ -23,6 +23,7 @@ from torch import nn
 log = logging.getLogger("minedraft.linear")
 
 LINEAR_PATHS = ("auto", "plain", "packed")  # model.linear_path: measured choice | F.linear | kernel everywhere
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # how the linears' weights are stored
 KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "small_gemm.cpp"
 KERNEL_FLAGS = ["-O3", "-mavx2", "-mfma"]
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build
@@ -43,6 +44,7 @@ class LinearReport:
     shapes: dict[str, str] = field(default_factory=dict)  # "NxK" (out x in) -> "packed", "plain" or "packed for M 2-80, plain for M 1, 81+"
     fused: list[str] = field(default_factory=list)  # projections merged into one matmul each: "q/k/v", "gate/up"
     choose_s: float = 0.0  # time spent timing candidates at load (0 when the choices came from the cache)
+    weights: str = "float32"  # the linears' weights: float32, or bfloat16 (rounded; multiplied in float32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,11 +116,11 @@ class PackedLinear(nn.Module):
     serves M rows (the last entry serves every larger M); where any M uses F.linear the plain
     weight is kept too, else it is dropped."""
 
-    def __init__(self, ops, linear: nn.Linear, is_packed: list[bool]):
+    def __init__(self, ops, linear: nn.Linear, is_packed: list[bool], weight_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.ops = ops
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = ops.pack(linear.weight.detach().contiguous())  # [P, K, 16] float32
+        self.packed = ops.pack(linear.weight.detach().to(weight_dtype).contiguous())  # [P, K, 16]
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()  # [N]
         self.is_packed = is_packed
         self.weight = None if all(is_packed) else linear.weight.detach()  # [N, K], for F.linear
@@ -136,27 +138,37 @@ class PackedLinear(nn.Module):
 
 class PackedEmbedding(nn.Module):
     """The tied input embedding read from the lm_head's packed panels (row v is column v % 16
-    of panel v // 16), so a tied model keeps one copy of its largest matrix."""
+    of panel v // 16), so a tied model keeps one copy of its largest matrix (bfloat16 panels
+    widen exactly to float32)."""
 
     def __init__(self, lm_head: PackedLinear):
         super().__init__()
         self.lm_head = [lm_head]  # a list: not registered twice as a child module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head[0].packed[ids // PANEL_COLS, :, ids % PANEL_COLS]  # [..., C]
+        return self.lm_head[0].packed[ids // PANEL_COLS, :, ids % PANEL_COLS].to(torch.float32)  # [..., C]
 
 
 # --- choosing and swapping ---------------------------------------------------------------------
 
 
-def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str) -> LinearReport:
+def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weights: str = "float32") -> LinearReport:
     """Swap the decoder's nn.Linear modules for PackedLinear where the kernel serves (requested
     "auto": per shape, where timings on this machine say it is faster; "packed": everywhere;
-    "plain": nowhere). Returns what serves which shapes."""
+    "plain": nowhere). Returns what serves which shapes.
+
+    weights = "bfloat16" (for a draft model: its proposals may differ, the output never does)
+    stores every linear's weight rounded to bfloat16, half the bytes a step reads: the kernel
+    then serves every shape at every M. Where it cannot (plain path, CUDA, no AVX2), the weights
+    are rounded in place and F.linear serves them, so the model is the same on every path."""
     if requested not in LINEAR_PATHS:
         raise ValueError(f"linear_path must be one of {', '.join(LINEAR_PATHS)}, got {requested!r}")
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
     if requested == "plain":
-        return LinearReport(requested, "not used (model.linear_path = plain)", {s: "plain" for s in _shapes(decoder)})
+        _round_weights(decoder, weights)
+        return LinearReport(requested, "not used (model.linear_path = plain)", {s: "plain" for s in _shapes(decoder)},
+                            weights=weights)
     reason = kernel_unavailable_reason(decoder.device, decoder.model.norm.weight.dtype)
     if reason is None:
         try:
@@ -167,15 +179,31 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str) -> Lin
         if requested == "packed":
             raise RuntimeError(f"model.linear_path = packed, but the kernel cannot serve: {reason}")
         log.warning("linear path: plain F.linear for every shape: %s", reason)
-        return LinearReport(requested, f"unavailable: {reason}", {s: "plain" for s in _shapes(decoder)})
-    report = LinearReport(requested, how, fused=fuse_projections(decoder))
+        _round_weights(decoder, weights)
+        return LinearReport(requested, f"unavailable: {reason}", {s: "plain" for s in _shapes(decoder)},
+                            weights=weights)
+    report = LinearReport(requested, how, fused=fuse_projections(decoder), weights=weights)
     start_s = time.monotonic()
-    choices = {s: [True] for s in _shapes(decoder)} if requested == "packed" else _choose(ops, decoder, cache_dir)
+    if requested == "packed" or weights != "float32":  # F.linear would need a float32 copy of the weights
+        choices = {s: [True] for s in _shapes(decoder)}
+    else:
+        choices = _choose(ops, decoder, cache_dir)
     report.choose_s = round(time.monotonic() - start_s, 2)
-    _swap(ops, decoder, choices)
+    _swap(ops, decoder, choices, WEIGHT_DTYPES[weights])
     report.shapes = {s: describe_choice(is_packed) for s, is_packed in choices.items()}
-    log.info("linear path: %s", report.shapes)
+    log.info("linear path (%s weights): %s", weights, report.shapes)
     return report
+
+
+def _round_weights(decoder: nn.Module, weights: str) -> None:
+    """Round every linear's weight (a tied embedding with it) to `weights` in place, keeping its dtype."""
+    if weights == "float32":
+        return
+    dtype = WEIGHT_DTYPES[weights]
+    for module in decoder.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
+            with torch.no_grad():
+                module.weight.copy_(module.weight.to(dtype))
 
 
 def fuse_projections(decoder: nn.Module) -> list[str]:
@@ -233,7 +261,7 @@ def describe_choice(is_packed: list[bool]) -> str:
     return "; ".join(parts)
 
 
-def _swap(ops, decoder: nn.Module, choices: dict[str, list[bool]]) -> None:
+def _swap(ops, decoder: nn.Module, choices: dict[str, list[bool]], weight_dtype: torch.dtype) -> None:
     """Replace each nn.Linear that the kernel serves at some M by a PackedLinear."""
     lm_head = decoder.lm_head
     is_tied = lm_head.weight is decoder.model.embed_tokens.weight
@@ -242,7 +270,7 @@ def _swap(ops, decoder: nn.Module, choices: dict[str, list[bool]]) -> None:
             continue
         owner_name, _, child = name.rpartition(".")
         owner = decoder.get_submodule(owner_name) if owner_name else decoder
-        packed = PackedLinear(ops, module, choices[_shape_key(module)])
+        packed = PackedLinear(ops, module, choices[_shape_key(module)], weight_dtype)
         setattr(owner, child, packed)
         if module is lm_head and is_tied:
             decoder.model.embed_tokens = PackedEmbedding(packed)
