@@ -95,7 +95,7 @@ def test_bench_hf_tiny(endpoint, tmp_path):
 
 def test_kernels_tool_tiny(tmp_path):
     out = tmp_path / "kernels.json"
-    done = tool("kernels.py", "--models", "tiny-qwen2", "--rows", "1,5", "--out", str(out))
+    done = tool("kernels.py", "--models", "tiny-qwen2", "--rows", "1,5", "--repeats", "2", "--passes", "2", "--out", str(out))
     report = json.loads(out.read_text())
     (limits,) = report["limits"]
     assert limits["threads"] == 1 and limits["read_bytes_per_s"] > 1e8 and limits["peak_flops"] > 1e8
@@ -105,7 +105,22 @@ def test_kernels_tool_tiny(tmp_path):
     assert {r["shape"] for r in report["linears"] if r["plain_path_only"]} == {"k_proj / v_proj", "gate_proj / up_proj"}
     for r in report["linears"]:
         assert r["m"] in (1, 5) and r["bound_s"] > 0 and "plain" in r["times_s"]
-        assert all(t > 0 and r["ratios"][impl] == t / r["bound_s"] for impl, t in r["times_s"].items())
+        for impl, t in r["times_s"].items():  # best time; ratio: the best pairing with a probed bandwidth
+            pairs = r["samples"][impl]
+            assert len(pairs) == 2 * 2 and t == min(p[0] for p in pairs) > 0  # 2 passes x 2 repeats
+            assert r["ratios"][impl] == min(p[0] / max(r["bytes"] / p[1], r["flops"] / limits["peak_flops"]) for p in pairs)
+        assert r["times_s"][r["served"]] == min(t for impl, t in r["times_s"].items() if impl in ("plain", "packed"))
+    kernel_path = [r for r in report["linears"] if not r["plain_path_only"]]
+    for band, in_band in (("M 1-16", lambda m: m <= 16), ("M 40+", lambda m: m >= 40)):
+        cells = [r for r in kernel_path if in_band(r["m"])]
+        if cells:
+            assert report["served_worst"][band]["ratio"] == max(r["ratios"][r["served"]] for r in cells)
+    assert "M 40+" not in report["served_worst"]  # --rows 1,5
+    # the bounds use the highest limits measured: before each of the 2 passes and after the last timing
+    measured = limits["measured"]
+    assert len(measured) == 3
+    assert limits["peak_flops"] == max(m["peak_flops"] for m in measured)
+    assert limits["read_bytes_per_s"] == max(m["read_bytes_per_s"] for m in measured)
     forwards = {(f["path"], f["rows"], f["positions"]) for f in report["forwards"]}
     assert forwards == {(path, r, p) for path in ("plain", "auto") for r, p in ((1, 1), (1, 5), (8, 1), (8, 5), (16, 5))}
     assert report["linear_paths"]["tiny-qwen2"]["plain"]["shapes"]

@@ -12,6 +12,15 @@ Runs pinned to the first --threads cores of this process's affinity. Implementat
 the weight prepacked once). Each linear call reads a different copy of its weight (128 MiB of
 copies in all), so small weights are timed from memory as in a forward, not from the caches.
 Forwards run on a fresh KV cache with 32 tokens of context.
+
+On a shared machine the clock and the bandwidth wander by 10-30% over seconds. So the
+implementations of a cell (and the five forwards of a path) take turns, one call each per round,
+keeping their best of --repeats rounds; the linear table is timed in --passes whole passes, each
+cell keeping its best; and the limits are measured before each pass and after the last timing,
+each bound using the highest seen (the tightest bound of the run). A linear's ratio pairs each of
+its timings with the read bandwidth probed just before and just after its round (the higher of
+the two) and the run's peak, and keeps the best pairing: a memory-bound call is set against the
+memory speed of its own moment.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,30 +46,72 @@ CONTEXT_TOKENS = 32  # tokens already in each row's cache when a forward is time
 BANDWIDTH_BYTES = 512 * 2**20  # read-bandwidth buffer: far beyond any last-level cache
 PEAK_SIZE = 2048  # n of the n x n x n GEMM that measures the matmul peak
 PEAK_ROWS = 512  # M of the packed kernel's large GEMM (also a candidate for the peak)
+PROBE_BYTES = 64 * 2**20  # the bandwidth probe around each round of linear timings
 ROTATE_BYTES = 128 * 2**20  # linears cycle through copies of their weight totalling this: as in a
 #                             forward, every call reads its weight from memory, not from the caches
 
 
-def measure_limits(num_threads: int, ops) -> dict:
+def measure_limits(num_threads: int, ops, repeats: int) -> dict:
     """Read bandwidth (a sum over a buffer far larger than the caches) and the matmul peak (the
     faster of MKL's and our kernel's large float32 GEMM) at num_threads."""
     torch.set_num_threads(num_threads)
     buffer = torch.ones(BANDWIDTH_BYTES // 4)
-    bandwidth = BANDWIDTH_BYTES / best_time_s(buffer.sum, repeats=5)
+    bandwidth = BANDWIDTH_BYTES / best_time_s(buffer.sum, repeats)
     a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
-    peaks = {"mkl_gemm": 2 * PEAK_SIZE**3 / best_time_s(lambda: a @ b)}
+    peaks = {"mkl_gemm": 2 * PEAK_SIZE**3 / best_time_s(lambda: a @ b, repeats)}
     if ops is not None:
         x, packed = torch.randn(PEAK_ROWS, PEAK_SIZE), ops.pack(b)
-        peaks["packed_gemm"] = 2 * PEAK_ROWS * PEAK_SIZE**2 / best_time_s(lambda: ops.linear(x, packed, None, PEAK_SIZE))
+        peaks["packed_gemm"] = 2 * PEAK_ROWS * PEAK_SIZE**2 / best_time_s(lambda: ops.linear(x, packed, None, PEAK_SIZE), repeats)
     return {"threads": num_threads, "read_bytes_per_s": bandwidth, "peak_flops": max(peaks.values()), "peaks": peaks}
+
+
+def merge_limits(measured: list[dict]) -> dict:
+    """Limits measured several times in one run (before each pass of the linears and after the
+    last timing), each the highest seen: the clock and the bandwidth of a shared machine wander,
+    and every bound is then the tightest the run saw."""
+    peaks = {name: max(m["peaks"][name] for m in measured) for name in measured[0]["peaks"]}
+    return {"threads": measured[0]["threads"], "peaks": peaks, "peak_flops": max(peaks.values()),
+            "read_bytes_per_s": max(m["read_bytes_per_s"] for m in measured), "measured": measured}
+
+
+def best_of_passes(passes: list[list[dict]]) -> list[dict]:
+    """Per cell (model, shape, M), each implementation's best time over the passes."""
+    best = {}
+    for entries in passes:
+        for r in entries:
+            key = (r["model"], r["shape"], r["m"])
+            if key not in best:
+                best[key] = dict(r, times_s=dict(r["times_s"]), samples={i: list(s) for i, s in r["samples"].items()})
+            else:
+                for impl, t in r["times_s"].items():
+                    best[key]["times_s"][impl] = min(best[key]["times_s"][impl], t)
+                    best[key]["samples"][impl] += r["samples"][impl]
+    for r in best.values():
+        r["served"] = min(SERVED, key=lambda impl: r["times_s"].get(impl, float("inf")))
+    return list(best.values())
 
 
 def bound_s(limits: dict, num_bytes: float, flops: float) -> float:
     return max(num_bytes / limits["read_bytes_per_s"], flops / limits["peak_flops"])
 
 
+def attach_bounds(report: dict) -> None:
+    """Each time's bound and ratio, from the run's final limits at its thread count."""
+    limits = report["limits"][-1]
+    for r in report["linears"]:
+        r["bound_s"] = bound_s(limits, r["bytes"], r["flops"])
+        r["ratios"] = {impl: min(t / max(r["bytes"] / bandwidth, r["flops"] / limits["peak_flops"])
+                                 for t, bandwidth in r["samples"][impl])
+                       for impl in r["times_s"]}
+    for f in report["forwards"]:
+        f["bound_s"] = bound_s(limits, f["bytes"], f["flops"])
+        f["flop_bound_s"] = f["flops"] / limits["peak_flops"]
+        f["memory_bound_s"] = f["bytes"] / limits["read_bytes_per_s"]
+
+
 # Shapes only the plain path runs: the kernel path merges q/k/v and gate/up (fuse_projections).
 PLAIN_ONLY = ("k_proj / v_proj", "gate_proj / up_proj")
+SERVED = ("plain", "packed")  # what model.linear_path = auto chooses between, per shape and M
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
@@ -88,7 +140,10 @@ def rotating(weights: list):
     return next_weight
 
 
-def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
+def time_linears(config, rows: list[int], ops, repeats: int, probe) -> list[dict]:
+    """Each shape x M on every implementation. The implementations take turns, one call each per
+    round, and each keeps its best of `repeats` rounds: on a shared machine whose clock and
+    bandwidth wander, a slow spell then hits every implementation alike instead of one."""
     results = []
     for name, (n, k) in linear_shapes(config).items():
         num_copies = max(1, -(-ROTATE_BYTES // (4 * n * k)))
@@ -104,31 +159,75 @@ def time_linears(config, rows: list[int], limits: dict, ops) -> list[dict]:
             impls["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, prepacked(), bias, "none", [], "")
         for m in rows:
             x = torch.randn(m, k)
-            bound = bound_s(limits, 4 * (n * k + m * k + m * n), 2 * m * n * k)
             with torch.inference_mode():
-                times = {impl: best_time_s(lambda: fn(x)) for impl, fn in impls.items()}
-            results.append({"shape": name, "n": n, "k": k, "m": m, "bound_s": bound, "times_s": times,
+                samples = interleaved_rounds({impl: (lambda fn=fn: fn(x)) for impl, fn in impls.items()}, repeats, probe)
+            times = {impl: min(t for t, _ in pairs) for impl, pairs in samples.items()}
+            results.append({"shape": name, "n": n, "k": k, "m": m, "times_s": times, "samples": samples,
                             "plain_path_only": name in PLAIN_ONLY,
-                            "ratios": {impl: t / bound for impl, t in times.items()}})
+                            "bytes": 4 * (n * k + m * k + m * n), "flops": 2 * m * n * k})
     return results
 
 
-def time_forwards(spec: str, dtype: torch.dtype, limits: dict, cache_dir: str, paths: list[str]) -> tuple[dict, list]:
+def interleaved_best_s(fns: dict, repeats: int) -> dict:
+    """name -> best time of fns[name]() over `repeats` rounds in which every fn runs once in turn."""
+    rounds = interleaved_rounds(fns, repeats)
+    return {name: min(t for t, _ in samples) for name, samples in rounds.items()}
+
+
+def interleaved_rounds(fns: dict, repeats: int, probe=None) -> dict[str, list[list[float]]]:
+    """name -> [[seconds, read bytes/s], ...], one pair per round; in each round every fn runs
+    once in turn. With a probe, the bandwidth of a round is the higher of the probes taken just
+    before and just after it (the tighter bound), else 0."""
+    for fn in fns.values():
+        fn()  # warm: caches, page faults, lazy init
+    samples = {name: [] for name in fns}
+    bandwidth = probe() if probe else 0.0
+    for _ in range(repeats):
+        times = {}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        after = probe() if probe else 0.0
+        for name, t in times.items():
+            samples[name].append([t, max(bandwidth, after)])
+        bandwidth = after
+    return samples
+
+
+class BandwidthProbe:
+    """One read of a PROBE_BYTES buffer: the read bandwidth of the moment. On a shared machine
+    it wanders by 20-30% over seconds, so each linear timing is set against the bandwidth
+    probed around it, not only against the run's best."""
+
+    def __init__(self):
+        self.buffer = torch.ones(PROBE_BYTES // 4)
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        self.buffer.sum()
+        return PROBE_BYTES / (time.perf_counter() - start)
+
+
+def time_forwards(spec: str, dtype: torch.dtype, cache_dir: str, paths: list[str], repeats: int) -> tuple[dict, list]:
     """Whole forwards of one model on each linear path (plain first, the others one at a time)."""
     results, reports = [], {}
     for path in paths:  # one model at a time: it is freed when _time_path returns
-        reports[path], path_results = _time_path(spec, path, dtype, limits, cache_dir)
+        reports[path], path_results = _time_path(spec, path, dtype, cache_dir, repeats)
         results += path_results
         gc.collect()
     return reports, results
 
 
-def _time_path(spec: str, path: str, dtype: torch.dtype, limits: dict, cache_dir: str) -> tuple[dict, list]:
+def _time_path(spec: str, path: str, dtype: torch.dtype, cache_dir: str, repeats: int) -> tuple[dict, list]:
+    """path: a model.linear_path, or "bf16" (the kernel on weights rounded to bfloat16, as
+    model.draft_weights = bfloat16 serves a draft; its bound reads 2 bytes a weight)."""
     model = load_decoder(spec, dtype, cache_dir=cache_dir)
-    report = apply_linear_path(model, path, cache_dir).to_dict()
+    weights = "bfloat16" if path == "bf16" else "float32"
+    report = apply_linear_path(model, "packed" if path == "bf16" else path, cache_dir, weights).to_dict()
     config = model.config
-    weight_bytes = _matmul_params(config) * dtype.itemsize  # norms and biases are negligible
-    results = []
+    weight_bytes = _matmul_params(config) * (2 if path == "bf16" else dtype.itemsize)  # norms and biases are negligible
+    forwards, results = {}, []
     for num_rows, num_positions in FORWARDS:
         cache = KVCache(config, num_rows, CONTEXT_TOKENS + num_positions + 8, dtype)
         slots = [cache.alloc() for _ in range(num_rows)]
@@ -137,18 +236,16 @@ def _time_path(spec: str, path: str, dtype: torch.dtype, limits: dict, cache_dir
         tokens = torch.randint(0, config.vocab_size, (num_rows, num_positions))
         index = torch.arange(num_positions).expand(num_rows, -1)
 
-        def forward():
+        def forward(tokens=tokens, cache=cache, slots=slots, index=index):
             model(tokens, cache, slots, logit_index=index)
             for slot in slots:
                 cache.truncate(slot, CONTEXT_TOKENS)
-
-        positions = num_rows * num_positions
-        flops = 2 * positions * _matmul_params(config)
-        elapsed = best_time_s(forward)
+        forwards[num_rows, num_positions] = forward
+    times = interleaved_best_s(forwards, repeats)  # 1 x 1 and 1 x 5 side by side, not minutes apart
+    for (num_rows, num_positions), elapsed in times.items():
+        flops = 2 * num_rows * num_positions * _matmul_params(config)
         results.append({"model": spec, "path": path, "rows": num_rows, "positions": num_positions,
-                        "time_s": elapsed, "bound_s": bound_s(limits, weight_bytes, flops),
-                        "flop_bound_s": flops / limits["peak_flops"],
-                        "memory_bound_s": weight_bytes / limits["read_bytes_per_s"]})
+                        "time_s": elapsed, "bytes": weight_bytes, "flops": flops})
     return report, results
 
 
@@ -165,6 +262,19 @@ def _all_linears(config):
     return per_layer * c.num_layers + [shapes["lm_head"]]
 
 
+def served_worst(linears: list[dict]) -> dict:
+    """The worst ratio of what auto serves (the faster of plain and packed), over the shapes the
+    kernel path runs, for M <= 16 and for M >= 40: the two bands of the per-linear targets."""
+    bands = {"M 1-16": lambda m: m <= 16, "M 40+": lambda m: m >= 40}
+    worst = {}
+    for label, in_band in bands.items():
+        cells = [r for r in linears if in_band(r["m"]) and not r["plain_path_only"]]
+        if cells:
+            r = max(cells, key=lambda r: r["ratios"][r["served"]])
+            worst[label] = {"ratio": r["ratios"][r["served"]], "model": r.get("model", ""), "shape": r["shape"], "m": r["m"]}
+    return worst
+
+
 def print_report(report: dict) -> None:
     for lim in report["limits"]:
         peaks = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in lim["peaks"].items())
@@ -172,12 +282,18 @@ def print_report(report: dict) -> None:
               f"matmul peak {lim['peak_flops'] / 1e9:.1f} GFLOP/s ({peaks})")
     if report["linears"]:
         impls = list(report["linears"][0]["times_s"])
-        print(f"\nlinears at {report['threads']} thread(s): ms (ratio to bound); * = run by the plain path only")
-        print(f"{'shape':<24}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls))
+        print(f"\nlinears at {report['threads']} thread(s): best ms (ratio to bound: each timing against the read "
+              f"bandwidth probed around it and the run's peak, the best pairing); bound at the run's best limits; "
+              f"* = run by the plain path only")
+        print(f"{'shape':<24}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls) + "  served")
         for r in report["linears"]:
             cells = "".join(f"{r['times_s'][i] * 1e3:>10.2f} ({r['ratios'][i]:4.2f})" for i in impls)
             name = r["shape"] + (" *" if r["plain_path_only"] else "")
-            print(f"{name:<24}{r['n']:>7}x{r['k']:<6}{r['m']:>5}{r['bound_s'] * 1e3:>9.2f}{cells}")
+            print(f"{name:<24}{r['n']:>7}x{r['k']:<6}{r['m']:>5}{r['bound_s'] * 1e3:>9.2f}{cells}"
+                  f"  {r['served']} {r['ratios'][r['served']]:.2f}")
+        for label, worst in served_worst(report["linears"]).items():
+            print(f"worst served ratio, kernel-path shapes, {label}: {worst['ratio']:.2f} "
+                  f"({worst['model']} {worst['shape']} at M = {worst['m']})")
     if report["forwards"]:
         print(f"\nwhole forwards at {report['threads']} thread(s) ({CONTEXT_TOKENS} tokens of context)")
         print(f"{'model':<30}{'path':<8}{'rows x pos':>11}{'ms':>10}{'bound':>9}{'ratio':>7}{'vs 1x1':>8}")
@@ -195,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated model specs instead of a config's pair")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (pinned to that many cores)")
     parser.add_argument("--rows", default=",".join(map(str, DEFAULT_ROWS)), help="M values for the linears")
-    parser.add_argument("--paths", default="plain,auto", help="linear paths for whole forwards")
+    parser.add_argument("--paths", default="plain,auto", help="linear paths for whole forwards (plain, auto, packed; "
+                        "bf16: the kernel on weights rounded to bfloat16, as model.draft_weights = bfloat16)")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many timings of each cell per pass")
+    parser.add_argument("--passes", type=int, default=3, help="passes over every linear cell, each cell's best kept")
     parser.add_argument("--skip-linears", action="store_true")
     parser.add_argument("--skip-forwards", action="store_true")
     parser.add_argument("--out", help="write the JSON report here")
@@ -218,19 +337,30 @@ def main(argv: list[str] | None = None) -> int:
     if kernel_unavailable_reason(torch.device("cpu"), torch.float32) is None:
         ops, how = load_kernel(cache_dir)
         print(f"packed kernel: {how}")
-    limits = [measure_limits(t, ops) for t in range(1, args.threads + 1)]
+    limits = [measure_limits(t, ops, args.repeats) for t in range(1, args.threads + 1)]
     torch.set_num_threads(args.threads)
     report = {"threads": args.threads, "cpu": _cpu_name(), "torch": torch.__version__, "limits": limits,
               "linears": [], "forwards": [], "linear_paths": {}}
     rows = [int(r) for r in args.rows.split(",")]
-    for spec in specs:
-        model_config = _config_of(spec, dtype, cache_dir)
-        if not args.skip_linears:
-            report["linears"] += [dict(r, model=spec) for r in time_linears(model_config, rows, limits[-1], ops)]
-        if not args.skip_forwards:
-            paths, forwards = time_forwards(spec, dtype, limits[-1], cache_dir, args.paths.split(","))
+    measured = [limits[-1]]
+    if not args.skip_linears:
+        configs = {spec: _config_of(spec, dtype, cache_dir) for spec in specs}
+        probe = BandwidthProbe()
+        passes = []
+        for pass_index in range(args.passes):  # whole passes: a slow spell of the machine then
+            if pass_index:                      # costs a cell one sample, not its every sample
+                measured.append(measure_limits(args.threads, ops, args.repeats))
+            passes.append([dict(r, model=spec) for spec in specs
+                           for r in time_linears(configs[spec], rows, ops, args.repeats, probe)])
+        report["linears"] = best_of_passes(passes)
+    if not args.skip_forwards:
+        for spec in specs:
+            paths, forwards = time_forwards(spec, dtype, cache_dir, args.paths.split(","), args.repeats)
             report["linear_paths"][spec] = paths
             report["forwards"] += forwards
+    report["limits"][-1] = merge_limits(measured + [measure_limits(args.threads, ops, args.repeats)])
+    attach_bounds(report)
+    report["served_worst"] = served_worst(report["linears"])
     print_report(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
