@@ -93,6 +93,15 @@ def test_bench_hf_tiny(endpoint, tmp_path):
     assert report["results"]["runtime_psd"]["outputs"] == base  # float32 greedy: the target's own output
 
 
+def test_bench_hf_mode_variants():
+    bench_hf = load_tool("bench_hf")
+    assert bench_hf.mode_overrides("sd") == ["scheduler.mode=sd"]
+    assert bench_hf.mode_overrides("sd-noprefill") == ["scheduler.mode=sd", "scheduler.prefill_ahead=false"]
+    assert bench_hf.mode_overrides("psd-bf16draft") == ["scheduler.mode=psd", "model.draft_weights=bfloat16"]
+    with pytest.raises(SystemExit, match="unknown mode 'sd-fast'"):
+        bench_hf.mode_overrides("sd-fast")
+
+
 def test_kernels_tool_tiny(tmp_path):
     out = tmp_path / "kernels.json"
     done = tool("kernels.py", "--models", "tiny-qwen2", "--rows", "1,5", "--repeats", "2", "--passes", "2", "--out", str(out))
@@ -108,7 +117,8 @@ def test_kernels_tool_tiny(tmp_path):
         for impl, t in r["times_s"].items():  # best time; ratio: the best pairing with a probed bandwidth
             pairs = r["samples"][impl]
             assert len(pairs) == 2 * 2 and t == min(p[0] for p in pairs) > 0  # 2 passes x 2 repeats
-            assert r["ratios"][impl] == min(p[0] / max(r["bytes"] / p[1], r["flops"] / limits["peak_flops"]) for p in pairs)
+            scale = limits["probe_to_peak"]  # the probe's matmul rate scaled to the run's peak
+            assert r["ratios"][impl] == min(p[0] / max(r["bytes"] / p[1], r["flops"] / (p[2] * scale)) for p in pairs)
         assert r["times_s"][r["served"]] == min(t for impl, t in r["times_s"].items() if impl in ("plain", "packed"))
     kernel_path = [r for r in report["linears"] if not r["plain_path_only"]]
     for band, in_band in (("M 1-16", lambda m: m <= 16), ("M 40+", lambda m: m >= 40)):
@@ -117,6 +127,8 @@ def test_kernels_tool_tiny(tmp_path):
             assert report["served_worst"][band]["ratio"] == max(r["ratios"][r["served"]] for r in cells)
     assert "M 40+" not in report["served_worst"]  # --rows 1,5
     # the bounds use the highest limits measured: before each of the 2 passes and after the last timing
+    probed = [p[2] for r in report["linears"] for pairs in r["samples"].values() for p in pairs]
+    assert limits["probe_to_peak"] == limits["peak_flops"] / max(probed)
     measured = limits["measured"]
     assert len(measured) == 3
     assert limits["peak_flops"] == max(m["peak_flops"] for m in measured)

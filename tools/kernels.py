@@ -18,9 +18,9 @@ implementations of a cell (and the five forwards of a path) take turns, one call
 keeping their best of --repeats rounds; the linear table is timed in --passes whole passes, each
 cell keeping its best; and the limits are measured before each pass and after the last timing,
 each bound using the highest seen (the tightest bound of the run). A linear's ratio pairs each of
-its timings with the read bandwidth probed just before and just after its round (the higher of
-the two) and the run's peak, and keeps the best pairing: a memory-bound call is set against the
-memory speed of its own moment.
+its timings with the limits probed just before and just after its round (the higher of the two):
+the read bandwidth, and the rate of a 512^3 matmul scaled to the run's peak (its clock). It keeps
+the best pairing: a call is set against the machine's speed of its own moment.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ BANDWIDTH_BYTES = 512 * 2**20  # read-bandwidth buffer: far beyond any last-leve
 PEAK_SIZE = 2048  # n of the n x n x n GEMM that measures the matmul peak
 PEAK_ROWS = 512  # M of the packed kernel's large GEMM (also a candidate for the peak)
 PROBE_BYTES = 64 * 2**20  # the bandwidth probe around each round of linear timings
+PROBE_GEMM = 512  # n of the n x n x n matmul that probes the clock around each round
 ROTATE_BYTES = 128 * 2**20  # linears cycle through copies of their weight totalling this: as in a
 #                             forward, every call reads its weight from memory, not from the caches
 
@@ -95,13 +96,21 @@ def bound_s(limits: dict, num_bytes: float, flops: float) -> float:
     return max(num_bytes / limits["read_bytes_per_s"], flops / limits["peak_flops"])
 
 
+def paired_ratio(cell: dict, sample: list[float], probe_to_peak: float) -> float:
+    """One timing of a cell against the bound of its moment: the read bandwidth probed around
+    it, and the probed matmul rate scaled to the large GEMM's peak (the same clock)."""
+    seconds, read_bytes_per_s, probe_flops = sample
+    return seconds / max(cell["bytes"] / read_bytes_per_s, cell["flops"] / (probe_flops * probe_to_peak))
+
+
 def attach_bounds(report: dict) -> None:
     """Each time's bound and ratio, from the run's final limits at its thread count."""
     limits = report["limits"][-1]
+    probed = [s[2] for r in report["linears"] for samples in r["samples"].values() for s in samples]
+    limits["probe_to_peak"] = limits["peak_flops"] / max(probed) if probed else 1.0
     for r in report["linears"]:
         r["bound_s"] = bound_s(limits, r["bytes"], r["flops"])
-        r["ratios"] = {impl: min(t / max(r["bytes"] / bandwidth, r["flops"] / limits["peak_flops"])
-                                 for t, bandwidth in r["samples"][impl])
+        r["ratios"] = {impl: min(paired_ratio(r, sample, limits["probe_to_peak"]) for sample in r["samples"][impl])
                        for impl in r["times_s"]}
     for f in report["forwards"]:
         f["bound_s"] = bound_s(limits, f["bytes"], f["flops"])
@@ -161,7 +170,7 @@ def time_linears(config, rows: list[int], ops, repeats: int, probe) -> list[dict
             x = torch.randn(m, k)
             with torch.inference_mode():
                 samples = interleaved_rounds({impl: (lambda fn=fn: fn(x)) for impl, fn in impls.items()}, repeats, probe)
-            times = {impl: min(t for t, _ in pairs) for impl, pairs in samples.items()}
+            times = {impl: min(sample[0] for sample in pairs) for impl, pairs in samples.items()}
             results.append({"shape": name, "n": n, "k": k, "m": m, "times_s": times, "samples": samples,
                             "plain_path_only": name in PLAIN_ONLY,
                             "bytes": 4 * (n * k + m * k + m * n), "flops": 2 * m * n * k})
@@ -171,42 +180,47 @@ def time_linears(config, rows: list[int], ops, repeats: int, probe) -> list[dict
 def interleaved_best_s(fns: dict, repeats: int) -> dict:
     """name -> best time of fns[name]() over `repeats` rounds in which every fn runs once in turn."""
     rounds = interleaved_rounds(fns, repeats)
-    return {name: min(t for t, _ in samples) for name, samples in rounds.items()}
+    return {name: min(sample[0] for sample in samples) for name, samples in rounds.items()}
 
 
 def interleaved_rounds(fns: dict, repeats: int, probe=None) -> dict[str, list[list[float]]]:
-    """name -> [[seconds, read bytes/s], ...], one pair per round; in each round every fn runs
-    once in turn. With a probe, the bandwidth of a round is the higher of the probes taken just
-    before and just after it (the tighter bound), else 0."""
+    """name -> [[seconds, *probe], ...], one entry per round; in each round every fn runs once
+    in turn. With a probe (returning a tuple of rates), a round's rates are the higher of the
+    probes taken just before and just after it (the tighter bound)."""
     for fn in fns.values():
         fn()  # warm: caches, page faults, lazy init
     samples = {name: [] for name in fns}
-    bandwidth = probe() if probe else 0.0
+    rates = probe() if probe else ()
     for _ in range(repeats):
         times = {}
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name] = time.perf_counter() - start
-        after = probe() if probe else 0.0
+        after = probe() if probe else ()
         for name, t in times.items():
-            samples[name].append([t, max(bandwidth, after)])
-        bandwidth = after
+            samples[name].append([t, *(max(a, b) for a, b in zip(rates, after))])
+        rates = after
     return samples
 
 
-class BandwidthProbe:
-    """One read of a PROBE_BYTES buffer: the read bandwidth of the moment. On a shared machine
-    it wanders by 20-30% over seconds, so each linear timing is set against the bandwidth
-    probed around it, not only against the run's best."""
+class LimitsProbe:
+    """The machine's speed of the moment: (read bytes/s of one sum over PROBE_BYTES, FLOP/s of
+    one PROBE_GEMM^3 matmul). On a shared machine both wander by 10-30% over seconds, so each
+    linear timing is set against the limits probed around it, not only against the run's best.
+    The small GEMM runs below the large one's peak; attach_bounds scales it to that peak."""
 
     def __init__(self):
         self.buffer = torch.ones(PROBE_BYTES // 4)
+        self.a, self.b = torch.randn(PROBE_GEMM, PROBE_GEMM), torch.randn(PROBE_GEMM, PROBE_GEMM)
 
-    def __call__(self) -> float:
+    def __call__(self) -> tuple[float, float]:
         start = time.perf_counter()
         self.buffer.sum()
-        return PROBE_BYTES / (time.perf_counter() - start)
+        middle = time.perf_counter()
+        torch.mm(self.a, self.b)
+        end = time.perf_counter()
+        return PROBE_BYTES / (middle - start), 2 * PROBE_GEMM**3 / (end - middle)
 
 
 def time_forwards(spec: str, dtype: torch.dtype, cache_dir: str, paths: list[str], repeats: int) -> tuple[dict, list]:
@@ -282,8 +296,8 @@ def print_report(report: dict) -> None:
               f"matmul peak {lim['peak_flops'] / 1e9:.1f} GFLOP/s ({peaks})")
     if report["linears"]:
         impls = list(report["linears"][0]["times_s"])
-        print(f"\nlinears at {report['threads']} thread(s): best ms (ratio to bound: each timing against the read "
-              f"bandwidth probed around it and the run's peak, the best pairing); bound at the run's best limits; "
+        print(f"\nlinears at {report['threads']} thread(s): best ms (ratio to bound: each timing against the "
+              f"bandwidth and clock probed around it, the best pairing); bound at the run's best limits; "
               f"* = run by the plain path only")
         print(f"{'shape':<24}{'N x K':>14}{'M':>5}{'bound':>9}" + "".join(f"{i:>18}" for i in impls) + "  served")
         for r in report["linears"]:
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = [limits[-1]]
     if not args.skip_linears:
         configs = {spec: _config_of(spec, dtype, cache_dir) for spec in specs}
-        probe = BandwidthProbe()
+        probe = LimitsProbe()
         passes = []
         for pass_index in range(args.passes):  # whole passes: a slow spell of the machine then
             if pass_index:                      # costs a cell one sample, not its every sample
