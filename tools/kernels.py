@@ -82,12 +82,12 @@ def best_of_passes(passes: list[list[dict]]) -> list[dict]:
         for r in entries:
             key = (r["model"], r["shape"], r["m"])
             if key not in best:
-                best[key] = dict(r, times_s=dict(r["times_s"]), samples={i: list(s) for i, s in r["samples"].items()})
+                best[key] = dict(r, samples={i: list(s) for i, s in r["samples"].items()})
             else:
-                for impl, t in r["times_s"].items():
-                    best[key]["times_s"][impl] = min(best[key]["times_s"][impl], t)
-                    best[key]["samples"][impl] += r["samples"][impl]
+                for impl, samples in r["samples"].items():
+                    best[key]["samples"][impl] += samples
     for r in best.values():
+        r["times_s"] = {impl: min(sample[0] for sample in samples) for impl, samples in r["samples"].items()}
         r["served"] = min(SERVED, key=lambda impl: r["times_s"].get(impl, float("inf")))
     return list(best.values())
 
