@@ -140,6 +140,34 @@ def test_kernels_tool_tiny(tmp_path):
         assert label in done.stdout
 
 
+def test_kernels_times_short_calls_as_the_mean_of_a_burst():
+    kernels = load_tool("kernels")
+    assert kernels.burst_calls(1.0) == 1 and kernels.burst_calls(kernels.BURST_S) == 1
+    assert kernels.burst_calls(kernels.BURST_S / 4) == 4
+    assert kernels.burst_calls(1e-9) == kernels.MAX_BURST_CALLS
+    calls = {"short": 0, "long": 0}
+
+    def short():  # about a quarter of a burst
+        calls["short"] += 1
+        end = kernels.time.perf_counter() + kernels.BURST_S / 4
+        while kernels.time.perf_counter() < end:
+            pass
+
+    def long():
+        calls["long"] += 1
+        kernels.time.sleep(2 * kernels.BURST_S)
+
+    probes = iter(range(100))
+    samples = kernels.interleaved_rounds({"short": short, "long": long}, 3, lambda: (float(next(probes)),))
+    assert calls["long"] == 2 + 3  # two warm-up calls, then one per round
+    assert calls["short"] > 2 + 3 * 3  # a burst of several per round
+    assert (calls["short"] - 2) % 3 == 0
+    for seconds, rate in samples["short"]:  # the mean of the burst: one call's length, not the burst's
+        assert kernels.BURST_S / 4 <= seconds < kernels.BURST_S / 2
+    # each round pairs with the higher of the probes just before and just after it
+    assert [rate for _, rate in samples["long"]] == [1.0, 2.0, 3.0]
+
+
 # ---------------------------------------------------------------- bench.py in-process
 
 

@@ -14,7 +14,8 @@ copies in all), so small weights are timed from memory as in a forward, not from
 Forwards run on a fresh KV cache with 32 tokens of context.
 
 On a shared machine the clock and the bandwidth wander by 10-30% over seconds. So the
-implementations of a cell (and the five forwards of a path) take turns, one call each per round,
+implementations of a cell (and the five forwards of a path) take turns, one call each per round
+(a call under 2 ms as the mean of a burst of back-to-back calls, each on its own weight copy),
 keeping their best of --repeats rounds; the linear table is timed in --passes whole passes, each
 cell keeping its best; and the limits are measured before each pass and after the last timing,
 each bound using the highest seen (the tightest bound of the run). A linear's ratio pairs each of
@@ -48,6 +49,10 @@ PEAK_SIZE = 2048  # n of the n x n x n GEMM that measures the matmul peak
 PEAK_ROWS = 512  # M of the packed kernel's large GEMM (also a candidate for the peak)
 PROBE_BYTES = 64 * 2**20  # the bandwidth probe around each round of linear timings
 PROBE_GEMM = 512  # n of the n x n x n matmul that probes the clock around each round
+BURST_S = 2e-3  # a call shorter than this is timed as the mean of a burst of calls filling it:
+#                 in a forward a linear follows other linears, not a probe or another library's
+#                 call, and a lone 0.2 ms call after those measured up to 1.3x slower (same kernel)
+MAX_BURST_CALLS = 16
 ROTATE_BYTES = 128 * 2**20  # linears cycle through copies of their weight totalling this: as in a
 #                             forward, every call reads its weight from memory, not from the caches
 
@@ -183,20 +188,31 @@ def interleaved_best_s(fns: dict, repeats: int) -> dict:
     return {name: min(sample[0] for sample in samples) for name, samples in rounds.items()}
 
 
+def burst_calls(seconds: float) -> int:
+    """Back-to-back calls that time one call of this length: enough to fill BURST_S."""
+    return max(1, min(MAX_BURST_CALLS, round(BURST_S / max(seconds, 1e-9))))
+
+
 def interleaved_rounds(fns: dict, repeats: int, probe=None) -> dict[str, list[list[float]]]:
-    """name -> [[seconds, *probe], ...], one entry per round; in each round every fn runs once
-    in turn. With a probe (returning a tuple of rates), a round's rates are the higher of the
+    """name -> [[seconds, *probe], ...], one entry per round; in each round every fn runs in
+    turn, as one burst of back-to-back calls (a single call from BURST_S up), and its time is the
+    burst's mean. With a probe (returning a tuple of rates), a round's rates are the higher of the
     probes taken just before and just after it (the tighter bound)."""
-    for fn in fns.values():
-        fn()  # warm: caches, page faults, lazy init
+    calls = {}
+    for name, fn in fns.items():  # warm (caches, page faults, lazy init), and size each burst
+        fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = burst_calls(time.perf_counter() - start)
     samples = {name: [] for name in fns}
     rates = probe() if probe else ()
     for _ in range(repeats):
         times = {}
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name] = time.perf_counter() - start
+            for _ in range(calls[name]):
+                fn()
+            times[name] = (time.perf_counter() - start) / calls[name]
         after = probe() if probe else ()
         for name, t in times.items():
             samples[name].append([t, *(max(a, b) for a, b in zip(rates, after))])
