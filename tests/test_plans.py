@@ -15,7 +15,7 @@ from minedraft.runtime.plans import ExecPlan, Placement, candidate_plans
 from minedraft.runtime.protocol import (
     DraftJob, DraftResult, GenerateRequest, PrefillJob, PrefillResult, VerifyJob, VerifyResult,
 )
-from minedraft.runtime.scheduler import DRAFTER, VERIFIER, SchedulerCore
+from minedraft.runtime.scheduler import DRAFTER, SchedulerCore
 from minedraft.runtime.tokenizer import ByteTokenizer
 from minedraft.workers.drafter import select_positions
 
