@@ -98,6 +98,7 @@ def test_bench_hf_mode_variants():
     assert bench_hf.mode_overrides("sd") == ["scheduler.mode=sd"]
     assert bench_hf.mode_overrides("sd-noprefill") == ["scheduler.mode=sd", "scheduler.prefill_ahead=false"]
     assert bench_hf.mode_overrides("psd-bf16draft") == ["scheduler.mode=psd", "model.draft_weights=bfloat16"]
+    assert bench_hf.mode_overrides("sd-f32draft") == ["scheduler.mode=sd", "model.draft_weights=float32"]
     with pytest.raises(SystemExit, match="unknown mode 'sd-fast'"):
         bench_hf.mode_overrides("sd-fast")
 

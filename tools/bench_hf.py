@@ -160,15 +160,17 @@ VARIANTS = {  # mode label suffix -> config overrides
     "": [],
     "noprefill": ["scheduler.prefill_ahead=false"],  # the verifier prefills a prompt only in its first verify
     "bf16draft": ["model.draft_weights=bfloat16"],  # the draft's linear weights rounded to bfloat16
+    "f32draft": ["model.draft_weights=float32"],  # ... or kept in float32, whatever the config says
 }
 
 
 def mode_overrides(label: str) -> list[str]:
-    """"sd" / "psd" / "ar", or with a variant: "sd-noprefill" (without prefill ahead),
-    "sd-bf16draft" (the draft's weights in bfloat16)."""
+    """"sd" / "psd" / "ar" (the config as it is), or with a variant: "sd-noprefill" (without
+    prefill ahead), "sd-bf16draft" / "sd-f32draft" (the draft's weights in bfloat16 / float32)."""
     mode, _, variant = label.partition("-")
     if mode not in ("ar", "sd", "psd") or variant not in VARIANTS:
-        raise SystemExit(f"unknown mode {label!r}: expected ar, sd or psd, optionally with -noprefill or -bf16draft")
+        raise SystemExit(f"unknown mode {label!r}: expected ar, sd or psd, optionally with -noprefill, -bf16draft "
+                         "or -f32draft")
     return [f"scheduler.mode={mode}"] + VARIANTS[variant]
 
 
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny", help="config name or path (default tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--modes", default="sd,psd", help="runtime modes to run at concurrency 1 (ar, sd, psd; "
-                        "-noprefill: without scheduler.prefill_ahead; -bf16draft: model.draft_weights = bfloat16)")
+                        "-noprefill: without scheduler.prefill_ahead; -bf16draft / -f32draft: model.draft_weights = "
+                        "bfloat16 / float32)")
     parser.add_argument("--endpoint", help="measure this running runtime instead of starting one per mode "
                         "(it should serve the same models as --config)")
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS)
