@@ -2,6 +2,8 @@
 F.linear, bitwise batch and thread invariance, the swap into a Decoder (tied embedding read from
 the packed panels, plain weights dropped), the per-M choice from timings, and the fallbacks."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,8 @@ from minedraft.runtime.config import ConfigError, load_config
 from minedraft.workers.engine import Engine, EngineRequest
 from minedraft.workers.model import fast_linear
 from minedraft.workers.model.fast_linear import (
-    PackedEmbedding, PackedLinear, apply_linear_path, choice_from_timings, describe_choice,
-    kernel_unavailable_reason, load_kernel,
+    PackedEmbedding, PackedLinear, apply_linear_path, choice_from_timings, choices_from_timings, describe_choice,
+    describe_choices, kernel_unavailable_reason, load_kernel,
 )
 from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
 
@@ -87,14 +89,27 @@ def test_bfloat16_weights_give_float32_products_of_the_rounded_weights(ops, n, k
         assert torch.equal(y, ops.linear(x, ops.pack(rounded), bias, n))
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_kernel
-def test_bfloat16_rows_do_not_depend_on_their_batch(ops):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_rows_do_not_depend_on_their_batch_or_threads(ops, threads):
     gen = torch.Generator().manual_seed(4)
     packed = ops.pack(torch.randn(90, 300, generator=gen).to(torch.bfloat16))
     x = torch.randn(17, 300, generator=gen)
-    batch = ops.linear(x, packed, None, 90)
-    for m in (1, 3, 6, 7, 12):
-        assert torch.equal(ops.linear(x[:m].contiguous(), packed, None, 90), batch[:m])
+    with num_threads(1):
+        batch = ops.linear(x, packed, None, 90)
+    with num_threads(threads):
+        for m in (1, 3, 6, 7, 12, 17):
+            assert torch.equal(ops.linear(x[:m].contiguous(), packed, None, 90), batch[:m])
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ops.pack(torch.randn(4, 8, dtype=torch.float16))
 
@@ -214,6 +229,60 @@ def test_choice_per_m_from_timings():
     near_tie = {"rows": [1], "packed_s": [1.05], "plain_s": [1.0]}  # within PLAIN_MARGIN: the kernel
     assert choice_from_timings(near_tie) == [True, True]
     assert describe_choice([True] * 4) == "packed" and describe_choice([False] * 4) == "plain"
+
+
+def test_one_copy_where_the_kernel_is_near_f_linear_at_every_m_and_thread_count():
+    near = {"rows": [1, 16], "packed_s": [1.0, 1.05], "plain_s": [1.0, 1.0]}  # within both margins
+    assert choices_from_timings({1: near, 2: near}) == {0: [True]}
+    within_one_copy = {"rows": [1, 16], "packed_s": [1.0, 1.15], "plain_s": [1.0, 1.0]}  # plain would win M = 16 alone
+    assert choices_from_timings({1: within_one_copy}) == {0: [True]}
+    far = {"rows": [1, 16], "packed_s": [1.0, 1.5], "plain_s": [1.0, 1.0]}  # plain 1.5x faster at M = 16
+    choices = choices_from_timings({1: near, 2: far})
+    assert choices[1] == [True] * 17  # per M the kernel is within PLAIN_MARGIN at 1 thread ...
+    assert choices[2][:2] == [True, True] and not any(choices[2][2:])  # ... but not at 2 threads from M = 2
+    assert describe_choices(choices) == "1 thread: packed; 2 threads: packed for M 1; plain for M 2+"
+
+
+@needs_kernel
+def test_choice_follows_the_thread_count(ops):
+    linear = nn.Linear(64, 48)
+    layer = PackedLinear(ops, linear, {1: [True, True], 2: [False, False]})  # plain at 2 threads
+    assert layer.plain_bytes == 48 * 64 * 4
+    calls = []
+    original = layer.ops
+
+    class Spy:
+        pack = original.pack
+
+        def linear(self, *args):
+            calls.append(torch.get_num_threads())
+            return original.linear(*args)
+
+    layer.ops = Spy()
+    x = torch.randn(3, 64)
+    for threads in (1, 2, 4):  # 4 was not timed: the nearest timed count (2) decides
+        with num_threads(threads):
+            assert (layer(x) - linear(x)).abs().max().item() < 1e-5
+    assert calls == [1]
+    assert PackedLinear(ops, linear, [True]).plain_bytes == 0
+
+
+@needs_kernel
+def test_decoder_rows_equal_at_one_and_two_threads():
+    """The packed path's logits are bit-identical at 1 and 2 threads and alone or in a batch."""
+    from minedraft.workers.kv_cache import KVCache
+
+    model = tiny_decoder("tiny-qwen2")
+    apply_linear_path(model, "packed", CACHE_DIR)
+    tokens = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(2))
+    results = []
+    for threads, rows in ((1, 3), (2, 3), (2, 1)):
+        with num_threads(threads):
+            cache = KVCache(model.config, 3, 16, torch.float32)
+            slots = [cache.alloc() for _ in range(rows)]
+            results.append(model(tokens[:rows], cache, slots))
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0][:1], results[2])
 
 
 @needs_kernel

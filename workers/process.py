@@ -108,6 +108,21 @@ def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> flo
     return time.perf_counter() - start if is_changed else 0.0
 
 
+def linear_thread_counts(config: Config, role: str) -> tuple[int, ...]:
+    """The intra-op thread counts this worker's jobs may run at, for the linear path's timings:
+    its configured count and, under auto on CPU devices, each count a plan may give it (half of
+    the cores the two workers share, the other half, all of them: runtime/plans.py)."""
+    section = config.drafter if role == "drafter" else config.verifier
+    counts = {section.num_threads}
+    if config.scheduler.mode == "auto" and config.drafter.device == "cpu" and config.verifier.device == "cpu":
+        if config.drafter.cpu_cores and config.verifier.cpu_cores:
+            num_cores = len(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
+        else:
+            num_cores = os.cpu_count() or 1
+        counts |= {max(1, num_cores // 2), num_cores - num_cores // 2 or 1, num_cores}
+    return tuple(sorted(counts))
+
+
 def tiny_spec(config: Config, role: str) -> TinySpec:
     m = config.model
     return TinySpec(
@@ -153,7 +168,8 @@ class WorkerLoop:
         spec = config.model.draft if self.role == "drafter" else config.model.target
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
         weights = config.model.draft_weights if self.role == "drafter" else "float32"
-        linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights)
+        linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights,
+                                   linear_thread_counts(config, self.role))
         core_cls = Drafter if self.role == "drafter" else Verifier
         self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}

@@ -25,14 +25,16 @@ log = logging.getLogger("minedraft.linear")
 LINEAR_PATHS = ("auto", "plain", "packed")  # model.linear_path: measured choice | F.linear | kernel everywhere
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # how the linears' weights are stored
 KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "small_gemm.cpp"
-KERNEL_FLAGS = ["-O3", "-mavx2", "-mfma"]
+KERNEL_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's
+#   OpenMP pool (libgomp, loaded once by torch); without it ATen's header compiles the loop serially
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build
 PANEL_COLS = 16  # output columns per packed panel (NR in the C++ file)
 MEASURED_ROWS = (1, 5, 16, 40, 80, 256)  # rows M timed per shape at load; M between uses the next bucket up
 MAX_LOGIT_ROWS = 80  # lm_head is timed up to here: it only runs at the positions that need logits
 TIMING_REPEATS = 3  # best of this many calls per (shape, M, path)
-PLAIN_MARGIN = 1.1  # F.linear is chosen only where it is this much faster: at M = 1 both read the
-#                     weights at memory speed, and a tie must not cost a second copy of them
+ONE_COPY_MARGIN = 1.2  # where the kernel is within this of F.linear at every M and thread count, it
+#                        serves them all: one copy of the weight (packed) instead of two
+PLAIN_MARGIN = 1.1  # otherwise F.linear serves an M only where it is this much faster
 
 
 @dataclass
@@ -97,7 +99,7 @@ def load_kernel(cache_dir: str):
             lock.unlink(missing_ok=True)
         cpp_extension.load(
             "minedraft_small_gemm", [str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS,
-            build_directory=str(build_dir), is_python_module=False, verbose=False,
+            extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False,
         )
     except Exception as exc:  # a missing compiler, headers or ninja: report and fall back
         _kernel_state["error"] = f"kernel build failed: {type(exc).__name__}: {str(exc).strip()[:500]}"
@@ -113,27 +115,43 @@ def load_kernel(cache_dir: str):
 
 class PackedLinear(nn.Module):
     """nn.Linear's forward on weights packed into [P, K, 16] panels. is_packed[M] says which path
-    serves M rows (the last entry serves every larger M); where any M uses F.linear the plain
-    weight is kept too, else it is dropped."""
+    serves M rows (the last entry serves every larger M), at every thread count, or per thread
+    count ({threads: is_packed}; a count not timed takes the nearest timed one). Where any M uses
+    F.linear the plain weight is kept too (a second copy, counted in plain_bytes), else dropped."""
 
-    def __init__(self, ops, linear: nn.Linear, is_packed: list[bool], weight_dtype: torch.dtype = torch.float32):
+    def __init__(self, ops, linear: nn.Linear, is_packed: list[bool] | dict[int, list[bool]],
+                 weight_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.ops = ops
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = ops.pack(linear.weight.detach().to(weight_dtype).contiguous())  # [P, K, 16]
-        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()  # [N]
-        self.is_packed = is_packed
-        self.weight = None if all(is_packed) else linear.weight.detach()  # [N, K], for F.linear
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()  # [N], not a view of the file
+        self.by_threads = is_packed if isinstance(is_packed, dict) else {0: is_packed}
+        self.is_packed = is_packed if isinstance(is_packed, list) else None  # one choice for every thread count
+        is_all_packed = all(all(choice) for choice in self.by_threads.values())
+        self.weight = None if is_all_packed else linear.weight.detach()  # [N, K], for F.linear
+
+    @property
+    def plain_bytes(self) -> int:
+        """What the second (plain) copy costs; 0 when the kernel serves every M."""
+        return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+
+    def choice(self) -> list[bool]:
+        if self.is_packed is not None:
+            return self.is_packed
+        threads = torch.get_num_threads()
+        return self.by_threads[min(self.by_threads, key=lambda t: (abs(t - threads), t))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if not self.is_packed[min(rows, len(self.is_packed) - 1)]:
+        is_packed = self.choice()
+        if not is_packed[min(rows, len(is_packed) - 1)]:
             return F.linear(x, self.weight, self.bias)
         y = self.ops.linear(x.reshape(rows, self.in_features).contiguous(), self.packed, self.bias, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)  # [..., N]
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {describe_choice(self.is_packed)}"
+        return f"in={self.in_features}, out={self.out_features}, {describe_choices(self.by_threads)}"
 
 
 class PackedEmbedding(nn.Module):
@@ -152,10 +170,12 @@ class PackedEmbedding(nn.Module):
 # --- choosing and swapping ---------------------------------------------------------------------
 
 
-def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weights: str = "float32") -> LinearReport:
+def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weights: str = "float32",
+                      thread_counts: tuple[int, ...] = ()) -> LinearReport:
     """Swap the decoder's nn.Linear modules for PackedLinear where the kernel serves (requested
     "auto": per shape, where timings on this machine say it is faster; "packed": everywhere;
-    "plain": nowhere). Returns what serves which shapes.
+    "plain": nowhere). Returns what serves which shapes. thread_counts: the intra-op thread
+    counts the model's jobs will run at (auto times each; () = the current one).
 
     weights = "bfloat16" (for a draft model: its proposals may differ, the output never does)
     stores every linear's weight rounded to bfloat16, half the bytes a step reads: the kernel
@@ -185,12 +205,12 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weight
     report = LinearReport(requested, how, fused=fuse_projections(decoder), weights=weights)
     start_s = time.monotonic()
     if requested == "packed" or weights != "float32":  # F.linear would need a float32 copy of the weights
-        choices = {s: [True] for s in _shapes(decoder)}
+        choices = {s: {0: [True]} for s in _shapes(decoder)}
     else:
-        choices = _choose(ops, decoder, cache_dir)
+        choices = _choose(ops, decoder, cache_dir, thread_counts or (torch.get_num_threads(),))
     report.choose_s = round(time.monotonic() - start_s, 2)
     _swap(ops, decoder, choices, WEIGHT_DTYPES[weights])
-    report.shapes = {s: describe_choice(is_packed) for s, is_packed in choices.items()}
+    report.shapes = {s: describe_choices(by_threads) for s, by_threads in choices.items()}
     log.info("linear path (%s weights): %s", weights, report.shapes)
     return report
 
@@ -261,38 +281,64 @@ def describe_choice(is_packed: list[bool]) -> str:
     return "; ".join(parts)
 
 
-def _swap(ops, decoder: nn.Module, choices: dict[str, list[bool]], weight_dtype: torch.dtype) -> None:
-    """Replace each nn.Linear that the kernel serves at some M by a PackedLinear."""
+def describe_choices(by_threads: dict[int, list[bool]]) -> str:
+    """One summary, or one per timed thread count where they differ: "1 thread: packed; 2 threads: ..."."""
+    summaries = {t: describe_choice(is_packed) for t, is_packed in sorted(by_threads.items())}
+    if len(set(summaries.values())) == 1:
+        return next(iter(summaries.values()))
+    return "; ".join(f"{t} thread{'s' if t > 1 else ''}: {text}" for t, text in summaries.items())
+
+
+def _swap(ops, decoder: nn.Module, choices: dict[str, dict[int, list[bool]]], weight_dtype: torch.dtype) -> None:
+    """Replace each nn.Linear that the kernel serves at some M and thread count by a PackedLinear."""
     lm_head = decoder.lm_head
     is_tied = lm_head.weight is decoder.model.embed_tokens.weight
     for name, module in list(decoder.named_modules()):
-        if not isinstance(module, nn.Linear) or not any(choices[_shape_key(module)]):
+        by_threads = choices[_shape_key(module)] if isinstance(module, nn.Linear) else {}
+        if not any(any(choice) for choice in by_threads.values()):
             continue
         owner_name, _, child = name.rpartition(".")
         owner = decoder.get_submodule(owner_name) if owner_name else decoder
-        packed = PackedLinear(ops, module, choices[_shape_key(module)], weight_dtype)
+        packed = PackedLinear(ops, module, by_threads if len(by_threads) > 1 else next(iter(by_threads.values())),
+                              weight_dtype)
         setattr(owner, child, packed)
         if module is lm_head and is_tied:
             decoder.model.embed_tokens = PackedEmbedding(packed)
 
 
-def _choose(ops, decoder: nn.Module, cache_dir: str) -> dict[str, list[bool]]:
-    """Per shape, is_packed[M] for M = 0..max(MEASURED_ROWS): the kernel wherever it was no
-    slower than F.linear (within PLAIN_MARGIN) at the next measured M up. The timings are
-    cached per machine, thread count, torch and kernel source."""
+def _choose(ops, decoder: nn.Module, cache_dir: str, thread_counts: tuple[int, ...]) -> dict[str, dict[int, list[bool]]]:
+    """Per shape, {threads: is_packed[M]} for M = 0..max(MEASURED_ROWS), from timings of both
+    paths at each thread count (choices_from_timings). The timings are cached per machine,
+    thread count, torch and kernel source."""
     cache_path = Path(cache_dir).expanduser() / "kernels" / "choices.json"
-    machine = _machine_key()
-    cached = _read_json(cache_path).get(machine, {})
     linears = {_shape_key(m): m for m in decoder.modules() if isinstance(m, nn.Linear)}
     lm_key = _shape_key(decoder.lm_head)
-    choices = {}
-    for key, linear in sorted(linears.items()):
-        if key not in cached:
-            rows = [m for m in MEASURED_ROWS if key != lm_key or m <= MAX_LOGIT_ROWS]
-            cached[key] = _time_candidates(ops, linear.weight.detach(), linear.bias, rows)
-        choices[key] = choice_from_timings(cached[key])
-    _merge_json(cache_path, machine, cached)
-    return choices
+    timings: dict[str, dict[int, dict]] = {key: {} for key in linears}
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in sorted(set(thread_counts)):
+            torch.set_num_threads(threads)
+            machine = _machine_key()
+            cached = _read_json(cache_path).get(machine, {})
+            for key, linear in sorted(linears.items()):
+                if key not in cached:
+                    rows = [m for m in MEASURED_ROWS if key != lm_key or m <= MAX_LOGIT_ROWS]
+                    cached[key] = _time_candidates(ops, linear.weight.detach(), linear.bias, rows)
+                timings[key][threads] = cached[key]
+            _merge_json(cache_path, machine, cached)
+    finally:
+        torch.set_num_threads(threads_before)
+    return {key: choices_from_timings(by_threads) for key, by_threads in timings.items()}
+
+
+def choices_from_timings(by_threads: dict[int, dict]) -> dict[int, list[bool]]:
+    """{threads: timing} -> {threads: is_packed}. Where the kernel is within ONE_COPY_MARGIN of
+    F.linear at every timed M and thread count it serves them all ({0: [True]}: one copy of the
+    weight); otherwise each thread count takes its own per-M choice (choice_from_timings)."""
+    if all(packed_s <= ONE_COPY_MARGIN * plain_s for timing in by_threads.values()
+           for packed_s, plain_s in zip(timing["packed_s"], timing["plain_s"])):
+        return {0: [True]}
+    return {threads: choice_from_timings(timing) for threads, timing in by_threads.items()}
 
 
 def _time_candidates(ops, weight: torch.Tensor, bias, rows: list[int]) -> dict[str, list[float]]:
