@@ -127,13 +127,25 @@ class ModelSection:
 
 
 MODES = ("auto", "psd", "sd", "ar")
+# scheduler.max_batch = 0 takes what memory holds, up to this many requests per batch. The cap is a
+# cost: a verify step's time grows with its rows once it is compute-bound (on a CPU core from about
+# 8 positions, docs/performance.md), so past 16 rows per batch (32 live with two batches, the most
+# rows a one-batch plan then steps) every request's step time grows with no gain in tokens/s.
+MAX_BATCH_FROM_MEMORY = 16
+
+
+def batch_from_memory(request_bytes: int, budget_bytes: int, num_batches: int) -> int:
+    """scheduler.max_batch = 0: the most requests per batch whose KV cache and buffers
+    (request_bytes each) fit in budget_bytes with num_batches batches, in 1..MAX_BATCH_FROM_MEMORY."""
+    return max(1, min(MAX_BATCH_FROM_MEMORY, budget_bytes // max(1, request_bytes * num_batches)))
 
 
 @dataclass(frozen=True)
 class SchedulerSection:
     mode: str = "auto"  # auto (the plan measured fastest at the load: ar, sd or psd, and cores per worker) | psd (two overlapped batches) | sd (one batch, standard SD) | ar (target only)
     num_draft: int = 4  # k: draft tokens per request per step
-    max_batch: int = 8  # requests per batch (psd keeps two batches; auto holds 2 x max_batch, in one batch or two)
+    max_batch: int = 8  # requests per batch (psd keeps two batches; auto holds 2 x max_batch, in one batch or two); 0 = what kv_cache_memory holds, at most MAX_BATCH_FROM_MEMORY
+    kv_cache_memory: float = 0.15  # max_batch = 0: share of its device's memory each worker's KV cache and draft buffers may take
     max_len: int = 512  # prompt + output tokens per request (KV cache length)
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for
     max_queued_requests: int = 256  # admission queue bound; beyond it requests get "overloaded"
@@ -152,7 +164,8 @@ class SchedulerSection:
         _check(0 <= self.extra_draft <= 16, "extra_draft", f"must be in 0..16, got {self.extra_draft}")
         _check(self.draft_policy in ("fixed", "adaptive"), "draft_policy",
                f"expected fixed or adaptive, got {self.draft_policy!r}")
-        _check(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
+        _check(self.max_batch >= 0, "max_batch", f"must be >= 0 (0 = from kv_cache_memory), got {self.max_batch}")
+        _check(0.0 < self.kv_cache_memory <= 0.9, "kv_cache_memory", f"must be in (0, 0.9], got {self.kv_cache_memory}")
         _check(self.max_len >= 16, "max_len", f"must be >= 16, got {self.max_len}")
         _check(1 <= self.max_tokens_cap < self.max_len, "max_tokens_cap",
                f"must be >= 1 and < max_len ({self.max_len}), got {self.max_tokens_cap}")
@@ -161,11 +174,15 @@ class SchedulerSection:
         _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
         _check(self.plan_rotate_steps >= 0, "plan_rotate_steps", f"must be >= 0, got {self.plan_rotate_steps}")
 
+    def max_rows(self, max_batch: int) -> int:
+        """Most requests one batch holds (the draft buffers' rows) for max_batch resolved (never
+        0): auto's one-batch plans hold both of psd's batches in one."""
+        return 2 * max_batch if self.mode == "auto" else max_batch
+
     @property
-    def max_rows(self) -> int:
-        """Most requests one batch holds: the draft buffers' rows. auto's one-batch plans hold
-        both of psd's batches in one."""
-        return 2 * self.max_batch if self.mode == "auto" else self.max_batch
+    def num_batches(self) -> int:
+        """Batches the scheduler keeps: psd's two (auto may run psd), else one."""
+        return 2 if self.mode in ("psd", "auto") else 1
 
     @property
     def max_depth(self) -> int:

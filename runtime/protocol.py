@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -207,6 +207,7 @@ class ReadyResult:
     tokenizer: dict  # {"kind": "bytes"} or {"kind": "file", "path": ...}
     buffers: list[dict] = field(default_factory=list)  # handles the worker produces, by batch_id
     linear: dict = field(default_factory=dict)  # which linear path serves which weight shape (fast_linear.LinearReport)
+    max_batch: int = 0  # requests per batch its KV cache (and draft buffers) hold: scheduler.max_batch resolved (0: as configured)
 
 
 @dataclass(frozen=True)

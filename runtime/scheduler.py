@@ -68,7 +68,8 @@ class Batch:
 
 class SchedulerCore:
     def __init__(self, config: Config, tokenizer, vocab_size: int, max_len: int, eos_token_ids: list[int],
-                 clock=time.monotonic):
+                 clock=time.monotonic, max_batch: int | None = None):
+        """max_batch: requests per batch, as the workers' caches hold it (None: scheduler.max_batch)."""
         sc = config.scheduler
         self.is_auto = sc.mode == "auto"
         self.mode = "psd" if self.is_auto else sc.mode  # the mode in force; auto changes it at step boundaries
@@ -84,9 +85,10 @@ class SchedulerCore:
             self.mode = self.chooser.current.mode
         self.is_learning = self.budget is not None and self.budget.is_predicting
         self.prefill_ahead = sc.prefill_ahead and sc.mode != "ar"
-        self.max_batch = sc.max_batch
-        self.max_rows = sc.max_rows  # one batch's limit in one-batch plans (auto: both of psd's batches)
-        self.max_live = sc.max_batch * (2 if sc.mode in ("psd", "auto") else 1)
+        self.max_batch = max_batch or sc.max_batch
+        assert self.max_batch >= 1, "scheduler.max_batch = 0 is resolved by the workers (ReadyResult.max_batch)"
+        self.max_rows = sc.max_rows(self.max_batch)  # one batch's limit in one-batch plans (auto: both of psd's batches)
+        self.max_live = self.max_batch * sc.num_batches
         self.wide_role: str | None = None  # the worker running a job on every core: the other waits
         self.placement_changes = {"num_switches": 0, "total_s": 0.0, "max_s": 0.0}  # workers' thread/core changes
         self.max_queued = sc.max_queued_requests

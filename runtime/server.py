@@ -106,8 +106,9 @@ class Server:
         if replica.core is None:
             verifier = replica.pool.ready[VERIFIER]
             max_len = min(r.max_len for r in replica.pool.ready.values())
+            max_batch = min((r.max_batch for r in replica.pool.ready.values() if r.max_batch), default=None)  # both hold it
             replica.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size,
-                                         max_len, verifier.eos_token_ids)
+                                         max_len, verifier.eos_token_ids, max_batch=max_batch)
         else:
             replica.num_restarts += 1
             log.info("replica %d: workers restarted (restart %d)", replica.index, replica.num_restarts)

@@ -142,7 +142,8 @@ def test_bad_toml_syntax(tmp_path):
     ("scheduler.extra_draft=-1", "scheduler.extra_draft: must be in 0..16"),
     ("scheduler.extra_draft=17", "scheduler.extra_draft: must be in 0..16"),
     ("scheduler.draft_policy=auto", "scheduler.draft_policy: expected fixed or adaptive"),
-    ("scheduler.max_batch=0", "scheduler.max_batch: must be >= 1"),
+    ("scheduler.max_batch=-1", "scheduler.max_batch: must be >= 0"),
+    ("scheduler.kv_cache_memory=0", "scheduler.kv_cache_memory: must be in"),
     ("scheduler.max_len=8", "scheduler.max_len: must be >= 16"),
     ("scheduler.max_tokens_cap=512", "scheduler.max_tokens_cap: must be >= 1 and < max_len"),
     ("scheduler.max_tokens_cap=0", "scheduler.max_tokens_cap: must be >= 1 and < max_len"),
@@ -215,3 +216,15 @@ def test_run_dirs():
 def test_config_module_does_not_import_torch():
     code = "import minedraft.runtime.config, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_from_memory():
+    from minedraft.runtime.config import MAX_BATCH_FROM_MEMORY, batch_from_memory
+
+    assert batch_from_memory(request_bytes=100, budget_bytes=1000, num_batches=2) == 5
+    assert batch_from_memory(request_bytes=100, budget_bytes=1000, num_batches=1) == 10
+    assert batch_from_memory(request_bytes=100, budget_bytes=10**9, num_batches=2) == MAX_BATCH_FROM_MEMORY
+    assert batch_from_memory(request_bytes=100, budget_bytes=50, num_batches=2) == 1  # at least one request
+    sc = load_config(overrides=["scheduler.mode=auto", "scheduler.max_batch=0"]).scheduler
+    assert sc.max_rows(8) == 16 and sc.num_batches == 2
+    assert load_config(overrides=["scheduler.mode=sd"]).scheduler.max_rows(8) == 8

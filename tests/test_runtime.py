@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from minedraft.runtime.client import AsyncClient, Client
-from tests.runtime_utils import cli, reference_outputs, running_daemon, status
+from tests.runtime_utils import TINY, cli, reference_outputs, running_daemon, status
 
 
 def workload(n: int = 24, temperature: float = 0.0) -> list[dict]:
@@ -176,3 +176,25 @@ def test_workers_do_not_import_the_scheduler():
             "'minedraft.runtime.worker_pool', 'minedraft.runtime.client') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_max_batch_from_kv_cache_memory(tmp_path, greedy_reference):
+    """scheduler.max_batch = 0: each worker sizes its cache from kv_cache_memory, the scheduler
+    takes the smaller, and the daemon serves as before."""
+    import torch
+
+    from minedraft.runtime.config import batch_from_memory, load_config
+    from minedraft.workers.model.loader import load_decoder
+    from minedraft.workers.process import memory_budget_bytes, request_bytes, tiny_spec
+
+    share = 1e-4
+    config = load_config(TINY, ["scheduler.max_batch=0", f"scheduler.kv_cache_memory={share}", "scheduler.mode=psd"])
+    expected = min(
+        batch_from_memory(request_bytes(load_decoder(spec, torch.float32, tiny=tiny_spec(config, role)).config,
+                                        config, role, torch.float32),
+                          memory_budget_bytes(torch.device("cpu"), share), 2)
+        for role, spec in (("drafter", config.model.draft), ("verifier", config.model.target)))
+    assert 1 < expected < 16  # the share above binds on this machine's memory
+    with running_daemon(tmp_path, "psd", "scheduler.max_batch=0", f"scheduler.kv_cache_memory={share}") as (endpoint, _):
+        assert status(endpoint)["max_batch"] == expected
+        assert asyncio.run(run_load(endpoint, workload())) == greedy_reference

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import zmq
 
 from minedraft.runtime import curve as cv
 from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, config_from_dict, draft_transport
+from minedraft.runtime.config import Config, batch_from_memory, config_from_dict, draft_transport
 from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
@@ -27,6 +28,8 @@ from minedraft.workers.model.fast_linear import apply_linear_path
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
+
+log = logging.getLogger("minedraft.worker")
 
 NUM_BATCHES = 2  # one draft buffer per batch id
 PARENT_CHECK_S = 1.0  # how often an idle worker checks that the scheduler still lives
@@ -108,6 +111,30 @@ def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> flo
     return time.perf_counter() - start if is_changed else 0.0
 
 
+def request_bytes(model_config, config: Config, role: str, dtype: torch.dtype) -> int:
+    """What one live request costs a worker at scheduler.max_len: its KV-cache slot and, on the
+    drafter, its draft buffer rows (a row per batch buffer, twice under auto's one-batch plans)."""
+    sc = config.scheduler
+    m = model_config
+    element = torch.finfo(dtype).bits // 8
+    kv = m.num_layers * 2 * m.num_kv_heads * sc.max_len * m.head_dim * element
+    if role != "drafter" or sc.mode == "ar":
+        return kv
+    buffer_row = sum(math.prod(shape[1:]) * torch.empty(0, dtype=t).element_size()
+                     for shape, t in draft_buffer_specs(1, sc.max_depth, m.vocab_size).values())
+    rows_per_request = NUM_BATCHES * sc.max_rows(1) // sc.num_batches
+    return kv + rows_per_request * buffer_row
+
+
+def memory_budget_bytes(device: torch.device, share: float) -> int:
+    """share of the device's memory: the host's physical memory, or the GPU's."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(share * total)
+
+
 def linear_thread_counts(config: Config, role: str) -> tuple[int, ...]:
     """The intra-op thread counts this worker's jobs may run at, for the linear path's timings:
     its configured count and, under auto on CPU devices, each count a plan may give it (half of
@@ -171,10 +198,15 @@ class WorkerLoop:
         linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights,
                                    linear_thread_counts(config, self.role))
         core_cls = Drafter if self.role == "drafter" else Verifier
-        self.core = core_cls(model, 2 * sc.max_batch, sc.max_len, sc.max_depth, dtype, device)
+        self.max_batch = sc.max_batch or batch_from_memory(
+            request_bytes(model.config, config, self.role, dtype), memory_budget_bytes(device, sc.kv_cache_memory),
+            sc.num_batches)
+        log.info("%s: max_batch %d%s", self.role, self.max_batch,
+                 f" (scheduler.kv_cache_memory = {sc.kv_cache_memory})" if not sc.max_batch else "")
+        self.core = core_cls(model, self.max_batch * sc.num_batches, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}
         if self.role == "drafter":
-            specs = draft_buffer_specs(sc.max_rows, sc.max_depth, model.config.vocab_size)
+            specs = draft_buffer_specs(sc.max_rows(self.max_batch), sc.max_depth, model.config.vocab_size)
             if draft_transport(config) == "frames":
                 if self.drafts_endpoint is None:
                     raise RuntimeError("cluster.draft_transport = frames, but the drafter was given no drafts endpoint")
@@ -193,7 +225,7 @@ class WorkerLoop:
         self._send(p.ReadyResult(
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
             min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),
-            tokenizer, [b.handle() for b in self.buffers], linear.to_dict(),
+            tokenizer, [b.handle() for b in self.buffers], linear.to_dict(), self.max_batch,
         ))
 
     def run(self) -> None:
