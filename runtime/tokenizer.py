@@ -41,11 +41,14 @@ def make_tokenizer(spec: dict):
 
 class Detokenizer:
     """Turns a growing list of output ids into text deltas, holding back an incomplete UTF-8
-    character and any tail that could still become a stop string."""
+    character and any tail that could still become a stop string. With min_tokens, a stop
+    string counts only when a token after the first min_tokens completes it."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.min_tokens = min_tokens
+        self.min_chars: int | None = None  # characters of the first min_tokens tokens' text, once known
         self.num_sent_chars = 0
         self.text = ""
 
@@ -53,8 +56,11 @@ class Detokenizer:
         """-> (text delta to send, whether a stop string was found). On a stop string the text
         is cut just before it and is final."""
         self.text = self.tokenizer.decode(output_ids)
-        for s in self.stop:
-            at = self.text.find(s)
+        if self.min_chars is None and len(output_ids) > self.min_tokens:
+            head = self.tokenizer.decode(output_ids[: self.min_tokens])
+            self.min_chars = len(head) - head.endswith("\ufffd")  # a character cut at min_tokens ends later
+        for s in self.stop if self.min_chars is not None else ():
+            at = self.text.find(s, max(0, self.min_chars - len(s) + 1))  # must end past the first min_chars
             if at >= 0:
                 self.text = self.text[:at]
                 return self._flush(len(self.text)), True
