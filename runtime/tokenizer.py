@@ -5,7 +5,13 @@ from __future__ import annotations
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; 256 is BOS, 257 EOS; other ids decode to nothing."""
+    """UTF-8 bytes are ids 0..255; 256 is BOS, 257 EOS; other ids decode to nothing. The
+    tokenizer of the built-in tiny-* and random-* models, which it gives a small chat template."""
+
+    # Plain text (no special ids), so any byte model serves /v1/chat/completions:
+    # "<|user|>\nhi\n<|assistant|>\n". Rendered as transformers' apply_chat_template would.
+    CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -37,6 +43,11 @@ def make_tokenizer(spec: dict):
     if kind == "file" and isinstance(spec.get("path"), str):
         return FileTokenizer(spec["path"])
     raise ValueError(f"unknown tokenizer spec {spec!r}")
+
+
+def chat_template(spec: dict) -> str | None:
+    """The chat template that comes with the verifier's tokenizer spec (None: the model has none)."""
+    return ByteTokenizer.CHAT_TEMPLATE if spec.get("kind") == "bytes" else spec.get("chat_template")
 
 
 class Detokenizer:
