@@ -272,7 +272,7 @@ def usage_of(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def speculative(metrics: dict) -> dict:
-    """The request's speculative-decoding figures (DESIGN.md section 7, for one request)."""
+    """The request's speculative-decoding figures (docs/design.md section 7, for one request)."""
     drafted, accepted, steps = metrics.get("num_drafted", 0), metrics.get("num_accepted", 0), metrics.get("num_steps", 0)
     return {
         "drafted_tokens": drafted,
