@@ -1,4 +1,4 @@
-"""The draft budget (DESIGN.md section 8): each step, how deep the drafter drafts (depth D = k + e)
+"""The draft budget (docs/design.md section 8): each step, how deep the drafter drafts (depth D = k + e)
 and how many drafted positions of the batch the verifier checks (capacity C, TETRIS).
 
 - "fixed": D = num_draft + extra_draft; with extra_draft > 0, C = what plain SD at num_draft

@@ -1,4 +1,5 @@
 """`minedraft-runtime` command line: start / stop / status / generate. Never imports torch.
+Output piped into a reader that stops early (`| head`) ends quietly.
 
     minedraft-runtime start --config configs/tiny.toml
     minedraft-runtime generate --prompt "def fib(n):" --max-tokens 32
@@ -25,6 +26,7 @@ from minedraft.runtime.config import (
 
 LOG_NAME = "daemon.log"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8000"  # `http` without --listen
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program its reader's exit ended
 
 
 def _load(args) -> "Config":  # noqa: F821
@@ -35,6 +37,9 @@ def _load(args) -> "Config":  # noqa: F821
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    names = getattr(args, "served_model_name", None)
+    if names:  # a JSON list of strings is a TOML array
+        overrides.append(f"server.served_model_names={json.dumps(names)}")
     return load_config(args.config, overrides)
 
 
@@ -223,8 +228,9 @@ def cmd_generate(args) -> int:
     config = _load(args)
     with _client(config, args.timeout) as client:
         try:
-            completion = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+            completion = client.generate(args.prompt, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed, stop=args.stop or ())
         except (RequestError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -298,9 +304,40 @@ def cmd_prepare(args) -> int:
     return subprocess.run(command).returncode  # its progress bars go straight to this terminal
 
 
+EXAMPLES = {  # each subcommand's --help ends with these
+    "start": """examples:
+  minedraft-runtime start --config configs/tiny.toml
+  minedraft-runtime start --config configs/tiny.toml --http 127.0.0.1:8000 --served-model-name tiny
+  minedraft-runtime start --config configs/default.toml --mode psd --set scheduler.num_draft=3""",
+    "stop": """examples:
+  minedraft-runtime stop
+  minedraft-runtime stop --endpoint ipc:///tmp/minedraft.sock --timeout 60""",
+    "status": """examples:
+  minedraft-runtime status
+  minedraft-runtime status --json | grep acceptance_rate""",
+    "generate": """examples:
+  minedraft-runtime generate --prompt "def fibonacci(n):" --max-tokens 24
+  minedraft-runtime generate --prompt "hello" --max-tokens 32 --min-tokens 16 --temperature 0.8 --seed 7 --json""",
+    "http": """example (in front of a daemon started without --http):
+  minedraft-runtime http --endpoint tcp://127.0.0.1:7475 --listen 127.0.0.1:8000 --served-model-name tiny""",
+    "prepare": """example:
+  minedraft-runtime prepare --config configs/default.toml""",
+    "keys": """examples:
+  minedraft-runtime keys /etc/minedraft/keys
+  minedraft-runtime start --endpoint tcp://0.0.0.0:7475 \\
+      --set server.allow_remote=true --set server.curve_dir=/etc/minedraft/keys""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minedraft-runtime", description="Batch parallel speculative decoding runtime.")
+    parser = argparse.ArgumentParser(prog="minedraft-runtime", description="Batch parallel speculative decoding runtime.",
+                                     epilog="example: minedraft-runtime start --config configs/tiny.toml; "
+                                            "minedraft-runtime COMMAND --help for each command's")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def common(p, with_models=False):
         p.add_argument("--config", help="configs/NAME.toml or a name such as 'tiny' (default: built-in defaults)")
@@ -311,28 +348,33 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--draft", metavar="MODEL", help="local transformers folder or .gguf file")
             p.add_argument("--target", metavar="MODEL", help="local transformers folder or .gguf file")
 
-    start = sub.add_parser("start", help="start the daemon; returns once it serves")
+    start = add("start", "start the daemon; returns once it serves")
     common(start, with_models=True)
     start.add_argument("--foreground", action="store_true", help="run in this process (exit code 1 if the runtime dies)")
     start.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API here "
                        "(loopback; another address needs an API key)")
     start.add_argument("--api-key", help=f"Bearer key for the HTTP /v1 routes (or ${API_KEY_ENV})")
+    start.add_argument("--served-model-name", action="append", metavar="NAME", help="HTTP: a name the API "
+                       "answers to (repeatable; /v1/models lists them, the first is used in answers; default: "
+                       "the target as given)")
     start.add_argument("--replicas", type=int, metavar="N", help="run N replicas (scheduler, drafter, verifier) "
                        "behind the one endpoint (cluster.replicas)")
     start.set_defaults(func=cmd_start)
-    stop = sub.add_parser("stop", help="stop the daemon (in-flight requests are aborted)")
+    stop = add("stop", "stop the daemon (in-flight requests are aborted)")
     common(stop)
     stop.add_argument("--timeout", type=float, default=30.0)
     stop.set_defaults(func=cmd_stop)
-    status = sub.add_parser("status", help="show the daemon's state and metrics")
+    status = add("status", "show the daemon's state and metrics")
     common(status)
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(func=cmd_status)
-    gen = sub.add_parser("generate", help="generate a completion")
+    gen = add("generate", "generate a completion")
     common(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string ends the "
+                     "completion before this many tokens")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -341,27 +383,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.set_defaults(func=cmd_generate)
-    http = sub.add_parser("http", help="serve the OpenAI-compatible HTTP API in front of a running daemon")
+    http = add("http", "serve the OpenAI-compatible HTTP API in front of a running daemon")
     common(http)
     http.add_argument("--listen", metavar="HOST:PORT", help=f"where to listen (default {DEFAULT_HTTP_LISTEN})")
     http.add_argument("--api-key", help=f"Bearer key for the /v1 routes (or ${API_KEY_ENV}); required off loopback")
+    http.add_argument("--served-model-name", action="append", metavar="NAME", help="a name the API answers to "
+                      "(repeatable; /v1/models lists them, the first is used in answers; default: the target)")
     http.set_defaults(func=cmd_http)
-    prepare = sub.add_parser("prepare", help="prepare the config's known models once (join, check, convert)")
+    prepare = add("prepare", "prepare the config's known models once (join, check, convert)")
     common(prepare, with_models=True)
     prepare.set_defaults(func=cmd_prepare)
-    keys = sub.add_parser("keys", help="make CURVE keys for authenticated remote access")
+    keys = add("keys", "make CURVE keys for authenticated remote access")
     keys.add_argument("dir", help="folder to create (mode 0700)")
     keys.set_defaults(func=cmd_keys)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            code = 2
+        except SystemExit:  # argparse, after --help or a usage error: what it printed goes out first
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try and not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a program ended by SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own flush at exit must not fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

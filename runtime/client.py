@@ -50,13 +50,14 @@ class Completion:
 
 
 def make_request(prompt=None, *, prompt_ids=None, max_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 seed=None, stop=(), stop_token_ids=(), ignore_eos=False, request_id=None) -> p.GenerateRequest:
+                 seed=None, stop=(), stop_token_ids=(), ignore_eos=False, min_tokens=0,
+                 request_id=None) -> p.GenerateRequest:
     """Build a GenerateRequest; type errors are caught here, limits by the scheduler."""
     request = p.GenerateRequest(
         request_id=request_id or uuid.uuid4().hex, prompt=prompt,
         prompt_ids=None if prompt_ids is None else list(prompt_ids), max_tokens=max_tokens,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed, stop=list(stop),
-        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+        stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, min_tokens=min_tokens,
     )
     try:
         frame = p.encode(request)

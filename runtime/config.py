@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 _TUPLE_OF_INT = tuple[int, ...]
+_TUPLE_OF_STR = tuple[str, ...]
 _RESOURCES = dict[str, float]  # a table of Ray resources, e.g. {GPU = 1} or {"node:10.0.0.2" = 0.01}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -29,7 +30,8 @@ def _check(is_ok: bool, key: str, problem: str) -> None:
 
 
 def _type_name(typ) -> str:
-    return {_TUPLE_OF_INT: "list of int", _RESOURCES: "table of name = number"}.get(typ) or typ.__name__
+    return {_TUPLE_OF_INT: "list of int", _TUPLE_OF_STR: "list of strings",
+            _RESOURCES: "table of name = number"}.get(typ) or typ.__name__
 
 
 def _is_int(value) -> bool:
@@ -51,6 +53,9 @@ def _check_type(key: str, typ, value):
         is_ok = isinstance(value, dict) and all(
             isinstance(k, str) and k and (_is_int(v) or isinstance(v, float)) for k, v in value.items())
         value = {k: float(v) for k, v in value.items()} if is_ok else value
+    elif typ == _TUPLE_OF_STR:
+        is_ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if is_ok else value
     else:
         assert typ == _TUPLE_OF_INT, f"unsupported config field type {typ}"
         is_ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
@@ -77,6 +82,13 @@ def _parse_text(key: str, typ, text: str):
             if not isinstance(value, dict):
                 raise ValueError
             return value
+        if typ == _TUPLE_OF_STR:  # a TOML array of strings, or names separated by commas
+            if stripped.startswith("["):
+                value = tomllib.loads(f"v = {stripped}")["v"]
+                if not all(isinstance(v, str) for v in value):
+                    raise ValueError
+                return tuple(value)
+            return tuple(part.strip() for part in stripped.split(",")) if stripped else ()
         if stripped.startswith("[") and stripped.endswith("]"):
             stripped = stripped[1:-1].strip()
         return tuple(int(part) for part in stripped.split(",")) if stripped else ()
@@ -201,6 +213,7 @@ class ServerSection:
     curve_dir: str = ""  # CURVE keys (`minedraft-runtime keys`); required with allow_remote
     http: str = ""  # HOST:PORT of the OpenAI-compatible HTTP front end ("" = off; port 0 = any free port)
     api_key: str = ""  # Bearer key of the HTTP /v1 routes ("" = none, or $MINEDRAFT_API_KEY); required off loopback
+    served_model_names: tuple[str, ...] = ()  # HTTP: the names /v1/models lists and `model` may give, the first in answers ([] = the target as given)
 
     def __post_init__(self):
         _check_field_types(self)
@@ -212,6 +225,10 @@ class ServerSection:
         _check(is_loopback(self.endpoint) or (self.allow_remote and self.curve_dir), "endpoint",
                f"refusing to bind the non-loopback address {self.endpoint!r}: set server.allow_remote=true "
                "and server.curve_dir (CURVE keys from `minedraft-runtime keys`) to serve remote clients")
+        names = self.served_model_names
+        _check(all(name.strip() == name != "" for name in names), "served_model_names",
+               f"names must be non-empty, without surrounding spaces, got {list(names)}")
+        _check(len(set(names)) == len(names), "served_model_names", f"names must differ, got {list(names)}")
         if self.http:
             host, port = parse_listen(self.http)
             _check(host != "" and port is not None and 0 <= port <= 65535, "http",

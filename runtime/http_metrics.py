@@ -1,6 +1,6 @@
 """Prometheus metrics of the HTTP front end: what it measures per request it serves (finish
 reasons, tokens, TTFT / inter-token / end-to-end latency histograms) and the runtime-wide figures
-of the scheduler's status (DESIGN.md section 7), read at each scrape. prometheus-client only.
+of the scheduler's status (docs/design.md section 7), read at each scrape. prometheus-client only.
 """
 
 from __future__ import annotations

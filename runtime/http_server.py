@@ -45,9 +45,10 @@ DONE_EVENT = format_sse_event(data_str="[DONE]")
 class OpenAIServer:
     """The routes' logic over one AsyncClient (or any object with its stream / abort / status)."""
 
-    def __init__(self, client, key: str = "", max_request_bytes: int = 1048576):
+    def __init__(self, client, key: str = "", max_request_bytes: int = 1048576, served_names: tuple[str, ...] = ()):
         self.client = client
         self.key = key.encode()
+        self.served_names = tuple(served_names)  # server.served_model_names; () = the target as given
         self.max_request_bytes = max_request_bytes
         self.metrics = HttpMetrics()
         self.model_info: dict | None = None
@@ -95,18 +96,21 @@ class OpenAIServer:
             self.model_info = status
         return self.model_info
 
+    def names(self, info: dict) -> tuple[str, ...]:
+        """The names this server answers to; the first is the one its answers carry."""
+        return self.served_names or (info["target"],)
+
     # --- routes -----------------------------------------------------------------------------
 
     async def models(self, request: Request) -> dict:
         self.authorize(request)
         info = await self.model()
+        metadata = {"draft_model": info.get("draft"), "mode": info.get("mode"), "num_draft": info.get("num_draft"),
+                    "dtype": info.get("dtype"), "has_chat_template": info.get("chat_template") is not None}
         return {"object": "list", "data": [{
-            "id": info["target"], "object": "model", "created": self.started, "owned_by": "minedraft",
-            "max_model_len": info.get("max_len"),
-            "metadata": {"draft_model": info.get("draft"), "mode": info.get("mode"),
-                         "num_draft": info.get("num_draft"), "dtype": info.get("dtype"),
-                         "has_chat_template": info.get("chat_template") is not None},
-        }]}
+            "id": name, "object": "model", "created": self.started, "owned_by": "minedraft", "root": info["target"],
+            "max_model_len": info.get("max_len"), "metadata": metadata,
+        } for name in self.names(info)]}
 
     async def health(self) -> JSONResponse:
         status = await self.status()
@@ -126,13 +130,14 @@ class OpenAIServer:
                 call = api.parse_completion(body)
             else:
                 call = api.parse_chat(body, info["max_tokens_cap"])
-            if call.model is not None and call.model != info["target"]:
-                raise api.ApiError("model_not_found", f"model {call.model!r} is not served here "
-                                                      f"(this server serves {info['target']!r})", "model")
+            names = self.names(info)
+            if call.model is not None and call.model not in names:
+                raise api.ApiError("model_not_found", f"model {call.model!r} is not served here (this server "
+                                                      f"serves {', '.join(map(repr, names))})", "model")
             arguments = dict(call.arguments)
             if kind == "chat":
                 arguments["prompt"] = self._render(info, call)
-            return await self._run(request, call, arguments, info["target"], arrival_s)
+            return await self._run(request, call, arguments, names[0], arrival_s)
         except api.ApiError:
             self.metrics.requests.labels("error").inc()
             raise
@@ -188,11 +193,13 @@ class OpenAIServer:
 
     async def _events(self, call, outputs, first, watcher, timing, response_id, created, model):
         """The SSE body: one event per runtime output, the usage event if asked, then [DONE]."""
-        output, is_first = first, True
+        output, is_first, num_tokens = first, True, 0
         try:
             while True:
+                num_tokens += len(output.token_ids)
                 event = api.chunk(call, response_id, created, model, output.text, list(output.token_ids),
-                                  output.finish_reason if output.is_finished else None, is_first, output.metrics)
+                                  output.finish_reason if output.is_finished else None, is_first, output.metrics,
+                                  api.usage_of(output.num_prompt_tokens, num_tokens))
                 yield format_sse_event(data_str=_json(event))
                 is_first = False
                 if output.is_finished:
@@ -321,7 +328,8 @@ async def _serve(config: Config, sock: socket.socket, parent_pid: int | None) ->
 
     async with AsyncClient(config.server.endpoint, timeout_s=OUTPUT_TIMEOUT_S,
                            curve_dir=config.server.curve_dir or None) as client:
-        server = OpenAIServer(client, api_key(config.server), config.scheduler.max_request_bytes)
+        server = OpenAIServer(client, api_key(config.server), config.scheduler.max_request_bytes,
+                              config.server.served_model_names)
         uv_config = uvicorn.Config(build_app(server), log_config=None, access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=GRACEFUL_EXIT_S, server_header=False)
         uv_server = uvicorn.Server(uv_config)

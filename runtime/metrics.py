@@ -1,4 +1,4 @@
-"""Runtime-wide counters and their summary (definitions in DESIGN.md section 7). Pure Python."""
+"""Runtime-wide counters and their summary (definitions in docs/design.md section 7). Pure Python."""
 
 from __future__ import annotations
 

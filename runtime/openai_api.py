@@ -71,6 +71,7 @@ class GenerateCall:
     add_generation_prompt: bool = True
     is_stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a final chunk with usage
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (as vLLM): usage on every chunk too
     return_token_ids: bool = False  # extension (as vLLM's): choices carry the output token ids
 
 
@@ -93,11 +94,12 @@ _NEUTRAL = {
     "response_format": (lambda v: v in (None, {"type": "text"}), "response_format other than text is not supported"),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-           "top_k", "ignore_eos", "stop_token_ids", "return_token_ids", "n", "presence_penalty", "frequency_penalty",
-           "logit_bias"}
+           "top_k", "ignore_eos", "stop_token_ids", "return_token_ids", "min_tokens", "n", "presence_penalty",
+           "frequency_penalty", "logit_bias"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "suffix", "echo"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
                          "functions", "function_call", "parallel_tool_calls", "response_format", "add_generation_prompt"}
+STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -157,6 +159,7 @@ def _sampling(body: dict, default_max_tokens: int, max_tokens_name: str = "max_t
         "stop_token_ids": _get(body, "stop_token_ids", lambda v: isinstance(v, list) and all(map(_is_int, v)),
                                "a list of token ids", []),
         "ignore_eos": _get(body, "ignore_eos", _is_bool, "a boolean", False),
+        "min_tokens": _get(body, "min_tokens", _is_int, "an integer >= 0", 0),
     }
 
 
@@ -167,9 +170,18 @@ def _output_options(body: dict) -> dict:
     if stream_options is not None:
         if not options["is_stream"]:
             raise _invalid("stream_options", "only allowed when stream is true")
-        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
-            raise _invalid("stream_options", 'expected {"include_usage": true | false}')
-        options["include_usage"] = _get(stream_options, "include_usage", _is_bool, "a boolean", False)
+        if not isinstance(stream_options, dict):
+            raise _invalid("stream_options", 'expected {"include_usage": bool, "continuous_usage_stats": bool}')
+        for name in stream_options:
+            if name not in STREAM_OPTIONS:
+                raise ApiError("unsupported", f"stream_options.{name}: unknown or unsupported field",
+                               f"stream_options.{name}")
+        include, continuous = (stream_options.get(name, False) for name in ("include_usage", "continuous_usage_stats"))
+        for name, value in (("include_usage", include), ("continuous_usage_stats", continuous)):
+            if not _is_bool(value):
+                raise _invalid(f"stream_options.{name}", f"expected a boolean, got {value!r:.80}")
+        options["include_usage"] = include
+        options["continuous_usage"] = include and continuous  # as vLLM: only together with include_usage
     return options
 
 
@@ -251,12 +263,16 @@ def parse_chat(body, default_max_tokens: int) -> GenerateCall:
 
 def usage(metrics: dict) -> dict:
     """OpenAI usage from a request's final metrics."""
-    prompt, output = metrics.get("num_prompt_tokens", 0), metrics.get("num_output_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+    return usage_of(metrics.get("num_prompt_tokens", 0), metrics.get("num_output_tokens", 0))
+
+
+def usage_of(num_prompt_tokens: int, num_output_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
+            "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
 def speculative(metrics: dict) -> dict:
-    """The request's speculative-decoding figures (DESIGN.md section 7, for one request)."""
+    """The request's speculative-decoding figures (docs/design.md section 7, for one request)."""
     drafted, accepted, steps = metrics.get("num_drafted", 0), metrics.get("num_accepted", 0), metrics.get("num_steps", 0)
     return {
         "drafted_tokens": drafted,
@@ -299,15 +315,16 @@ def response(call: GenerateCall, response_id: str, created: int, model: str, tex
 
 
 def chunk(call: GenerateCall, response_id: str, created: int, model: str, text: str, token_ids: list[int],
-          finish_reason: str | None, is_first: bool, metrics: dict | None = None) -> dict:
+          finish_reason: str | None, is_first: bool, metrics: dict | None = None,
+          usage_so_far: dict | None = None) -> dict:
     """One stream event (the first of a chat carries the role); the one with finish_reason also
-    carries the speculative figures."""
+    carries the speculative figures. usage_so_far: the tokens up to this event (continuous usage)."""
     body = {
         "id": response_id, "object": _object(call, True), "created": created, "model": model,
         "choices": [_choice(call, text, token_ids, finish_reason, True, is_first)],
     }
-    if call.include_usage:
-        body["usage"] = None  # as OpenAI: null on every chunk but the last
+    if call.include_usage:  # as OpenAI: null on every chunk but the last; as vLLM with continuous_usage_stats
+        body["usage"] = usage_so_far if call.continuous_usage else None
     if finish_reason is not None:
         body["speculative"] = speculative(metrics or {})
     return body

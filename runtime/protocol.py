@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 6  # 6: GenerateRequest.min_tokens, GenerateOutput.num_prompt_tokens, ReadyResult.max_batch
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -42,6 +42,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the request before this many output tokens
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class GenerateOutput:
     is_finished: bool = False
     finish_reason: Optional[str] = None  # "length" | "stop" | "abort" | "error"
     metrics: Optional[dict] = None  # on the final output: RequestMetrics fields
+    num_prompt_tokens: int = 0  # the request's prompt length in tokens (front ends report usage per chunk)
 
 
 @dataclass(frozen=True)

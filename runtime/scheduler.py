@@ -31,6 +31,7 @@ class Request:
     client_id: bytes
     prompt_ids: list[int]
     max_tokens: int
+    min_tokens: int  # no stop token or stop string ends the request before this many output tokens
     params: SamplingSpec
     stop_token_ids: frozenset[int]
     detokenizer: Detokenizer
@@ -129,9 +130,9 @@ class SchedulerCore:
         seed = message.seed if message.seed is not None else secrets.randbits(62)
         stop_ids = set(message.stop_token_ids) | (set() if message.ignore_eos else self.eos_token_ids)
         request = Request(
-            message.request_id, client_id, prompt_ids, message.max_tokens,
+            message.request_id, client_id, prompt_ids, message.max_tokens, message.min_tokens,
             SamplingSpec(message.temperature, message.top_k, message.top_p, seed),
-            frozenset(stop_ids), Detokenizer(self.tokenizer, message.stop), self.clock(),
+            frozenset(stop_ids), Detokenizer(self.tokenizer, message.stop, message.min_tokens), self.clock(),
         )
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -461,7 +462,7 @@ class SchedulerCore:
         reason = None
         for token in tokens:
             request.output_ids.append(token)
-            if token in request.stop_token_ids:
+            if token in request.stop_token_ids and len(request.output_ids) > request.min_tokens:
                 reason = "stop"
             elif len(request.output_ids) >= request.max_tokens:
                 reason = "length"
@@ -481,7 +482,7 @@ class SchedulerCore:
         request.num_streamed = len(request.output_ids)
         if new_ids or text or is_finished:
             self.outputs.append((request.client_id, GenerateOutput(
-                request.request_id, new_ids, text, is_finished, reason, metrics)))
+                request.request_id, new_ids, text, is_finished, reason, metrics, len(request.prompt_ids))))
 
     def _finish(self, request: Request, reason: str, text: str = "") -> None:
         now = self.clock()

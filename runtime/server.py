@@ -22,7 +22,7 @@ from minedraft.runtime.config import Config, config_from_dict, config_to_dict, f
 from minedraft.runtime.http_front_end import HttpFrontEnd
 from minedraft.runtime.router import Replica, choose_replica, merge_core_status
 from minedraft.runtime.scheduler import SchedulerCore
-from minedraft.runtime.tokenizer import make_tokenizer
+from minedraft.runtime.tokenizer import chat_template, make_tokenizer
 from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
 
 log = logging.getLogger("minedraft.server")
@@ -345,7 +345,7 @@ class Server:
         status.update({  # what front ends need to translate requests
             "max_len": core.max_len,
             "max_tokens_cap": self.config.scheduler.max_tokens_cap,
-            "chat_template": tokenizer.get("chat_template"),
+            "chat_template": chat_template(tokenizer),
             "special_tokens": {key: tokenizer.get(key) for key in ("bos_token", "eos_token")},
             "http": self.http.status() if self.http is not None else None,
         })

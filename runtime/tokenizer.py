@@ -5,7 +5,13 @@ from __future__ import annotations
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; 256 is BOS, 257 EOS; other ids decode to nothing."""
+    """UTF-8 bytes are ids 0..255; 256 is BOS, 257 EOS; other ids decode to nothing. The
+    tokenizer of the built-in tiny-* and random-* models, which it gives a small chat template."""
+
+    # Plain text (no special ids), so any byte model serves /v1/chat/completions:
+    # "<|user|>\nhi\n<|assistant|>\n". Rendered as transformers' apply_chat_template would.
+    CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -39,13 +45,21 @@ def make_tokenizer(spec: dict):
     raise ValueError(f"unknown tokenizer spec {spec!r}")
 
 
+def chat_template(spec: dict) -> str | None:
+    """The chat template that comes with the verifier's tokenizer spec (None: the model has none)."""
+    return ByteTokenizer.CHAT_TEMPLATE if spec.get("kind") == "bytes" else spec.get("chat_template")
+
+
 class Detokenizer:
     """Turns a growing list of output ids into text deltas, holding back an incomplete UTF-8
-    character and any tail that could still become a stop string."""
+    character and any tail that could still become a stop string. With min_tokens, a stop
+    string counts only when a token after the first min_tokens completes it."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.min_tokens = min_tokens
+        self.min_chars: int | None = None  # characters of the first min_tokens tokens' text, once known
         self.num_sent_chars = 0
         self.text = ""
 
@@ -53,8 +67,11 @@ class Detokenizer:
         """-> (text delta to send, whether a stop string was found). On a stop string the text
         is cut just before it and is final."""
         self.text = self.tokenizer.decode(output_ids)
-        for s in self.stop:
-            at = self.text.find(s)
+        if self.min_chars is None and len(output_ids) > self.min_tokens:
+            head = self.tokenizer.decode(output_ids[: self.min_tokens])
+            self.min_chars = len(head) - head.endswith("\ufffd")  # a character cut at min_tokens ends later
+        for s in self.stop if self.min_chars is not None else ():
+            at = self.text.find(s, max(0, self.min_chars - len(s) + 1))  # must end past the first min_chars
             if at >= 0:
                 self.text = self.text[:at]
                 return self._flush(len(self.text)), True

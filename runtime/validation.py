@@ -45,6 +45,8 @@ def validate_generate(message, limits=_NoLimits) -> str | None:
             return f"prompt_ids: token ids must be {_range(0, None if vocab is None else vocab - 1)}"
     if _outside(m.max_tokens, 1, limits.max_tokens_cap):
         return f"max_tokens: {m.max_tokens} must be {_range(1, limits.max_tokens_cap)}"
+    if not 0 <= m.min_tokens <= m.max_tokens:
+        return f"min_tokens: {m.min_tokens} must be in 0..max_tokens ({m.max_tokens})"
     if not math.isfinite(m.temperature) or m.temperature < 0:
         return f"temperature: {m.temperature} must be finite and >= 0"
     if not math.isfinite(m.top_p) or not 0 < m.top_p <= 1:

@@ -228,3 +228,20 @@ def test_batch_from_memory():
     sc = load_config(overrides=["scheduler.mode=auto", "scheduler.max_batch=0"]).scheduler
     assert sc.max_rows(8) == 16 and sc.num_batches == 2
     assert load_config(overrides=["scheduler.mode=sd"]).scheduler.max_rows(8) == 8
+
+
+def test_served_model_names(tmp_path):
+    assert load_config(TINY_TOML).server.served_model_names == ()
+    for text in ('["tiny", "tiny chat"]', "tiny, tiny chat"):
+        config = load_config(TINY_TOML, [f"server.served_model_names={text}"])
+        assert config.server.served_model_names == ("tiny", "tiny chat")
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+        assert config_from_dict(tomllib.loads(format_config(config))) == config
+    path = write_toml(tmp_path, '[server]\nserved_model_names = ["a"]\n')
+    assert load_config(path).server.served_model_names == ("a",)
+    for bad, message in (('["a", "a"]', "names must differ"), ('["a", ""]', "must be non-empty"),
+                         ('[" a"]', "without surrounding spaces"), ("[1]", "expected list of strings")):
+        with pytest.raises(ConfigError, match=f"server.served_model_names: .*{message}"):
+            load_config(overrides=[f"server.served_model_names={bad}"])
+    with pytest.raises(ConfigError, match="expected list of strings"):
+        load_config(write_toml(tmp_path, '[server]\nserved_model_names = "a"\n'))

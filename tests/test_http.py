@@ -154,6 +154,89 @@ def test_stop_strings_stop_token_ids_and_finish_reason(daemon):
     assert cut.choices[0].model_extra["token_ids"] == ids[: ids.index(ids[5]) + 1]
 
 
+def test_min_tokens_holds_off_stop_strings_and_stop_token_ids(daemon):
+    client = daemon.openai()
+    greedy = {"model": daemon.model, "prompt": "The quick brown fox", "max_tokens": 40, "temperature": 0}
+    whole = client.completions.create(**greedy, extra_body={"ignore_eos": True, "return_token_ids": True})
+    text, ids = whole.choices[0].text, whole.choices[0].model_extra["token_ids"]
+    min_tokens = 12
+    head = client.completions.create(**{**greedy, "max_tokens": min_tokens}, extra_body={"ignore_eos": True})
+    head = head.choices[0].text.rstrip("\ufffd")  # the first min_tokens tokens' text
+    # a stop string that the first min_tokens tokens complete, and that comes again later
+    stop = next(head[i:i + 2] for i in range(len(head) - 1)
+                if "\ufffd" not in head[i:i + 2] and text.find(head[i:i + 2], len(head) - 1) >= 0)
+    early = client.completions.create(**greedy, stop=stop, extra_body={"ignore_eos": True})
+    assert early.choices[0].text == text[: text.index(stop)] and early.choices[0].finish_reason == "stop"
+    for stream in (False, True):
+        got = client.completions.create(**greedy, stop=stop, stream=stream,
+                                        extra_body={"ignore_eos": True, "min_tokens": min_tokens})
+        chunks = list(got) if stream else [got]
+        assert "".join(c.choices[0].text for c in chunks) == text[: text.index(stop, len(head) - 1)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    # a token of the first min_tokens that comes again later (the tiny models repeat themselves)
+    stop_id = next(t for t in ids[:min_tokens] if t in ids[min_tokens:])
+    later = ids.index(stop_id, min_tokens)
+    for min_n in (0, min_tokens):
+        cut = client.completions.create(**greedy, extra_body={"ignore_eos": True, "stop_token_ids": [stop_id],
+                                                              "min_tokens": min_n, "return_token_ids": True})
+        end = ids.index(stop_id) if min_n == 0 else later
+        assert cut.choices[0].model_extra["token_ids"] == ids[: end + 1] and cut.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(**greedy, extra_body={"min_tokens": 41})
+
+
+def test_continuous_usage_stats_through_the_openai_client(daemon):
+    chunks = list(daemon.openai().completions.create(
+        model=daemon.model, prompt="count as you go", max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True}))
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens == 20
+    num_tokens = 0
+    for c in chunks[:-1]:
+        num_tokens += len(c.choices[0].model_extra["token_ids"])
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == \
+            (final.prompt_tokens, num_tokens, final.prompt_tokens + num_tokens)
+    assert num_tokens == 20
+
+
+def test_tiny_config_serves_chat_under_its_served_model_names(tmp_path):
+    """configs/tiny.toml as the README's quick start runs it: chat through the byte tokenizer's
+    template, and the names given with --served-model-name."""
+    args = daemon_args(tmp_path, "psd")
+    endpoint = args[args.index("--endpoint") + 1]
+    started = cli("start", *args, "--http", "127.0.0.1:0", "--served-model-name", "tiny",
+                  "--served-model-name", "tiny-chat")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        client = openai.OpenAI(base_url=status(endpoint)["http"]["url"] + "/v1", api_key="none", max_retries=0)
+        models = client.models.list().data
+        assert [m.id for m in models] == ["tiny", "tiny-chat"]
+        assert all(m.model_extra["root"] == "tiny-llama" and m.model_extra["metadata"]["has_chat_template"]
+                   for m in models)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+        expected = zmq_generate_at(endpoint, "<|system|>\nBe brief.\n<|user|>\nHi there!\n<|assistant|>\n",
+                                   max_tokens=16, ignore_eos=True, **GREEDY)
+        for model in ("tiny", "tiny-chat"):
+            got = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
+                                                 extra_body={"ignore_eos": True})
+            assert got.model == "tiny" and got.choices[0].message.content == expected.text
+            assert got.usage.prompt_tokens == expected.metrics["num_prompt_tokens"]
+        chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16,
+                                                     temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+        with pytest.raises(openai.NotFoundError, match="'tiny', 'tiny-chat'"):
+            client.chat.completions.create(model="tiny-llama", messages=messages)
+    finally:
+        stopped = cli("stop", *args)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def zmq_generate_at(endpoint: str, prompt: str, **kwargs):
+    with Client(endpoint, timeout_s=60) as client:
+        return client.generate(prompt, **kwargs)
+
+
 def test_32_concurrent_streams_all_finish(daemon):
     async def main():
         client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="none", max_retries=0)
@@ -222,6 +305,9 @@ ERRORS = [  # (path, JSON body or raw bytes, status, error code, param)
     ("/v1/completions", {"prompt": "x", "evil": 1}, 400, "unsupported", "evil"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_request",
      "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"per_chunk": True}}, 400, "unsupported",
+     "stream_options.per_chunk"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 8}, 400, "invalid_request", "min_tokens"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {"messages": []}, 400, "invalid_request", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_request",
@@ -398,23 +484,25 @@ def test_non_loopback_http_needs_an_api_key(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def _start_standalone(endpoint: str, key: str) -> tuple[subprocess.Popen, str]:
+def _start_standalone(endpoint: str, key: str, *extra: str) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "minedraft.runtime.cli", "http", "--endpoint", endpoint,
-                             "--listen", url.removeprefix("http://")], cwd=ROOT, env=api_key_env(key),
+                             "--listen", url.removeprefix("http://"), *extra], cwd=ROOT, env=api_key_env(key),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_until(lambda: is_listening(url), 30.0, 0.2)
     return proc, url
 
 
 def test_standalone_front_end_api_key_and_daemon_sigterm(tmp_path):
-    """`http` in front of a running daemon (plain tiny models, no chat template), with a key."""
-    args = daemon_args(tmp_path, "ar")
+    """`http` in front of a running daemon (a tiny model folder without a chat template), with a
+    key, under the name tiny-llama."""
+    target = write_chat_model(tmp_path / "plain", chat_template=None)
+    args = daemon_args(tmp_path, "ar", f"model.target={target}")
     endpoint = args[args.index("--endpoint") + 1]
     assert cli("start", *args, "--http", "127.0.0.1:0").returncode == 0
     st = status(endpoint)
     managed = st["http"]["url"]
-    proc, url = _start_standalone(endpoint, "s3cret")
+    proc, url = _start_standalone(endpoint, "s3cret", "--served-model-name", "tiny-llama")
     try:
         chat = httpx.post(managed + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template"

@@ -11,8 +11,9 @@ import pytest
 from minedraft.runtime import openai_api as api
 from minedraft.runtime import protocol as p
 from minedraft.runtime.chat_template import ChatTemplateError, render_chat
-from minedraft.runtime.client import RequestError
+from minedraft.runtime.client import RequestError, make_request
 from minedraft.runtime.http_server import OpenAIServer, build_app
+from minedraft.runtime.tokenizer import ByteTokenizer
 from tests.http_utils import CHAT_TEMPLATE
 
 STATUS = {"state": "serving", "target": "tiny", "draft": "tiny-draft", "mode": "psd", "num_draft": 4,
@@ -38,6 +39,7 @@ class ScriptedRuntime:
         self.aborted.append(request_id)
 
     async def stream(self, **kwargs):
+        make_request(**kwargs)  # the client's own checks, as AsyncClient.stream makes them
         self.requests.append(kwargs)
         for item in self.scripts.pop(0):
             if isinstance(item, Exception):
@@ -46,15 +48,15 @@ class ScriptedRuntime:
 
 
 def outputs(*texts, reason="length"):
-    items = [p.GenerateOutput("r", [i], text) for i, text in enumerate(texts)]
+    items = [p.GenerateOutput("r", [i], text, num_prompt_tokens=3) for i, text in enumerate(texts)]
     last = items[-1]
-    items[-1] = p.GenerateOutput("r", last.token_ids, last.text, True, reason, METRICS)
+    items[-1] = p.GenerateOutput("r", last.token_ids, last.text, True, reason, METRICS, 3)
     return items
 
 
-def call(runtime, method, path, body=None, headers=None) -> httpx.Response:
+def call(runtime, method, path, body=None, headers=None, served_names=()) -> httpx.Response:
     async def main():
-        app = build_app(OpenAIServer(runtime, key="k3y" if headers is not None else ""))
+        app = build_app(OpenAIServer(runtime, key="k3y" if headers is not None else "", served_names=served_names))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             return await client.request(method, path, json=body, headers=headers)
     return asyncio.run(main())
@@ -98,7 +100,7 @@ def test_completion_chat_and_stream_shapes():
                                     "mean_accepted_length": 2.0}
     assert runtime.requests[0] == {"request_id": runtime.requests[0]["request_id"], "prompt_ids": [5, 6],
                                    "max_tokens": 3, "temperature": 0, "top_k": 0, "top_p": 1.0, "seed": None,
-                                   "stop": ["x"], "stop_token_ids": [], "ignore_eos": False}
+                                   "stop": ["x"], "stop_token_ids": [], "ignore_eos": False, "min_tokens": 0}
     body = {"messages": [{"role": "user", "content": "hey"}], "stream": True, "stream_options": {"include_usage": True}}
     events = sse_events(call(runtime, "POST", "/v1/chat/completions", body))
     assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": "He"},
@@ -165,7 +167,7 @@ def test_chat_template_renders_as_transformers_does():
                                         eos_token="<|im_end|>")
     messages = [{"role": "user", "content": "  Héllo  ", "name": "ann"}, {"role": "assistant", "content": "hi"},
                 {"role": "user", "content": "bye"}]
-    for chat_template in (template, CHAT_TEMPLATE):
+    for chat_template in (template, CHAT_TEMPLATE, ByteTokenizer.CHAT_TEMPLATE):
         for add_generation_prompt in (True, False):
             expected = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                                      add_generation_prompt=add_generation_prompt)
@@ -219,3 +221,54 @@ def test_http_config_checks_and_masks_the_key(monkeypatch):
     assert "s3cret" not in format_config(keyed) and 'api_key = "***"' in format_config(keyed)
     monkeypatch.setenv("MINEDRAFT_API_KEY", "from-env")
     assert load_config(overrides=["server.http=0.0.0.0:8000"]).server.api_key == ""  # the key stays in the env
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk():
+    runtime = ScriptedRuntime(outputs("He", "l", "lo"), outputs("He", "llo"), outputs("He", "llo"))
+    body = {"prompt": "hi", "stream": True, "min_tokens": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = sse_events(call(runtime, "POST", "/v1/completions", body))
+    assert [e["usage"] for e in events[:3]] == [{"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                                                for n in (1, 2, 3)]
+    assert events[3]["choices"] == [] and events[3]["usage"]["total_tokens"] == 6 and events[4] == "[DONE]"
+    assert runtime.requests[0]["min_tokens"] == 2
+    plain = sse_events(call(runtime, "POST", "/v1/completions", {**body, "stream_options": {"include_usage": True}}))
+    assert [e["usage"] for e in plain[:2]] == [None, None] and plain[2]["usage"]["completion_tokens"] == 3
+    alone = {**body, "stream_options": {"continuous_usage_stats": True}}  # as vLLM: only with include_usage
+    assert all("usage" not in e for e in sse_events(call(runtime, "POST", "/v1/completions", alone))[:-1])
+
+
+def test_served_model_names_are_listed_accepted_and_answered_with():
+    runtime = ScriptedRuntime(outputs("a"), outputs("b"), outputs("c"))
+    names = ("tiny", "tiny-chat")
+    listed = call(runtime, "GET", "/v1/models", served_names=names).json()["data"]
+    assert [m["id"] for m in listed] == ["tiny", "tiny-chat"] and {m["root"] for m in listed} == {"tiny"}
+    for model in ("tiny-chat", None):
+        body = {"prompt": "x"} if model is None else {"prompt": "x", "model": model}
+        assert call(runtime, "POST", "/v1/completions", body, served_names=names).json()["model"] == "tiny"
+    missing = call(runtime, "POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, served_names=names)
+    assert missing.status_code == 404 and "'tiny', 'tiny-chat'" in missing.json()["error"]["message"]
+    renamed = call(ScriptedRuntime(), "POST", "/v1/completions", {"prompt": "x", "model": "tiny"},
+                   served_names=("other",))
+    assert renamed.status_code == 404  # as vLLM: served names replace the target's own
+
+
+@pytest.mark.parametrize("body, code, param", [
+    ({"prompt": "x", "min_tokens": "3"}, "invalid_request", "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, "invalid_request", "min_tokens"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "invalid_request", "min_tokens"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "invalid_request", "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": ["include_usage"]}, "invalid_request", "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, "invalid_request",
+     "stream_options.include_usage"),
+    ({"prompt": "x", "stream": True, "stream_options": {"usage_every": True}}, "unsupported",
+     "stream_options.usage_every"),
+    ({"prompt": "x", "min_token": 3}, "unsupported", "min_token"),
+    ({"prompt": "x", "logprobs": 2}, "unsupported", "logprobs"),
+])
+def test_one_code_per_kind_of_refusal(body, code, param):
+    """invalid_request: a field the server knows, with a wrong value; unsupported: a field (at any
+    depth) it does not know or does not implement."""
+    response = call(ScriptedRuntime(), "POST", "/v1/completions", body)
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)

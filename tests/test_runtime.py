@@ -5,6 +5,7 @@ drafter/verifier overlap in psd, zero-copy worker frames, and a clean stop."""
 import asyncio
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -146,6 +147,75 @@ def test_streaming_text_and_stop_string(tmp_path):
                 assert cut.text == text[: text.index(stop)]
 
 
+def test_min_tokens_equals_the_reference_engine(tmp_path):
+    """No stop token (EOS included) ends a request before min_tokens: the daemon's greedy tokens
+    equal the in-process engine's, whose stop check is its own."""
+    from minedraft.workers.engine import Engine, EngineRequest
+    from minedraft.workers.model.loader import TinySpec, load_decoder
+    import torch
+
+    prompt, min_tokens = [72, 101, 108, 108, 111], 10
+    with running_daemon(tmp_path, "psd") as (endpoint, _):
+        with Client(endpoint, timeout_s=60) as client:
+            ids = client.generate(prompt_ids=prompt, max_tokens=40, ignore_eos=True).token_ids
+            stop_ids = [next(t for t in ids[:min_tokens] if t in ids[min_tokens:])]  # early, and again later
+            got = {n: client.generate(prompt_ids=prompt, max_tokens=40, stop_token_ids=stop_ids, min_tokens=n)
+                   for n in (0, min_tokens, 40)}
+    engine = Engine(load_decoder("tiny-llama", torch.float32, tiny=TinySpec(seed=0)), mode="ar", max_len=512)
+    for n in got:
+        engine.add_request(EngineRequest(f"m{n}", prompt, 40, stop_token_ids=tuple(stop_ids), min_tokens=n))
+    expected = {int(rid[1:]): r.output_ids for rid, r in engine.run().items()}
+    assert {n: c.token_ids for n, c in got.items()} == expected
+    assert got[0].token_ids == ids[: ids.index(stop_ids[0]) + 1]
+    assert got[min_tokens].token_ids == ids[: ids.index(stop_ids[0], min_tokens) + 1]
+    assert got[min_tokens].finish_reason == "stop" and got[40].finish_reason == "length"
+
+
+def test_detokenizer_counts_a_stop_string_only_past_min_tokens():
+    from minedraft.runtime.tokenizer import ByteTokenizer, Detokenizer
+
+    ids = list(b"ab-ab-ab")
+    for min_tokens, cut in ((0, "ab"), (3, "ab-ab"), (4, "ab-ab"), (5, "ab-ab"), (6, "ab-ab-ab")):
+        detokenizer, text, is_stop = Detokenizer(ByteTokenizer(), ["-"], min_tokens), "", False
+        for n in range(1, len(ids) + 1):
+            delta, is_stop = detokenizer.update(ids[:n], n == len(ids))
+            text += delta
+            if is_stop:
+                break
+        assert (text, is_stop) == (cut, cut != "ab-ab-ab"), min_tokens
+
+
+def test_every_subcommand_has_help_with_an_example(capsys):
+    from minedraft.runtime import cli as cli_module
+
+    (sub,) = [a for a in cli_module.build_parser()._actions if a.choices and "start" in a.choices]
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as done:
+            cli_module.main([name, "--help"])
+        assert done.value.code == 0
+        shown = capsys.readouterr().out
+        assert re.search(rf"\nexamples?[^\n]*:\n  minedraft-runtime {name}\b", shown), name
+
+
+def _into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """The CLI with its stdout a pipe nobody reads any more, as `| head -1` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "minedraft.runtime.cli", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+    finally:
+        os.close(write_end)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    for args in (["keys", str(tmp_path / "keys")], ["--help"], ["status", "--help"]):
+        done = _into_a_closed_pipe(*args)
+        assert done.stderr == "" and done.returncode in (0, 141), (args, done.returncode, done.stderr)
+    assert _into_a_closed_pipe("keys", str(tmp_path / "more")).returncode == 141  # 128 + SIGPIPE, as a shell says
+
+
 def test_scheduler_client_cli_import_without_torch():
     code = ("import sys; import minedraft.runtime.scheduler, minedraft.runtime.server, "
             "minedraft.runtime.client, minedraft.runtime.cli, minedraft.runtime.protocol; "
@@ -161,9 +231,15 @@ def test_start_generate_stop_leaves_nothing(tmp_path):
         pids = [st["pid"], *st["worker_pids"].values()]
         during = set(glob.glob("/dev/shm/minedraft-*")) - before
         assert len(during) == 2  # one draft buffer per batch
-        out = cli("generate", *args, "--prompt", "def fib(n):", "--max-tokens", "8")
+        out = cli("generate", *args, "--prompt", "def fib(n):", "--max-tokens", "8", "--min-tokens", "8")
         assert out.returncode == 0, out.stderr
         assert "8 tokens" in out.stderr
+        piped = _into_a_closed_pipe("status", *args)  # `minedraft-runtime status | head -1`
+        assert (piped.returncode, piped.stderr) == (141, "")
+        shell = subprocess.run(f"{sys.executable} -m minedraft.runtime.cli status {' '.join(args)} | head -1",
+                               shell=True, capture_output=True, text=True, timeout=60,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert shell.stdout.startswith("state") and shell.stdout.count("\n") == 1 and shell.stderr == ""
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert set(glob.glob("/dev/shm/minedraft-*")) - before == set()

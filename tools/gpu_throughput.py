@@ -3,7 +3,7 @@ started through the CLI on a private ipc:// endpoint and run dir, measured over 
 status() counters after a warm-up. Imports neither torch nor zmq at module level.
 
 Per run: output tokens/s (client wall time), busy fraction per worker, overlap efficiency
-((drafter busy + verifier busy) / (2 x wall), DESIGN.md section 7), the fraction of wall time both
+((drafter busy + verifier busy) / (2 x wall), docs/design.md section 7), the fraction of wall time both
 workers were busy at once (from the daemon's busy intervals), jobs and mean job time per worker,
 rows per verify job, acceptance, and the greedy match rate against ar. With --device cpu the
 models are section d's (configs/tiny.toml), so the sd and psd daemons also serve section d's
@@ -221,7 +221,7 @@ def run_one(overrides, requests, batch, mode, deadline_s, budget_s, stopping, sa
 
 def greedy_match(runs: list[dict], batch: int, is_strict: bool) -> None:
     """Greedy outputs of every mode against ar's. float32 (cpu, tiny models) must agree exactly;
-    bfloat16 may flip near-ties with the batch a row shares (DESIGN.md section 5): reported only."""
+    bfloat16 may flip near-ties with the batch a row shares (docs/design.md section 5): reported only."""
     by_mode = {r["mode"]: r for r in runs if r["batch"] == batch and "output_token_ids" in r}
     if "ar" not in by_mode:
         return

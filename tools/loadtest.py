@@ -1,6 +1,6 @@
 """Bounded load test against a running MineDraft runtime: a fixed number of streamed requests at
 a fixed concurrency or with seeded Poisson arrivals; reports throughput, per-token latencies and
-the runtime's speculative-decoding counters over the run's window (DESIGN.md sections 6-7).
+the runtime's speculative-decoding counters over the run's window (docs/design.md sections 6-7).
 
     minedraft-runtime start --config tiny
     python tools/loadtest.py --requests 64 --concurrency 16 --max-tokens 64 --json out/load.json

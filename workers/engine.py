@@ -23,6 +23,7 @@ class EngineRequest:
     max_tokens: int
     params: SamplingParams = SamplingParams()
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+    min_tokens: int = 0  # no stop token ends the request before this many output tokens
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length" | "stop"
     num_drafted: int = 0
@@ -115,7 +116,7 @@ class Engine:
         stops = set(request.stop_token_ids) | set(self.eos_token_ids)
         for token in tokens:
             request.output_ids.append(token)
-            if token in stops:
+            if token in stops and len(request.output_ids) > request.min_tokens:
                 request.finish_reason = "stop"
             elif len(request.output_ids) >= request.max_tokens:
                 request.finish_reason = "length"
