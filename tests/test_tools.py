@@ -310,6 +310,27 @@ def test_plan_sweep_analysis_finds_the_best_plans_and_auto_against_them():
     assert "concurrency 8:" in text and "c=8 NO" in text and "auto is 2.38x it" in text
 
 
+def test_plan_bounds_follow_the_memory_and_compute_limits():
+    plan_bounds = load_tool("plan_bounds")
+    # target: 1 s to read at 1 thread, 0.1 s of compute per position; draft: a tenth of both
+    machine = {"cpu": "test", "models": {"target": {"weight_bytes": 10.0, "flops_per_position": 1.0},
+                                          "draft": {"weight_bytes": 1.0, "flops_per_position": 0.1}},
+               "limits": {"1": {"read_bytes_per_s": 10.0, "peak_flops": 10.0},
+                          "2": {"read_bytes_per_s": 20.0, "peak_flops": 20.0}}}
+    assert plan_bounds.plan_bound("ar x1", 1, 4, None, machine) == pytest.approx(1.0)  # memory-bound: 1 token / 1 s
+    assert plan_bounds.plan_bound("ar x1", 20, 4, None, machine) == pytest.approx(10.0)  # compute-bound: 20 / 2 s
+    assert plan_bounds.plan_bound("ar x2", 20, 4, None, machine) == pytest.approx(20.0)
+    # sd x1, 2 rows, a = 3: drafting 4 x max(0.1, 0.02) = 0.4 s, verifying max(1, 10 x 0.1) = 1 s
+    assert plan_bounds.plan_bound("sd x1", 2, 4, 3.0, machine) == pytest.approx(6 / 1.4)
+    # psd 1+1, 4 rows: 2 a step, drafting 0.4 s hidden behind verifying max(1, 1) = 1 s
+    assert plan_bounds.plan_bound("psd 1+1", 4, 4, 3.0, machine) == pytest.approx(6.0)
+    assert plan_bounds.plan_bound("sd x1", 2, 4, None, machine) is None
+    assert plan_bounds.plan_bound("auto", 2, 4, 3.0, machine) is None
+    merged = plan_bounds.merge([machine, {**machine, "limits": {**machine["limits"], "1": {"read_bytes_per_s": 12.0,
+                                                                                         "peak_flops": 9.0}}}])
+    assert merged["limits"]["1"] == {"read_bytes_per_s": 12.0, "peak_flops": 10.0}
+
+
 def test_bench_sweep_concurrency_runs_every_plan_at_every_load(tmp_path):
     out = tmp_path / "sweep"
     done = tool("bench.py", "--config", TINY, "--sweep-concurrency", "1,3", "--sweep-plans", "auto,ar x1,psd 1+1",
@@ -318,6 +339,11 @@ def test_bench_sweep_concurrency_runs_every_plan_at_every_load(tmp_path):
     assert set(report["results"]) == {"auto", "ar x1", "psd 1+1"}
     assert all(set(by_c) == {"1", "3"} for by_c in report["results"].values())
     assert report["greedy_identical"] == {"1": True, "3": True}
+    assert set(report["machine"]["limits"]) == {str(t) for t in range(1, len(os.sched_getaffinity(0)) + 1)}
+    for name in ("ar x1", "psd 1+1"):  # every fixed plan is set against its bound, measured in the run
+        for r in report["results"][name].values():
+            assert r["bound_tok_s"] > 0 and r["share_of_bound"] == pytest.approx(r["output_throughput"] / r["bound_tok_s"])
+    assert report["results"]["auto"]["1"]["bound_tok_s"] is None
     assert report["per_concurrency"]["1"]["auto_plan_steps"]  # the plans auto ran during that load
     assert (out / "sweep.png").stat().st_size > 0
     for text in ("concurrency 1:", "concurrency 3:", "auto ran (steps):", "fixed plan with the best total"):

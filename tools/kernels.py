@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3, help="passes over every linear cell, each cell's best kept")
     parser.add_argument("--skip-linears", action="store_true")
     parser.add_argument("--skip-forwards", action="store_true")
+    parser.add_argument("--costs", action="store_true", help="also record each model's weights read and FLOPs per "
+                        "position as served by --config (the draft's at model.draft_weights): tools/plan_bounds.py")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     try:
@@ -391,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     report["limits"][-1] = merge_limits(measured + [measure_limits(args.threads, ops, args.repeats)])
     attach_bounds(report)
     report["served_worst"] = served_worst(report["linears"])
+    if args.costs:
+        report["models"] = {role: model_costs(_config_of(spec, dtype, cache_dir), dtype,
+                                              config.model.draft_weights if role == "draft" else "float32")
+                            for role, spec in (("target", config.model.target), ("draft", config.model.draft))}
     print_report(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -398,6 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, file, indent=1)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def model_costs(config, dtype: torch.dtype, weights: str) -> dict:
+    """What one forward of the model costs: the bytes of weights it reads (the linears at
+    `weights`' width; norms and biases are negligible) and the FLOPs per position."""
+    params = _matmul_params(config)
+    width = 2 if weights == "bfloat16" else dtype.itemsize
+    return {"weight_bytes": params * width, "flops_per_position": 2 * params}
 
 
 def _config_of(spec: str, dtype: torch.dtype, cache_dir: str):

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+import plan_bounds
 from loadtest import load_prompts, run_loadtest
 
 from minedraft.runtime.client import Client
@@ -96,6 +97,9 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
         if unknown:
             raise ValueError(f"--sweep-plans: unknown {sorted(unknown)}; choose from {[p['name'] for p in plans]}")
         plans = [p for p in plans if p["name"] in args.sweep_plans]
+    num_cores = len(os.sched_getaffinity(0))
+    print("measuring the machine's limits (tools/kernels.py)", file=sys.stderr, flush=True)
+    measured = [plan_bounds.measure(args.config, num_cores)]
     results: dict[str, dict[int, dict]] = {}
     for number, plan in enumerate(plans, 1):
         print(f"[{number}/{len(plans)}] {plan['name']}: starting a daemon", file=sys.stderr, flush=True)
@@ -117,17 +121,26 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
                     result["plan_at_full_load"] = sampler.best
                 results.setdefault(plan["name"], {})[concurrency] = result
                 print(f"  c={concurrency}: {result['output_throughput']:.2f} tok/s", file=sys.stderr, flush=True)
-    report = analyse(results, concurrencies)
+    measured.append(plan_bounds.measure(args.config, num_cores))
+    machine = plan_bounds.merge(measured)
+    report = analyse(results, concurrencies, machine)
     report.update({"config": args.config, "overrides": args.set, "requests": args.requests,
                    "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                    "plans": plans})
     return report
 
 
-def analyse(results: dict[str, dict[int, dict]], concurrencies: list[int]) -> dict:
-    """Per concurrency: the best fixed plan and auto against it; over the sweep: the fixed plan
-    with the best total throughput and auto against it where it does worst; greedy equality."""
+def analyse(results: dict[str, dict[int, dict]], concurrencies: list[int], machine: dict | None = None) -> dict:
+    """Per concurrency: the best fixed plan and auto against it, and each plan's bound (machine:
+    plan_bounds.merge) and share of it; over the sweep: the fixed plan with the best total
+    throughput and auto against it where it does worst; greedy equality."""
     fixed = [name for name in results if name != AUTO]
+    if machine is not None:
+        for name, by_c in results.items():
+            for c, r in by_c.items():
+                bound = plan_bounds.plan_bound(name, c, r["num_draft"], r["mean_accepted_length"], machine)
+                r["bound_tok_s"] = bound
+                r["share_of_bound"] = r["output_throughput"] / bound if bound else None
     rate = {name: {c: results[name][c]["output_throughput"] for c in concurrencies} for name in results}
     per_concurrency = {}
     for c in concurrencies:
@@ -150,6 +163,8 @@ def analyse(results: dict[str, dict[int, dict]], concurrencies: list[int]) -> di
             ratios = [e["auto_vs_best_fixed"] for e in per_concurrency.values() if e.get("auto_vs_best_fixed")]
             summary["auto_min_vs_best_fixed"] = min(ratios) if ratios else None
     summary["greedy_identical"] = greedy_identical(results, concurrencies)
+    if machine is not None:
+        summary["machine"] = machine
     summary["results"] = {name: {str(c): r for c, r in by_c.items()} for name, by_c in results.items()}
     return summary
 
@@ -170,14 +185,16 @@ def format_report(report: dict) -> str:
     for c, entry in report["per_concurrency"].items():
         best = entry["best_fixed_tok_s"]
         lines.append(f"concurrency {c}:")
-        header = f"  {'plan':<10} {'out tok/s':>10} {'vs best':>8} {'TPOT p50':>9} {'accept':>7}"
+        header = f"  {'plan':<10} {'out tok/s':>10} {'vs best':>8} {'TPOT p50':>9} {'accept':>7} {'bound':>7} {'share':>6}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for name in names:
             r = results[name][str(c)]
             accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
             tpot = r["tpot_ms"]["p50"]
+            bound, share = r.get("bound_tok_s"), r.get("share_of_bound")
             lines.append(f"  {name:<10} {r['output_throughput']:>10.2f} {r['output_throughput'] / best:>7.2f}x "
-                         f"{'-' if tpot is None else f'{tpot:.1f}':>9} {accept:>7}")
+                         f"{'-' if tpot is None else f'{tpot:.1f}':>9} {accept:>7} "
+                         f"{'-' if bound is None else f'{bound:.1f}':>7} {'-' if share is None else f'{share:.2f}':>6}")
         if "auto_plan_steps" in entry:
             steps = ", ".join(f"{name} {n}" for name, n in sorted((entry["auto_plan_steps"] or {}).items(),
                                                                     key=lambda kv: -kv[1]))
@@ -193,6 +210,8 @@ def format_report(report: dict) -> str:
         worst = report["auto_vs_best_total_fixed"]
         lines.append(f"fixed plan with the best total: {report['best_total_fixed']}; where it does worst "
                      f"(concurrency {worst['concurrency']}) auto is {worst['ratio']:.2f}x it")
+    if "machine" in report:
+        lines.append(f"bounds from limits measured before and after the sweep: {plan_bounds.describe(report['machine'])}")
     same = report["greedy_identical"]
     lines.append("greedy outputs identical across plans: " + ", ".join(
         f"c={c} {'yes' if ok else 'NO'}" for c, ok in same.items()))
