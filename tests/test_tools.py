@@ -94,12 +94,25 @@ def test_bench_hf_tiny(endpoint, tmp_path):
     assert report["results"]["runtime_psd"]["outputs"] == base  # float32 greedy: the target's own output
 
 
+def test_bench_hf_batched_baseline_tiny(endpoint, tmp_path):
+    """--batch: transformers on left-padded batches against the runtime at that concurrency; the
+    padded batches give the target's own greedy tokens (float32, tiny model)."""
+    tool("bench_hf.py", "--config", TINY, "--endpoint", endpoint, "--num-prompts", "4", "--max-tokens", "8",
+         "--batch", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "bench_hf.json").read_text())
+    assert report["batch"] == 2 and set(report["results"]) == {"hf_generate_batch2", "runtime_psd"}
+    batched = report["results"]["hf_generate_batch2"]
+    assert batched["num_tokens"] == 32 and batched["threads"] == len(os.sched_getaffinity(0))
+    assert report["results"]["runtime_psd"]["outputs"] == batched["outputs"]
+
+
 def test_bench_hf_mode_variants():
     bench_hf = load_tool("bench_hf")
     assert bench_hf.mode_overrides("sd") == ["scheduler.mode=sd"]
     assert bench_hf.mode_overrides("sd-noprefill") == ["scheduler.mode=sd", "scheduler.prefill_ahead=false"]
     assert bench_hf.mode_overrides("psd-bf16draft") == ["scheduler.mode=psd", "model.draft_weights=bfloat16"]
     assert bench_hf.mode_overrides("sd-f32draft") == ["scheduler.mode=sd", "model.draft_weights=float32"]
+    assert bench_hf.mode_overrides("default") == [] and bench_hf.mode_overrides("auto") == ["scheduler.mode=auto"]
     with pytest.raises(SystemExit, match="unknown mode 'sd-fast'"):
         bench_hf.mode_overrides("sd-fast")
 

@@ -5,6 +5,12 @@ ids, vs the runtime at concurrency 1 (a fresh daemon per mode, started through t
     python tools/bench_hf.py --config tiny --num-prompts 8 --max-tokens 64
     python tools/bench_hf.py --config default --num-prompts 4 --max-tokens 128 --modes sd,psd
     python tools/bench_hf.py --config tiny --endpoint ipc:///tmp/md/client.sock   # a running daemon
+    python tools/bench_hf.py --config default --batch 16 --num-prompts 32 --max-tokens 48 --modes default
+
+--batch B is the offline-batch baseline: transformers `generate` on left-padded batches of B
+prompts using every core (torch's threads = the cores this process may use, unpinned), against
+the runtime at concurrency B. Assisted generation is skipped there (transformers runs it at
+batch 1 only). Mode `default` runs the config as it is (its own scheduler.mode).
 
 Fairness: every side decodes exactly --max-tokens tokens per prompt (EOS ignored, unless
 --stop-at-eos) with one torch thread per model: transformers runs both its models in this
@@ -128,12 +134,43 @@ def run_hf(target, draft, prompt_ids: list[list[int]], max_tokens: int, num_draf
     return {"tokens_per_s": num_tokens / wall_s, "num_tokens": num_tokens, "wall_s": wall_s, "outputs": outputs}
 
 
-def run_runtime(endpoint: str, prompt_ids: list[list[int]], max_tokens: int, stop_at_eos: bool) -> dict:
-    """One request at a time (concurrency 1) against a serving runtime, after one warm-up request."""
+def run_hf_batched(target, prompt_ids: list[list[int]], max_tokens: int, batch: int, stop_at_eos: bool) -> dict:
+    """Greedy generate on left-padded batches of `batch` prompts (the offline-batch baseline)."""
+    import torch
+
+    eos = target.generation_config.eos_token_id if stop_at_eos else None
+    pad = target.config.eos_token_id if isinstance(target.config.eos_token_id, int) else 0
+
+    def generate(chunk: list[list[int]], n: int) -> list[list[int]]:
+        width = max(len(ids) for ids in chunk)
+        inputs = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])  # [b, W] left-padded
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])  # [b, W]
+        with torch.inference_mode():
+            out = target.generate(inputs, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                  eos_token_id=eos, pad_token_id=pad)
+        return [row[width:].tolist() for row in out]
+
+    generate(prompt_ids[:batch], min(8, max_tokens))  # warm-up
+    outputs, wall_s = [], 0.0
+    for first in range(0, len(prompt_ids), batch):
+        start = time.perf_counter()
+        outputs += generate(prompt_ids[first: first + batch], max_tokens)
+        wall_s += time.perf_counter() - start
+    if stop_at_eos:  # a finished row is padded to the batch's longest: cut at its first EOS
+        stops = set(eos) if isinstance(eos, list) else {eos}
+        outputs = [o[: next((i + 1 for i, t in enumerate(o) if t in stops), len(o))] for o in outputs]
+    num_tokens = sum(len(o) for o in outputs)
+    return {"tokens_per_s": num_tokens / wall_s, "num_tokens": num_tokens, "wall_s": wall_s, "batch": batch,
+            "threads": torch.get_num_threads(), "outputs": outputs}
+
+
+def run_runtime(endpoint: str, prompt_ids: list[list[int]], max_tokens: int, stop_at_eos: bool,
+                concurrency: int = 1) -> dict:
+    """Requests at `concurrency` against a serving runtime, after one warm-up request."""
     prompts = [{"prompt_ids": ids} for ids in prompt_ids]
     run_loadtest(endpoint, prompts[:1], requests=1, concurrency=1, max_tokens=min(8, max_tokens),
                  show_progress=False)
-    result = run_loadtest(endpoint, prompts, concurrency=1, max_tokens=max_tokens, temperature=0.0,
+    result = run_loadtest(endpoint, prompts, concurrency=concurrency, max_tokens=max_tokens, temperature=0.0,
                           ignore_eos=not stop_at_eos, show_progress=False)
     outputs = [result["output_token_ids"].get(str(i)) for i in range(len(prompt_ids))]
     return {"mode": result["mode"], "tokens_per_s": result["output_throughput"], "num_tokens": result["num_output_tokens"],
@@ -143,8 +180,9 @@ def run_runtime(endpoint: str, prompt_ids: list[list[int]], max_tokens: int, sto
 
 
 def format_table(results: dict, num_prompts: int) -> str:
-    base = results["hf_generate"]
-    header = ["method", "tok/s", "vs hf generate", "tokens", "greedy = hf generate"]
+    base_name = next(iter(results))  # hf_generate, or hf_generate_batchB
+    base = results[base_name]
+    header = ["method", "tok/s", f"vs {base_name}", "tokens", f"greedy = {base_name}"]
     rows = []
     for name, r in results.items():
         same = sum(a == b for a, b in zip(r["outputs"], base["outputs"]))
@@ -165,13 +203,14 @@ VARIANTS = {  # mode label suffix -> config overrides
 
 
 def mode_overrides(label: str) -> list[str]:
-    """"sd" / "psd" / "ar" (the config as it is), or with a variant: "sd-noprefill" (without
-    prefill ahead), "sd-bf16draft" / "sd-f32draft" (the draft's weights in bfloat16 / float32)."""
+    """"sd" / "psd" / "ar" / "auto" (the config as it is, in that mode), "default" (the config's own
+    mode), or with a variant: "sd-noprefill" (without prefill ahead), "sd-bf16draft" /
+    "sd-f32draft" (the draft's weights in bfloat16 / float32)."""
     mode, _, variant = label.partition("-")
-    if mode not in ("ar", "sd", "psd") or variant not in VARIANTS:
-        raise SystemExit(f"unknown mode {label!r}: expected ar, sd or psd, optionally with -noprefill, -bf16draft "
-                         "or -f32draft")
-    return [f"scheduler.mode={mode}"] + VARIANTS[variant]
+    if mode not in ("ar", "sd", "psd", "auto", "default") or variant not in VARIANTS:
+        raise SystemExit(f"unknown mode {label!r}: expected ar, sd, psd, auto or default, optionally with "
+                         "-noprefill, -bf16draft or -f32draft")
+    return ([] if mode == "default" else [f"scheduler.mode={mode}"]) + VARIANTS[variant]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=8, help="first N prompts of the file")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at EOS instead of always decoding max tokens")
+    parser.add_argument("--batch", type=int, default=1, help="B > 1: transformers generate on left-padded batches "
+                        "of B on every core, against the runtime at concurrency B (no assisted generation)")
     parser.add_argument("--out", default="out/bench_hf", help="folder for bench_hf.json")
     return parser
 
@@ -206,37 +247,47 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tokenize(prompts, config)
     device = config.verifier.device
     affinity = os.sched_getaffinity(0)
-    torch.set_num_threads(1)
-    if device == "cpu" and config.verifier.cpu_cores:
+    threads_note = THREADS_NOTE if args.batch == 1 else (
+        f"threads: transformers {len(affinity)} torch threads (every core, unpinned), batches of {args.batch}; "
+        f"runtime at concurrency {args.batch}, its workers as configured")
+    torch.set_num_threads(1 if args.batch == 1 else len(affinity))
+    if device == "cpu" and config.verifier.cpu_cores and args.batch == 1:
         os.sched_setaffinity(0, config.verifier.cpu_cores)
-    print(THREADS_NOTE, file=sys.stderr)
+    print(threads_note, file=sys.stderr)
     results = {}
     try:
         target = load_hf_model(config.model.target, config, is_draft=False, device=device)
-        draft = load_hf_model(config.model.draft, config, is_draft=True, device=device)
-        for name, assistant in (("hf_generate", None), ("hf_assisted", draft)):
+        if args.batch > 1:
+            name = f"hf_generate_batch{args.batch}"
             print(f"{name}: {len(prompt_ids)} prompts x {args.max_tokens} tokens", file=sys.stderr, flush=True)
-            results[name] = run_hf(target, assistant, prompt_ids, args.max_tokens, config.scheduler.num_draft,
-                                   args.stop_at_eos)
-        del target, draft
+            results[name] = run_hf_batched(target, prompt_ids, args.max_tokens, args.batch, args.stop_at_eos)
+        else:
+            draft = load_hf_model(config.model.draft, config, is_draft=True, device=device)
+            for name, assistant in (("hf_generate", None), ("hf_assisted", draft)):
+                print(f"{name}: {len(prompt_ids)} prompts x {args.max_tokens} tokens", file=sys.stderr, flush=True)
+                results[name] = run_hf(target, assistant, prompt_ids, args.max_tokens, config.scheduler.num_draft,
+                                       args.stop_at_eos)
+            del draft
+        del target
     finally:
         os.sched_setaffinity(0, affinity)  # the daemons started next must not inherit the pinning
     if args.endpoint:
-        result = run_runtime(args.endpoint, prompt_ids, args.max_tokens, args.stop_at_eos)
+        result = run_runtime(args.endpoint, prompt_ids, args.max_tokens, args.stop_at_eos, args.batch)
         results[f"runtime_{result['mode']}"] = result
     for label in [] if args.endpoint else [m.strip() for m in args.modes.split(",") if m.strip()]:
         print(f"runtime_{label}: starting a daemon", file=sys.stderr, flush=True)
         with running_daemon(args.config, args.set + mode_overrides(label)) as endpoint:
-            results[f"runtime_{label}"] = run_runtime(endpoint, prompt_ids, args.max_tokens, args.stop_at_eos)
+            results[f"runtime_{label}"] = run_runtime(endpoint, prompt_ids, args.max_tokens, args.stop_at_eos,
+                                                      args.batch)
 
     print(format_table(results, len(prompt_ids)))
-    print(THREADS_NOTE)
+    print(threads_note)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_hf.json")
     report = {"config": args.config, "overrides": args.set, "dtype": config.model.dtype,
               "target": config.model.target, "draft": config.model.draft, "num_draft": config.scheduler.num_draft,
               "num_prompts": len(prompt_ids), "max_tokens": args.max_tokens, "stop_at_eos": args.stop_at_eos,
-              "threads": THREADS_NOTE, "results": results}
+              "batch": args.batch, "threads": threads_note, "results": results}
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
