@@ -374,9 +374,9 @@ def best_time_s(fn, repeats: int = TIMING_REPEATS) -> float:
 
 
 def _machine_key() -> str:
-    """What the timings depend on: CPU model, ISA, threads, torch, kernel source."""
+    """What the timings depend on: CPU model, ISA, threads, torch, kernel source and flags."""
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "?")
-    source = hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()[:12]
+    source = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(KERNEL_FLAGS).encode()).hexdigest()[:12]
     return (f"{model}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
             f"|torch={torch.__version__}|kernel={source}")
 
