@@ -23,6 +23,7 @@ from minedraft.runtime.client import Client, RequestError
 from minedraft.runtime.config import (
     API_KEY_ENV, MODES, ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
 )
+from minedraft.runtime.metrics import format_memory
 
 LOG_NAME = "daemon.log"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8000"  # `http` without --listen
@@ -219,6 +220,9 @@ def cmd_status(args) -> int:
         merged = f"; merged {', '.join(linear['fused'])}" if linear.get("fused") else ""
         weights = f"; {linear['weights']} weights" if linear.get("weights", "float32") != "float32" else ""
         lines.append((f"{role} linears", f"{linear.get('requested')}: kernel {linear.get('kernel')}{merged}{weights}; {shapes}"))
+    for role, memory in sorted((status.get("memory") or {}).items()):
+        if memory:
+            lines.append((f"{role} memory", format_memory(memory)))
     for key, value in lines:
         print(f"{key:<22}{value}")
     return 0

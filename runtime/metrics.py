@@ -83,3 +83,14 @@ class Metrics:
             summary["busy_intervals"] = {role: [list(i) for i in v] for role, v in self.intervals.items()}
             summary["recent_jobs"] = list(self.jobs)
         return summary
+
+
+def format_memory(memory: dict) -> str:
+    """A worker's memory report (workers/process.memory_report) in one line, in GB."""
+    gb = lambda key: f"{memory.get(key, 0) / 1e9:.2f}"  # noqa: E731
+    resident = sum(memory.get(k, 0) for k in ("rss_anon", "rss_file", "rss_shmem"))
+    weights = memory.get("weights_packed", 0) + memory.get("weights_plain", 0)
+    return (f"resident {resident / 1e9:.2f} GB (anon {gb('rss_anon')}, file {gb('rss_file')}, shmem {gb('rss_shmem')}) "
+            f"for weights {weights / 1e9:.2f} GB (packed {gb('weights_packed')}, plain {gb('weights_plain')}, "
+            f"second copies {gb('second_copies')}), KV cache {gb('kv_cache')}, draft buffers {gb('draft_buffers')}, "
+            f"other {gb('other')}")

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 6  # 6: GenerateRequest.min_tokens, GenerateOutput.num_prompt_tokens, ReadyResult.max_batch
+PROTOCOL_VERSION = 6  # 6: GenerateRequest.min_tokens, GenerateOutput.num_prompt_tokens, ReadyResult.max_batch and memory
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -210,6 +210,7 @@ class ReadyResult:
     buffers: list[dict] = field(default_factory=list)  # handles the worker produces, by batch_id
     linear: dict = field(default_factory=dict)  # which linear path serves which weight shape (fast_linear.LinearReport)
     max_batch: int = 0  # requests per batch its KV cache (and draft buffers) hold: scheduler.max_batch resolved (0: as configured)
+    memory: dict = field(default_factory=dict)  # bytes at start: weights, KV cache, draft buffers against resident (process.memory_report)
 
 
 @dataclass(frozen=True)

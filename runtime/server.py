@@ -331,6 +331,7 @@ class Server:
             "num_restarts": sum(r.num_restarts for r in self.replicas),
             "max_worker_frame_bytes": max(r.pool.max_frame_bytes for r in self.replicas),
             "linear_path": replicas[0]["linear_path"],
+            "memory": replicas[0]["memory"],
             "draft_buffers": replicas[0]["draft_buffers"],
             "draft_transport": replicas[0]["draft_transport"] if single else ",".join(
                 sorted({str(r["draft_transport"]) for r in replicas})),
@@ -364,6 +365,7 @@ class Server:
             "workers": pool.placement(),
             "endpoints": pool.endpoints(),
             "linear_path": {role: ready.linear for role, ready in pool.ready.items()},
+            "memory": {role: ready.memory for role, ready in pool.ready.items()},
             "draft_buffers": _connected_status(pool.connected),
             "draft_transport": pool.connected.kind if pool.connected is not None else None,
         }

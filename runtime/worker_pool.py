@@ -18,6 +18,7 @@ import zmq
 
 from minedraft.runtime import protocol as p
 from minedraft.runtime.config import Config, draft_transport
+from minedraft.runtime.metrics import format_memory
 
 log = logging.getLogger("minedraft.workers")
 POLL_MS = 100
@@ -100,6 +101,8 @@ class WorkerPool:
             raise StartupError(f"unexpected start-up message {message!r}")
         self.ready[message.role] = message
         log.info("%s linear path: %s", message.role, message.linear)
+        if message.memory:
+            log.info("%s memory at start: %s", message.role, format_memory(message.memory))
         log.info("%s ready: pid=%d model=%s vocab=%d", message.role, message.pid, message.model, message.vocab_size)
         if len(self.ready) < len(self.roles):
             return

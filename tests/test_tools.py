@@ -323,6 +323,31 @@ def test_plan_sweep_analysis_finds_the_best_plans_and_auto_against_them():
     assert "concurrency 8:" in text and "c=8 NO" in text and "auto is 2.38x it" in text
 
 
+def test_step_profile_tiny(tmp_path):
+    out = tmp_path / "steps.json"
+    done = tool("step_profile.py", "--config", TINY, "--rows", "2,3", "--repeats", "1", "--out", str(out))
+    (two, three) = json.loads(out.read_text())
+    assert (two["rows"], three["rows"]) == (2, 3)
+    for mode in ("ar", "sd"):
+        m = two[mode]
+        assert 0 < m["layers_s"] < m["verify_job_s"] and m["forward_alone_s"] > 0
+        assert m["other_s"] == pytest.approx(m["verify_job_s"] - m["layers_s"] - m["lm_head_s"], abs=1e-4)
+    assert two["sd"]["draft_job_s"] > 0 and "draft_job_s" not in two["ar"]
+    assert "ar verify" in done.stdout and "sd verify" in done.stdout
+
+
+def test_step_profile_gaps_between_back_to_back_jobs(tmp_path):
+    step_profile = load_tool("step_profile")
+    timeline = [{"role": "verifier", "kind": "verify", "start_s": start, "end_s": start + 0.5} for start in (0.0, 0.51, 1.03)]
+    timeline += [{"role": "verifier", "kind": "verify", "start_s": 5.0, "end_s": 5.5},  # after a 3.47 s wait: not a gap
+                 {"role": "verifier", "kind": "prefill", "start_s": 1.6, "end_s": 1.7}]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"runs": [{"label": "ar", "timeline": timeline}]}))
+    (row,) = step_profile.job_gaps(str(path), max_gap_s=0.05)
+    assert row["role"] == "verifier" and row["num_jobs"] == 2
+    assert row["gap_ms"] == pytest.approx(15.0) and row["gap_share"] == pytest.approx(0.015 / 0.515)
+
+
 def test_plan_bounds_follow_the_memory_and_compute_limits():
     plan_bounds = load_tool("plan_bounds")
     # target: 1 s to read at 1 thread, 0.1 s of compute per position; draft: a tenth of both

@@ -6,6 +6,13 @@ it: tools/bench.py's timelines give those (the gap between a worker's jobs).
 
     python tools/step_profile.py --config default --rows 8,16 --threads 1
     python tools/step_profile.py --config tiny --rows 4 --repeats 3
+    python tools/step_profile.py --gaps out/bench/bench.json   # the protocol and scheduler's share
+
+--gaps reads the job timelines a tools/bench.py run recorded and prints, per run and worker, the
+mean job, the mean gap from one job's end to the worker's next job's start (result message,
+scheduler commit and next job, job message: what a step costs beyond the worker's core), and
+the gaps' share of the worker's steps. Only back-to-back jobs count (a gap under --max-gap-ms);
+a longer one is the worker waiting for the other worker or for requests.
 
 A step here is what one job costs the worker that runs it: `ar` a verify of 1 position per
 row, `sd` a draft job (k draft forwards) then a verify of k + 1 positions, `psd` the verify of
@@ -138,6 +145,25 @@ def profile(config, num_rows: int, threads: int, repeats: int, context: int, k: 
     return result
 
 
+def job_gaps(bench_json: str, max_gap_s: float) -> list[dict]:
+    """Per run and worker of a bench.json: mean job time, mean gap between back-to-back jobs."""
+    with open(bench_json) as f:
+        report = json.load(f)
+    rows = []
+    for run in report["runs"]:
+        for role in ("drafter", "verifier"):
+            jobs = sorted((j for j in run.get("timeline") or [] if j["role"] == role and j.get("kind") != "prefill"),
+                          key=lambda j: j["start_s"])
+            pairs = [(a, b["start_s"] - a["end_s"]) for a, b in zip(jobs, jobs[1:]) if b["start_s"] - a["end_s"] < max_gap_s]
+            if not pairs:
+                continue
+            job_s = sum(a["end_s"] - a["start_s"] for a, _ in pairs) / len(pairs)
+            gap_s = sum(g for _, g in pairs) / len(pairs)
+            rows.append({"run": run["label"], "role": role, "num_jobs": len(pairs), "job_ms": job_s * 1e3,
+                         "gap_ms": gap_s * 1e3, "gap_share": gap_s / (job_s + gap_s)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default")
@@ -147,7 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=CONTEXT_TOKENS)
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--gaps", metavar="BENCH_JSON", help="instead: the gaps between jobs in a tools/bench.py run")
+    parser.add_argument("--max-gap-ms", type=float, default=50.0)
     args = parser.parse_args(argv)
+    if args.gaps:
+        rows = job_gaps(args.gaps, args.max_gap_ms / 1e3)
+        print(f"{'run':<24} {'worker':<9} {'jobs':>5} {'job ms':>8} {'gap ms':>7} {'gap share':>9}")
+        for r in rows:
+            print(f"{r['run']:<24} {r['role']:<9} {r['num_jobs']:>5} {r['job_ms']:8.1f} {r['gap_ms']:7.2f} {r['gap_share']:9.3f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     try:
         config = load_config(args.config, args.set)
     except ConfigError as exc:

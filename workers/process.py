@@ -24,7 +24,7 @@ from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, d
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
 from minedraft.workers.frames import FrameBuffers, FrameReceiver, FrameSender
-from minedraft.workers.model.fast_linear import apply_linear_path
+from minedraft.workers.model.fast_linear import PackedLinear, apply_linear_path
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
@@ -135,6 +135,42 @@ def memory_budget_bytes(device: torch.device, share: float) -> int:
     return int(share * total)
 
 
+def memory_report(model, core, buffers: list) -> dict:
+    """What this worker holds, in bytes: the weights (packed panels; plain tensors: norms, biases,
+    embeddings and linears F.linear serves; of those, second copies kept beside panels), its KV
+    cache and draft buffers, against its resident memory (/proc/self/status: anonymous, file
+    mappings, shared memory). other = resident - what is accounted for (the interpreter, torch)."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    params = {id(t): t for t in model.parameters()}
+    params.update({id(t): t for m in packed for t in (m.weight, m.bias) if t is not None})
+    report = {
+        "weights_packed": sum(m.packed.nbytes for m in packed),
+        "weights_plain": sum(t.nbytes for t in params.values()),
+        "second_copies": sum(m.plain_bytes for m in packed),
+        "kv_cache": core.cache.data.nbytes,
+        "draft_buffers": sum(t.nbytes for b in buffers for t in b.tensors.values()),
+        **resident_bytes(),
+    }
+    accounted = report["weights_packed"] + report["weights_plain"] + report["kv_cache"] + report["draft_buffers"]
+    report["other"] = report["rss_anon"] + report["rss_file"] + report["rss_shmem"] - accounted
+    return report
+
+
+def resident_bytes() -> dict:
+    """This process's resident memory by kind (Linux; zeros elsewhere)."""
+    keys = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
+    out = dict.fromkeys(keys.values(), 0)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in keys:
+                    out[keys[name]] = int(value.split()[0]) * 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
 def linear_thread_counts(config: Config, role: str) -> tuple[int, ...]:
     """The intra-op thread counts this worker's jobs may run at, for the linear path's timings:
     its configured count and, under auto on CPU devices, each count a plan may give it (half of
@@ -226,6 +262,7 @@ class WorkerLoop:
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
             min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),
             tokenizer, [b.handle() for b in self.buffers], linear.to_dict(), self.max_batch,
+            memory_report(model, self.core, self.buffers),
         ))
 
     def run(self) -> None:

@@ -125,11 +125,11 @@ class PackedLinear(nn.Module):
         self.ops = ops
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = ops.pack(linear.weight.detach().to(weight_dtype).contiguous())  # [P, K, 16]
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()  # [N], not a view of the file
+        self.bias = None if linear.bias is None else own_memory(linear.bias.detach())  # [N]
         self.by_threads = is_packed if isinstance(is_packed, dict) else {0: is_packed}
         self.is_packed = is_packed if isinstance(is_packed, list) else None  # one choice for every thread count
         is_all_packed = all(all(choice) for choice in self.by_threads.values())
-        self.weight = None if is_all_packed else linear.weight.detach()  # [N, K], for F.linear
+        self.weight = None if is_all_packed else own_memory(linear.weight.detach())  # [N, K], for F.linear
 
     @property
     def plain_bytes(self) -> int:
@@ -210,9 +210,33 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weight
         choices = _choose(ops, decoder, cache_dir, thread_counts or (torch.get_num_threads(),))
     report.choose_s = round(time.monotonic() - start_s, 2)
     _swap(ops, decoder, choices, WEIGHT_DTYPES[weights])
+    release_file_views(decoder)
     report.shapes = {s: describe_choices(by_threads) for s, by_threads in choices.items()}
     log.info("linear path (%s weights): %s", weights, report.shapes)
     return report
+
+
+def own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when it owns its storage, else a copy: a view into a larger storage (the
+    whole weights file, as safetensors maps it) would keep all of that storage alive."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
+def release_file_views(decoder: nn.Module) -> None:
+    """Give each parameter and buffer still in the model (norms, biases, untied embeddings) its
+    own memory, so that once the packed panels have replaced the linears nothing refers to the
+    mapped weights file and it is unmapped: the model then holds one copy of each weight."""
+    for module in decoder.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            owned = own_memory(param.detach())
+            if owned.data_ptr() != param.data_ptr():
+                setattr(module, name, nn.Parameter(owned, requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            owned = own_memory(buffer)
+            if owned.data_ptr() != buffer.data_ptr():
+                setattr(module, name, owned)
 
 
 def _round_weights(decoder: nn.Module, weights: str) -> None:
