@@ -351,8 +351,10 @@ def test_step_profile_gaps_between_back_to_back_jobs(tmp_path):
 def test_plan_bounds_follow_the_memory_and_compute_limits():
     plan_bounds = load_tool("plan_bounds")
     # target: 1 s to read at 1 thread, 0.1 s of compute per position; draft: a tenth of both
-    machine = {"cpu": "test", "models": {"target": {"weight_bytes": 10.0, "flops_per_position": 1.0},
-                                          "draft": {"weight_bytes": 1.0, "flops_per_position": 0.1}},
+    machine = {"cpu": "test", "models": {"target": {"weight_bytes": 10.0, "flops_per_position": 1.0,
+                                                     "flops_per_prompt_token": 1.0},
+                                          "draft": {"weight_bytes": 1.0, "flops_per_position": 0.1,
+                                                    "flops_per_prompt_token": 0.1}},
                "limits": {"1": {"read_bytes_per_s": 10.0, "peak_flops": 10.0},
                           "2": {"read_bytes_per_s": 20.0, "peak_flops": 20.0}}}
     assert plan_bounds.plan_bound("ar x1", 1, 4, None, machine) == pytest.approx(1.0)  # memory-bound: 1 token / 1 s
@@ -364,6 +366,11 @@ def test_plan_bounds_follow_the_memory_and_compute_limits():
     assert plan_bounds.plan_bound("psd 1+1", 4, 4, 3.0, machine) == pytest.approx(6.0)
     assert plan_bounds.plan_bound("sd x1", 2, 4, None, machine) is None
     assert plan_bounds.plan_bound("auto", 2, 4, 3.0, machine) is None
+    # a load: 20 prompt tokens at 0.1 s each (ar x1: the target's compute), then 20 tokens at 10 tok/s
+    assert plan_bounds.load_bound("ar x1", 20, 4, None, machine, 20, 20) == pytest.approx(20 / (2.0 + 2.0))
+    assert plan_bounds.load_bound("ar x1", 20, 4, None, machine, 0, 20) == pytest.approx(10.0)
+    # psd 1+1: both models prefill at once on their own cores, max(0.1, 0.01) s a token
+    assert plan_bounds.load_bound("psd 1+1", 4, 4, 3.0, machine, 10, 12) == pytest.approx(12 / (1.0 + 2.0))
     merged = plan_bounds.merge([machine, {**machine, "limits": {**machine["limits"], "1": {"read_bytes_per_s": 12.0,
                                                                                          "peak_flops": 9.0}}}])
     assert merged["limits"]["1"] == {"read_bytes_per_s": 12.0, "peak_flops": 10.0}
@@ -380,8 +387,16 @@ def test_bench_sweep_concurrency_runs_every_plan_at_every_load(tmp_path):
     assert set(report["machine"]["limits"]) == {str(t) for t in range(1, len(os.sched_getaffinity(0)) + 1)}
     for name in ("ar x1", "psd 1+1"):  # every fixed plan is set against its bound, measured in the run
         for r in report["results"][name].values():
-            assert r["bound_tok_s"] > 0 and r["share_of_bound"] == pytest.approx(r["output_throughput"] / r["bound_tok_s"])
+            assert r["num_prompt_tokens"] > 0 and r["bound_tok_s"] > 0 and r["share_of_bound"] == pytest.approx(r["output_throughput"] / r["bound_tok_s"])
     assert report["results"]["auto"]["1"]["bound_tok_s"] is None
+    # A sweep recorded without prompt counts is set against its bounds again with the config's tokenizer:
+    # the counts it finds are the server's.
+    plan_sweep = load_tool("plan_sweep")
+    counted = {name: {c: r.pop("num_prompt_tokens") for c, r in by_c.items()} for name, by_c in report["results"].items()}
+    (out / "stripped.json").write_text(json.dumps(report))
+    again = plan_sweep.reanalyse(str(out / "stripped.json"), os.path.join(ROOT, "tools", "prompts.jsonl"))
+    assert {name: {c: r["num_prompt_tokens"] for c, r in by_c.items()} for name, by_c in again["results"].items()} == counted
+    assert again["results"]["ar x1"]["3"]["share_of_bound"] == pytest.approx(report["results"]["ar x1"]["3"]["share_of_bound"])
     assert report["per_concurrency"]["1"]["auto_plan_steps"]  # the plans auto ran during that load
     assert (out / "sweep.png").stat().st_size > 0
     for text in ("concurrency 1:", "concurrency 3:", "auto ran (steps):", "fixed plan with the best total"):

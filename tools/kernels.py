@@ -408,10 +408,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def model_costs(config, dtype: torch.dtype, weights: str) -> dict:
     """What one forward of the model costs: the bytes of weights it reads (the linears at
-    `weights`' width; norms and biases are negligible) and the FLOPs per position."""
+    `weights`' width; norms and biases are negligible), the FLOPs per position, and per prompt
+    token (no lm_head)."""
     params = _matmul_params(config)
     width = 2 if weights == "bfloat16" else dtype.itemsize
-    return {"weight_bytes": params * width, "flops_per_position": 2 * params}
+    lm_head = config.vocab_size * config.hidden_size
+    return {"weight_bytes": params * width, "flops_per_position": 2 * params,
+            "flops_per_prompt_token": 2 * (params - lm_head)}  # a prompt's tokens need no logits
 
 
 def _config_of(spec: str, dtype: torch.dtype, cache_dir: str):

@@ -94,7 +94,7 @@ def _plan(prompts: list[dict], requests: int, max_tokens: int | None, seed: int)
 
 def _record(item: dict) -> dict:
     return {"index": item["index"], "key": item["key"], "token_ids": [], "error": None,
-            "finish_reason": None, "ttft_s": None, "e2e_s": None, "itl_s": []}
+            "finish_reason": None, "ttft_s": None, "e2e_s": None, "itl_s": [], "num_prompt_tokens": None}
 
 
 def _arrived(record: dict, token_ids: list[int], start: float, last: float) -> float:
@@ -125,6 +125,7 @@ class ZmqDriver:
         try:
             async for output in self.client.stream(temperature=temperature, ignore_eos=ignore_eos, **item["kwargs"]):
                 last = _arrived(record, output.token_ids, start, last)
+                record["num_prompt_tokens"] = output.num_prompt_tokens
                 if output.is_finished:
                     record["finish_reason"] = output.finish_reason
             record["e2e_s"] = time.perf_counter() - start
@@ -286,6 +287,8 @@ def summarize(records: list[dict], wall_s: float, before: dict, after: dict) -> 
         "wall_s": wall_s,
         "request_throughput": len(ok) / wall_s,
         "num_output_tokens": num_tokens,
+        "num_prompt_tokens": (sum(r["num_prompt_tokens"] for r in ok)  # as the server tokenized them (native client)
+                              if ok and all(r["num_prompt_tokens"] is not None for r in ok) else None),
         "server_num_output_tokens": _delta(before, after, "num_output_tokens"),
         "output_throughput": num_tokens / wall_s,
         "ttft_ms": ms([r["ttft_s"] for r in ok if r["ttft_s"] is not None]),

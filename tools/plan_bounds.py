@@ -3,9 +3,10 @@ bandwidth and matmul peak at 1 and N threads (tools/kernels.py, pinned to that m
 what one forward of each model costs (weights read, FLOPs per position). Used by
 tools/plan_sweep.py, which sets every measured rate against its bound.
 
-With L live rows, k drafts per row, `a` committed tokens per verified row (the mean accepted
-length the plan measured), and per model and thread count t a read time R_t (target) / r_t
-(draft) and a compute time per position C_t / c_t:
+With L live rows, k drafts per verified row (the mean the plan drafted: rows draft fewer near
+their max_tokens), `a` committed tokens per verified row (the mean accepted length the plan
+measured), and per model and thread count t a read time R_t (target) / r_t (draft) and a
+compute time per position C_t / c_t:
 
     ar x t     L / max(R_t, L C_t)
     sd x t     L a / (k max(r_t, L c_t) + max(R_t, (k+1) L C_t))       draft k steps, then verify
@@ -14,6 +15,12 @@ length the plan measured), and per model and thread count t a read time R_t (tar
 
 psd 1+1 gives each worker a core's full bandwidth, which two workers reading at once do not
 get: its bound is the optimistic one. psd on all cores and auto have no bound here.
+
+A load's prompts are work too: with P prompt tokens and T output tokens, the load's bound is
+T / (P x prefill + T / steady), prefill the compute time of a prompt token (a prompt is many
+positions at once: compute-bound; no lm_head, which only runs where logits are wanted): the
+target's for ar; for sd and psd both models prefill, on their own cores at once (x1, 1+1: the
+larger) or in turn on all cores (x2: the sum).
 """
 
 from __future__ import annotations
@@ -52,9 +59,31 @@ def merge(measured: list[dict]) -> dict:
     return {**measured[0], "limits": limits, "measured": [m["limits"] for m in measured]}
 
 
-def plan_bound(name: str, rows: int, num_draft: int, accepted_length: float | None, machine: dict) -> float | None:
-    """Tokens/s the plan `name` ("ar x1", "sd x2", "psd 1+1") cannot exceed with `rows` live
-    rows; None for plans without a bound here (auto, psd on all cores) or with no acceptance."""
+def load_bound(name: str, rows: int, num_draft: float, accepted_length: float | None, machine: dict,
+               num_prompt_tokens: int, num_output_tokens: int) -> float | None:
+    """Output tokens/s the plan cannot exceed on a whole load: its prompts' prefill, then decoding
+    at plan_bound; None where plan_bound has none."""
+    steady = plan_bound(name, rows, num_draft, accepted_length, machine)
+    if steady is None or num_output_tokens <= 0:
+        return steady
+    mode, _, threads = name.partition(" ")
+    t = "1" if threads == "1+1" else threads[1:]
+    lim = machine["limits"][t]
+    target_c = machine["models"]["target"]["flops_per_prompt_token"] / lim["peak_flops"]
+    draft_c = machine["models"]["draft"]["flops_per_prompt_token"] / lim["peak_flops"]
+    if mode == "ar":
+        per_token = target_c
+    elif threads in ("x1", "1+1"):
+        per_token = max(target_c, draft_c)
+    else:
+        per_token = target_c + draft_c
+    return num_output_tokens / (num_prompt_tokens * per_token + num_output_tokens / steady)
+
+
+def plan_bound(name: str, rows: int, num_draft: float, accepted_length: float | None, machine: dict) -> float | None:
+    """Tokens/s the plan `name` ("ar x1", "sd x2", "psd 1+1") cannot exceed while decoding with
+    `rows` live rows; None for plans without a bound here (auto, psd on all cores) or with no
+    acceptance."""
     mode, _, threads = name.partition(" ")
     target, draft = machine["models"]["target"], machine["models"]["draft"]
 

@@ -138,7 +138,9 @@ def analyse(results: dict[str, dict[int, dict]], concurrencies: list[int], machi
     if machine is not None:
         for name, by_c in results.items():
             for c, r in by_c.items():
-                bound = plan_bounds.plan_bound(name, c, r["num_draft"], r["mean_accepted_length"], machine)
+                depth = r["num_drafted"] / r["num_verify_rows"] if r.get("num_verify_rows") else r["num_draft"]
+                bound = plan_bounds.load_bound(name, c, depth, r["mean_accepted_length"], machine,
+                                               r.get("num_prompt_tokens") or 0, r["num_output_tokens"])
                 r["bound_tok_s"] = bound
                 r["share_of_bound"] = r["output_throughput"] / bound if bound else None
     rate = {name: {c: results[name][c]["output_throughput"] for c in concurrencies} for name in results}
@@ -263,3 +265,44 @@ def main(args, running_daemon, warmup_tokens: int) -> int:
     if not is_same:
         print("error: greedy outputs differ between plans", file=sys.stderr)
     return 0 if is_same and not num_failed else 1
+
+
+def reanalyse(path: str, prompts_path: str) -> dict:
+    """A recorded sweep.json set against its bounds again: each load's prompt tokens counted with
+    the config's tokenizer as the server counts them (where the run did not record them; the
+    requests cycle through the prompt file in order, as tools/loadtest.py sends them), the
+    bounds from the limits measured in that run."""
+    import bench_hf
+
+    from minedraft.runtime.config import load_config
+
+    with open(path) as f:
+        report = json.load(f)
+    prompt_ids = bench_hf.tokenize(load_prompts(prompts_path), load_config(report["config"], report["overrides"]))
+    results = {name: {int(c): r for c, r in by_c.items()} for name, by_c in report["results"].items()}
+    for by_c in results.values():
+        for r in by_c.values():
+            if r.get("num_prompt_tokens") is None:
+                r["num_prompt_tokens"] = sum(len(prompt_ids[i % len(prompt_ids)]) for i in range(r["num_requests"]))
+    machine = report["machine"]
+    if any("flops_per_prompt_token" not in m for m in machine["models"].values()):  # a sweep recorded before it
+        machine = {**machine, "models": plan_bounds.measure(report["config"], 1)["models"]}
+    concurrencies = sorted({c for by_c in results.values() for c in by_c})
+    fresh = analyse(results, concurrencies, machine)
+    return {**report, **fresh}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Set a recorded sweep (tools/bench.py --sweep-concurrency) "
+                                     "against its bounds again: python tools/plan_sweep.py --reanalyse out/sweep/sweep.json")
+    parser.add_argument("--reanalyse", required=True, metavar="SWEEP_JSON")
+    parser.add_argument("--prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.jsonl"))
+    parser.add_argument("--out", default="", help="write the report here (default: print only)")
+    cli_args = parser.parse_args()
+    again = reanalyse(cli_args.reanalyse, cli_args.prompts)
+    print(format_report(again))
+    if cli_args.out:
+        with open(cli_args.out, "w") as f:
+            json.dump(again, f, indent=1)
