@@ -6,6 +6,7 @@ Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSO
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, d
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
 from minedraft.workers.frames import FrameBuffers, FrameReceiver, FrameSender
-from minedraft.workers.model.fast_linear import PackedLinear, apply_linear_path
+from minedraft.workers.model.fast_linear import PackedLinear, apply_linear_path, pin_threads
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
@@ -99,11 +100,7 @@ def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> flo
     start = time.perf_counter()
     is_changed = False
     if cpu_cores is not None and set(cpu_cores) != os.sched_getaffinity(0):
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(tid), cpu_cores)
-            except ProcessLookupError:  # a thread that just ended
-                pass
+        pin_threads(cpu_cores)
         is_changed = True
     if num_threads is not None and num_threads != torch.get_num_threads():
         torch.set_num_threads(num_threads)
@@ -156,6 +153,15 @@ def memory_report(model, core, buffers: list) -> dict:
     return report
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc): loading a model frees gigabytes
+    of transient tensors (float32 weights before packing, state dicts) that malloc keeps."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def resident_bytes() -> dict:
     """This process's resident memory by kind (Linux; zeros elsewhere)."""
     keys = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
@@ -171,19 +177,22 @@ def resident_bytes() -> dict:
     return out
 
 
-def linear_thread_counts(config: Config, role: str) -> tuple[int, ...]:
-    """The intra-op thread counts this worker's jobs may run at, for the linear path's timings:
-    its configured count and, under auto on CPU devices, each count a plan may give it (half of
-    the cores the two workers share, the other half, all of them: runtime/plans.py)."""
+def linear_placements(config: Config, role: str) -> dict[int, list[int]]:
+    """{threads: cores} this worker's jobs may run at, for the linear path's timings: its
+    configured count on its cores and, under auto on CPU devices, each count a plan may give it
+    (half of the cores the two workers share, the other half, all of them: runtime/plans.py)."""
     section = config.drafter if role == "drafter" else config.verifier
-    counts = {section.num_threads}
+    own = sorted(os.sched_getaffinity(0))  # place() has pinned the process to its cores
+    placements = {section.num_threads: own}
     if config.scheduler.mode == "auto" and config.drafter.device == "cpu" and config.verifier.device == "cpu":
         if config.drafter.cpu_cores and config.verifier.cpu_cores:
-            num_cores = len(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
+            pool = sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
         else:
-            num_cores = os.cpu_count() or 1
-        counts |= {max(1, num_cores // 2), num_cores - num_cores // 2 or 1, num_cores}
-    return tuple(sorted(counts))
+            pool = list(range(os.cpu_count() or 1))
+        half = max(1, len(pool) // 2)
+        for threads in (half, len(pool) - half or 1, len(pool)):
+            placements.setdefault(threads, own if len(own) >= threads else pool[:threads])
+    return placements
 
 
 def tiny_spec(config: Config, role: str) -> TinySpec:
@@ -232,7 +241,7 @@ class WorkerLoop:
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
         weights = config.model.draft_weights if self.role == "drafter" else "float32"
         linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights,
-                                   linear_thread_counts(config, self.role))
+                                   linear_placements(config, self.role))
         core_cls = Drafter if self.role == "drafter" else Verifier
         self.max_batch = sc.max_batch or batch_from_memory(
             request_bytes(model.config, config, self.role, dtype), memory_budget_bytes(device, sc.kv_cache_memory),
@@ -258,6 +267,7 @@ class WorkerLoop:
         elif save_tokenizer_json(spec, os.path.join(run_dir, "tokenizer.json"), dtype, config.model.cache_dir):
             tokenizer = {"kind": "file", "path": os.path.join(run_dir, "tokenizer.json"),
                          **chat_template_info(resolve_spec(spec, dtype, config.model.cache_dir))}
+        trim_heap()
         self._send(p.ReadyResult(
             self.role, p.PROTOCOL_VERSION, os.getpid(), spec, model.config.vocab_size,
             min(sc.max_len, model.config.max_position_embeddings), list(model.config.eos_token_ids),

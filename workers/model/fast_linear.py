@@ -6,6 +6,7 @@ float32 rounding (the kernel is batch-invariant; see the C++ file)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ PANEL_COLS = 16  # output columns per packed panel (NR in the C++ file)
 MEASURED_ROWS = (1, 5, 16, 40, 80, 256)  # rows M timed per shape at load; M between uses the next bucket up
 MAX_LOGIT_ROWS = 80  # lm_head is timed up to here: it only runs at the positions that need logits
 TIMING_REPEATS = 3  # best of this many calls per (shape, M, path)
+TIMING_VERSION = 3  # in the choice cache's key: 3 = one process at a time, on as many cores as threads
 ONE_COPY_MARGIN = 1.2  # where the kernel is within this of F.linear at every M and thread count, it
 #                        serves them all: one copy of the weight (packed) instead of two
 PLAIN_MARGIN = 1.1  # otherwise F.linear serves an M only where it is this much faster
@@ -171,11 +173,11 @@ class PackedEmbedding(nn.Module):
 
 
 def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weights: str = "float32",
-                      thread_counts: tuple[int, ...] = ()) -> LinearReport:
+                      placements: dict[int, list[int]] | None = None) -> LinearReport:
     """Swap the decoder's nn.Linear modules for PackedLinear where the kernel serves (requested
     "auto": per shape, where timings on this machine say it is faster; "packed": everywhere;
-    "plain": nowhere). Returns what serves which shapes. thread_counts: the intra-op thread
-    counts the model's jobs will run at (auto times each; () = the current one).
+    "plain": nowhere). Returns what serves which shapes. placements: {threads: cores} the model's
+    jobs will run at (auto times each, pinned to those cores; None = as the process is now).
 
     weights = "bfloat16" (for a draft model: its proposals may differ, the output never does)
     stores every linear's weight rounded to bfloat16, half the bytes a step reads: the kernel
@@ -207,7 +209,7 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weight
     if requested == "packed" or weights != "float32":  # F.linear would need a float32 copy of the weights
         choices = {s: {0: [True]} for s in _shapes(decoder)}
     else:
-        choices = _choose(ops, decoder, cache_dir, thread_counts or (torch.get_num_threads(),))
+        choices = _choose(ops, decoder, cache_dir, placements or {torch.get_num_threads(): sorted(os.sched_getaffinity(0))})
     report.choose_s = round(time.monotonic() - start_s, 2)
     _swap(ops, decoder, choices, WEIGHT_DTYPES[weights])
     release_file_views(decoder)
@@ -217,26 +219,20 @@ def apply_linear_path(decoder: nn.Module, requested: str, cache_dir: str, weight
 
 
 def own_memory(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor itself when it owns its storage, else a copy: a view into a larger storage (the
-    whole weights file, as safetensors maps it) would keep all of that storage alive."""
-    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
-        return tensor.clone()
-    return tensor
+    """A copy in memory of its own: the loaded tensor may live in the mapped weights file
+    (safetensors maps it), and one tensor left there keeps the whole mapping resident."""
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
 def release_file_views(decoder: nn.Module) -> None:
-    """Give each parameter and buffer still in the model (norms, biases, untied embeddings) its
-    own memory, so that once the packed panels have replaced the linears nothing refers to the
-    mapped weights file and it is unmapped: the model then holds one copy of each weight."""
+    """Copy each parameter and buffer still in the model (norms, biases, untied embeddings) into
+    memory of its own, so that once the packed panels have replaced the linears nothing refers
+    to the mapped weights file and it is unmapped: the model then holds one copy of each weight."""
     for module in decoder.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            owned = own_memory(param.detach())
-            if owned.data_ptr() != param.data_ptr():
-                setattr(module, name, nn.Parameter(owned, requires_grad=False))
+            setattr(module, name, nn.Parameter(own_memory(param.detach()), requires_grad=False))
         for name, buffer in list(module.named_buffers(recurse=False)):
-            owned = own_memory(buffer)
-            if owned.data_ptr() != buffer.data_ptr():
-                setattr(module, name, owned)
+            setattr(module, name, own_memory(buffer))
 
 
 def _round_weights(decoder: nn.Module, weights: str) -> None:
@@ -330,28 +326,46 @@ def _swap(ops, decoder: nn.Module, choices: dict[str, dict[int, list[bool]]], we
             decoder.model.embed_tokens = PackedEmbedding(packed)
 
 
-def _choose(ops, decoder: nn.Module, cache_dir: str, thread_counts: tuple[int, ...]) -> dict[str, dict[int, list[bool]]]:
+def pin_threads(cores: list[int]) -> None:
+    """Move this process and every thread it has (torch's pool threads keep the mask they were
+    created with) onto `cores`."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that just ended
+            pass
+
+
+def _choose(ops, decoder: nn.Module, cache_dir: str, placements: dict[int, list[int]]) -> dict[str, dict[int, list[bool]]]:
     """Per shape, {threads: is_packed[M]} for M = 0..max(MEASURED_ROWS), from timings of both
-    paths at each thread count (choices_from_timings). The timings are cached per machine,
-    thread count, torch and kernel source."""
+    paths at each thread count, pinned to its cores (choices_from_timings). The timings are
+    cached per machine, thread count, torch and kernel source."""
     cache_path = Path(cache_dir).expanduser() / "kernels" / "choices.json"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
     linears = {_shape_key(m): m for m in decoder.modules() if isinstance(m, nn.Linear)}
     lm_key = _shape_key(decoder.lm_head)
     timings: dict[str, dict[int, dict]] = {key: {} for key in linears}
-    threads_before = torch.get_num_threads()
-    try:
-        for threads in sorted(set(thread_counts)):
-            torch.set_num_threads(threads)
-            machine = _machine_key()
-            cached = _read_json(cache_path).get(machine, {})
-            for key, linear in sorted(linears.items()):
-                if key not in cached:
-                    rows = [m for m in MEASURED_ROWS if key != lm_key or m <= MAX_LOGIT_ROWS]
-                    cached[key] = _time_candidates(ops, linear.weight.detach(), linear.bias, rows)
-                timings[key][threads] = cached[key]
-            _merge_json(cache_path, machine, cached)
-    finally:
-        torch.set_num_threads(threads_before)
+    threads_before, cores_before = torch.get_num_threads(), sorted(os.sched_getaffinity(0))
+    # One process times at a time: the drafter and the verifier start together, and a kernel timed
+    # on every core while the other worker times too waits on a descheduled thread (10x at M = 1),
+    # as it does with more threads than cores (a worker pinned to one core timing two threads: 40x).
+    with open(cache_path.parent / "timing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for threads, cores in sorted(placements.items()):
+                pin_threads(cores)
+                torch.set_num_threads(threads)
+                machine = _machine_key()
+                cached = _read_json(cache_path).get(machine, {})
+                for key, linear in sorted(linears.items()):
+                    if key not in cached:
+                        rows = [m for m in MEASURED_ROWS if key != lm_key or m <= MAX_LOGIT_ROWS]
+                        cached[key] = _time_candidates(ops, linear.weight.detach(), linear.bias, rows)
+                    timings[key][threads] = cached[key]
+                _merge_json(cache_path, machine, cached)
+        finally:
+            pin_threads(cores_before)
+            torch.set_num_threads(threads_before)
     return {key: choices_from_timings(by_threads) for key, by_threads in timings.items()}
 
 
@@ -402,7 +416,7 @@ def _machine_key() -> str:
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "?")
     source = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(KERNEL_FLAGS).encode()).hexdigest()[:12]
     return (f"{model}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
-            f"|torch={torch.__version__}|kernel={source}")
+            f"|torch={torch.__version__}|kernel={source}|timing={TIMING_VERSION}")
 
 
 def _cpuinfo_lines() -> list[str]:
