@@ -341,3 +341,41 @@ def test_config_switch():
     assert load_config(overrides=["model.draft_weights=bfloat16"]).model.draft_weights == "bfloat16"
     with pytest.raises(ConfigError, match="model.draft_weights: expected float32 or bfloat16"):
         load_config(overrides=["model.draft_weights=int8"])
+
+
+@needs_kernel
+def test_packing_releases_the_mapped_weights_file(tmp_path):
+    """Loaded weights live in the weights file safetensors maps; once the panels replace the
+    linears nothing may refer to it, or all of it stays resident beside the panels."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_decoder("tiny-llama")
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or
+             not model.config.tie_word_embeddings}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    model.load_state_dict(load_file(str(path)), strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    gc.collect()
+
+    def is_mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return str(path) in maps.read()
+
+    assert is_mapped()  # the loaded tensors are views of the file
+    x = torch.randint(0, 256, (2, 5))
+    from minedraft.workers.kv_cache import KVCache
+
+    def logits():
+        cache = KVCache(model.config, 2, 16, torch.float32)
+        return model(x, cache, [cache.alloc(), cache.alloc()])
+
+    before = logits()
+    report = apply_linear_path(model, "packed", CACHE_DIR)
+    gc.collect()
+    assert set(report.shapes.values()) == {"packed"}
+    assert not is_mapped()
+    assert (logits() - before).abs().max().item() < 1e-4
