@@ -260,8 +260,9 @@ def test_max_batch_from_kv_cache_memory(tmp_path, greedy_reference):
     import torch
 
     from minedraft.runtime.config import batch_from_memory, load_config
+    from minedraft.workers.memory import memory_budget_bytes, request_bytes
     from minedraft.workers.model.loader import load_decoder
-    from minedraft.workers.process import memory_budget_bytes, request_bytes, tiny_spec
+    from minedraft.workers.process import tiny_spec
 
     share = 1e-4
     config = load_config(TINY, ["scheduler.max_batch=0", f"scheduler.kv_cache_memory={share}", "scheduler.mode=psd"])

@@ -323,6 +323,22 @@ def test_plan_sweep_analysis_finds_the_best_plans_and_auto_against_them():
     assert "concurrency 8:" in text and "c=8 NO" in text and "auto is 2.38x it" in text
 
 
+def test_memory_tool_tiny(tmp_path):
+    """Resident memory against what each worker needs; the tiny models need far less than the
+    interpreter itself, so only a loose --max-ratio passes."""
+    out = tmp_path / "memory.json"
+    done = tool("memory.py", "--config", TINY, "--set", "scheduler.mode=psd", "--max-ratio", "100000", "--out", str(out))
+    rows = {r["role"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"drafter", "verifier"}
+    for r in rows.values():
+        assert r["now"]["rss_anon"] > 0 and r["needed"] > 0 and r["ratio"] == pytest.approx(r["resident"] / r["needed"])
+        assert r["at_ready"]["kv_cache"] > 0 and r["at_ready"]["weights_packed"] + r["at_ready"]["weights_plain"] > 0
+    assert rows["drafter"]["at_ready"]["draft_buffers"] > 0 and rows["verifier"]["at_ready"]["draft_buffers"] == 0
+    strict = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory.py"), "--config", TINY,
+                             "--set", "scheduler.mode=ar"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert strict.returncode == 1 and "verifier" in strict.stdout  # the interpreter alone is over 1.15x
+
+
 def test_step_profile_tiny(tmp_path):
     out = tmp_path / "steps.json"
     done = tool("step_profile.py", "--config", TINY, "--rows", "2,3", "--repeats", "1", "--out", str(out))

@@ -6,10 +6,8 @@ Started by the scheduler as `python -m minedraft.workers.process ROLE CONFIG_JSO
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -25,14 +23,15 @@ from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, d
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter, Row
 from minedraft.workers.frames import FrameBuffers, FrameReceiver, FrameSender
-from minedraft.workers.model.fast_linear import PackedLinear, apply_linear_path, pin_threads
+from minedraft.workers.memory import NUM_DRAFT_BUFFERS, memory_budget_bytes, memory_report, request_bytes, trim_heap
+from minedraft.workers.model.fast_linear import apply_linear_path, pin_threads
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
 from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
 
 log = logging.getLogger("minedraft.worker")
 
-NUM_BATCHES = 2  # one draft buffer per batch id
+NUM_BATCHES = NUM_DRAFT_BUFFERS  # one draft buffer per batch id
 PARENT_CHECK_S = 1.0  # how often an idle worker checks that the scheduler still lives
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -106,75 +105,6 @@ def apply_placement(num_threads: int | None, cpu_cores: list[int] | None) -> flo
         torch.set_num_threads(num_threads)
         is_changed = True
     return time.perf_counter() - start if is_changed else 0.0
-
-
-def request_bytes(model_config, config: Config, role: str, dtype: torch.dtype) -> int:
-    """What one live request costs a worker at scheduler.max_len: its KV-cache slot and, on the
-    drafter, its draft buffer rows (a row per batch buffer, twice under auto's one-batch plans)."""
-    sc = config.scheduler
-    m = model_config
-    element = torch.finfo(dtype).bits // 8
-    kv = m.num_layers * 2 * m.num_kv_heads * sc.max_len * m.head_dim * element
-    if role != "drafter" or sc.mode == "ar":
-        return kv
-    buffer_row = sum(math.prod(shape[1:]) * torch.empty(0, dtype=t).element_size()
-                     for shape, t in draft_buffer_specs(1, sc.max_depth, m.vocab_size).values())
-    rows_per_request = NUM_BATCHES * sc.max_rows(1) // sc.num_batches
-    return kv + rows_per_request * buffer_row
-
-
-def memory_budget_bytes(device: torch.device, share: float) -> int:
-    """share of the device's memory: the host's physical memory, or the GPU's."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(share * total)
-
-
-def memory_report(model, core, buffers: list) -> dict:
-    """What this worker holds, in bytes: the weights (packed panels; plain tensors: norms, biases,
-    embeddings and linears F.linear serves; of those, second copies kept beside panels), its KV
-    cache and draft buffers, against its resident memory (/proc/self/status: anonymous, file
-    mappings, shared memory). other = resident - what is accounted for (the interpreter, torch)."""
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    params = {id(t): t for t in model.parameters()}
-    params.update({id(t): t for m in packed for t in (m.weight, m.bias) if t is not None})
-    report = {
-        "weights_packed": sum(m.packed.nbytes for m in packed),
-        "weights_plain": sum(t.nbytes for t in params.values()),
-        "second_copies": sum(m.plain_bytes for m in packed),
-        "kv_cache": core.cache.data.nbytes,
-        "draft_buffers": sum(t.nbytes for b in buffers for t in b.tensors.values()),
-        **resident_bytes(),
-    }
-    accounted = report["weights_packed"] + report["weights_plain"] + report["kv_cache"] + report["draft_buffers"]
-    report["other"] = report["rss_anon"] + report["rss_file"] + report["rss_shmem"] - accounted
-    return report
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc): loading a model frees gigabytes
-    of transient tensors (float32 weights before packing, state dicts) that malloc keeps."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def resident_bytes() -> dict:
-    """This process's resident memory by kind (Linux; zeros elsewhere)."""
-    keys = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
-    out = dict.fromkeys(keys.values(), 0)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in keys:
-                    out[keys[name]] = int(value.split()[0]) * 1024  # kB
-    except OSError:
-        pass
-    return out
 
 
 def linear_placements(config: Config, role: str) -> dict[int, list[int]]:
