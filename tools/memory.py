@@ -20,30 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import running_daemon  # noqa: E402
 
 from minedraft.runtime.client import Client  # noqa: E402
-
-KINDS = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
-
-
-def resident_of(pid: int) -> dict | None:
-    """A local process's resident memory by kind, in bytes; None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    out = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name in KINDS:
-            out[KINDS[name]] = int(value.split()[0]) * 1024
-    return out
-
+from minedraft.workers.memory import resident_bytes  # noqa: E402
 
 def measure(status: dict) -> list[dict]:
     rows = []
     for role, memory in sorted((status.get("memory") or {}).items()):
         pid = status["worker_pids"].get(role)
-        now = resident_of(pid) if pid else None
+        now = resident_bytes(pid) if pid else {}
+        now = now if any(now.values()) else None  # not local, or gone: what it reported when ready
         resident = now or memory
         needed = memory["weights_packed"] + memory["weights_plain"] + memory["kv_cache"] + memory["draft_buffers"]
         total = resident["rss_anon"] + resident["rss_file"] + resident["rss_shmem"]

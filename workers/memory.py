@@ -71,12 +71,12 @@ def trim_heap() -> None:
         pass
 
 
-def resident_bytes() -> dict:
-    """This process's resident memory by kind (Linux; zeros elsewhere)."""
+def resident_bytes(pid: int | str = "self") -> dict:
+    """A local process's resident memory by kind (Linux; zeros where /proc cannot be read)."""
     keys = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
     out = dict.fromkeys(keys.values(), 0)
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 name, _, value = line.partition(":")
                 if name in keys:

@@ -128,8 +128,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = ops.pack(linear.weight.detach().to(weight_dtype).contiguous())  # [P, K, 16]
         self.bias = None if linear.bias is None else own_memory(linear.bias.detach())  # [N]
-        self.by_threads = is_packed if isinstance(is_packed, dict) else {0: is_packed}
-        self.is_packed = is_packed if isinstance(is_packed, list) else None  # one choice for every thread count
+        self.by_threads = is_packed if isinstance(is_packed, dict) else {0: is_packed}  # one entry: every count
         is_all_packed = all(all(choice) for choice in self.by_threads.values())
         self.weight = None if is_all_packed else own_memory(linear.weight.detach())  # [N, K], for F.linear
 
@@ -139,8 +138,8 @@ class PackedLinear(nn.Module):
         return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
 
     def choice(self) -> list[bool]:
-        if self.is_packed is not None:
-            return self.is_packed
+        if len(self.by_threads) == 1:
+            return next(iter(self.by_threads.values()))
         threads = torch.get_num_threads()
         return self.by_threads[min(self.by_threads, key=lambda t: (abs(t - threads), t))]
 
@@ -319,8 +318,7 @@ def _swap(ops, decoder: nn.Module, choices: dict[str, dict[int, list[bool]]], we
             continue
         owner_name, _, child = name.rpartition(".")
         owner = decoder.get_submodule(owner_name) if owner_name else decoder
-        packed = PackedLinear(ops, module, by_threads if len(by_threads) > 1 else next(iter(by_threads.values())),
-                              weight_dtype)
+        packed = PackedLinear(ops, module, by_threads, weight_dtype)
         setattr(owner, child, packed)
         if module is lm_head and is_tied:
             decoder.model.embed_tokens = PackedEmbedding(packed)
@@ -346,9 +344,9 @@ def _choose(ops, decoder: nn.Module, cache_dir: str, placements: dict[int, list[
     lm_key = _shape_key(decoder.lm_head)
     timings: dict[str, dict[int, dict]] = {key: {} for key in linears}
     threads_before, cores_before = torch.get_num_threads(), sorted(os.sched_getaffinity(0))
-    # One process times at a time: the drafter and the verifier start together, and a kernel timed
-    # on every core while the other worker times too waits on a descheduled thread (10x at M = 1),
-    # as it does with more threads than cores (a worker pinned to one core timing two threads: 40x).
+    # Each count is timed on as many cores as threads (a worker pinned to its one core timed its
+    # 2-thread kernel 2-44x slow at M = 1: a thread waits for the other to be scheduled), and one
+    # process at a time: the drafter and the verifier start together on the same cores.
     with open(cache_path.parent / "timing.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
