@@ -119,7 +119,7 @@ def test_bench_hf_mode_variants():
 
 def test_kernels_tool_tiny(tmp_path):
     out = tmp_path / "kernels.json"
-    done = tool("kernels.py", "--models", "tiny-qwen2", "--rows", "1,5", "--repeats", "2", "--passes", "2", "--out", str(out))
+    done = tool("kernel_bench.py", "--models", "tiny-qwen2", "--rows", "1,5", "--repeats", "2", "--passes", "2", "--out", str(out))
     report = json.loads(out.read_text())
     (limits,) = report["limits"]
     assert limits["threads"] == 1 and limits["read_bytes_per_s"] > 1e8 and limits["peak_flops"] > 1e8
@@ -156,7 +156,7 @@ def test_kernels_tool_tiny(tmp_path):
 
 
 def test_kernels_times_short_calls_as_the_mean_of_a_burst(monkeypatch):
-    kernels = load_tool("kernels")
+    kernels = load_tool("kernel_bench")
     assert kernels.burst_calls(1.0) == 1 and kernels.burst_calls(kernels.BURST_S) == 1
     assert kernels.burst_calls(kernels.BURST_S / 4) == 4
     assert kernels.burst_calls(1e-9) == kernels.MAX_BURST_CALLS
@@ -432,3 +432,18 @@ def test_router_overhead_and_frames_cost_tools(tmp_path):
     cost = json.loads((tmp_path / "frames.json").read_text())
     header = cost["bytes_per_message"] - 2 * 3 * 8 - 2 * 3 * 512 * 4  # tokens and distributions of 2 sampled rows
     assert 0 < header < 200 and cost["transfer_ms"] > 0 and cost["memcpy_ms"] > 0
+
+
+def test_no_tool_shadows_an_installed_module():
+    """tools/ is on sys.path whenever a tool runs (a script's folder comes first) and after
+    load_tool here, so a tool named like a module the environment has would be imported in its
+    place: transformers 5.25 imports the `kernels` package, which tools/kernels.py once shadowed
+    (CI: 117 errors). Every tool's name must be free in the standard library and site-packages."""
+    import importlib.machinery
+
+    tools = os.path.join(ROOT, "tools")
+    outside = [p for p in sys.path if p and os.path.abspath(p) not in (tools, ROOT)]
+    names = sorted(f[:-3] for f in os.listdir(tools) if f.endswith(".py"))
+    assert names, tools
+    taken = [n for n in names if n in sys.stdlib_module_names or importlib.machinery.PathFinder.find_spec(n, outside)]
+    assert not taken, f"tools named like installed modules: {taken}"

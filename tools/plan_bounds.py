@@ -1,5 +1,5 @@
 """Each fixed plan's physical bound at a load, from limits measured in the same run: the read
-bandwidth and matmul peak at 1 and N threads (tools/kernels.py, pinned to that many cores) and
+bandwidth and matmul peak at 1 and N threads (tools/kernel_bench.py, pinned to that many cores) and
 what one forward of each model costs (weights read, FLOPs per position). Used by
 tools/plan_sweep.py, which sets every measured rate against its bound.
 
@@ -37,10 +37,10 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 def measure(config: str, num_threads: int, overrides: list[str] = ()) -> dict:
     """{"limits": {threads: {read_bytes_per_s, peak_flops}}, "models": {target, draft costs}} from
-    one tools/kernels.py run in its own process (it pins itself to num_threads cores)."""
+    one tools/kernel_bench.py run in its own process (it pins itself to num_threads cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "limits.json")
-        command = [sys.executable, os.path.join(TOOLS, "kernels.py"), "--config", config, "--skip-linears",
+        command = [sys.executable, os.path.join(TOOLS, "kernel_bench.py"), "--config", config, "--skip-linears",
                    "--skip-forwards", "--costs", "--threads", str(num_threads), "--out", out]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

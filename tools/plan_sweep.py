@@ -98,7 +98,7 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
             raise ValueError(f"--sweep-plans: unknown {sorted(unknown)}; choose from {[p['name'] for p in plans]}")
         plans = [p for p in plans if p["name"] in args.sweep_plans]
     num_cores = len(os.sched_getaffinity(0))
-    print("measuring the machine's limits (tools/kernels.py)", file=sys.stderr, flush=True)
+    print("measuring the machine's limits (tools/kernel_bench.py)", file=sys.stderr, flush=True)
     measured = [plan_bounds.measure(args.config, num_cores)]
     results: dict[str, dict[int, dict]] = {}
     for number, plan in enumerate(plans, 1):

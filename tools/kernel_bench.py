@@ -3,9 +3,9 @@ thread count, every linear shape of a model at small M for each implementation, 
 forwards (rows x positions) on the plain and the packed linear path. Every time is printed next
 to its bound, max(bytes / bandwidth, FLOPs / peak), as a ratio. Table on stdout, JSON to --out.
 
-    python tools/kernels.py --config default              # the Qwen pair (prepared weights)
-    python tools/kernels.py --models tiny-qwen2 --rows 1,5,16
-    python tools/kernels.py --models random-qwen2.5-coder-1.5b --skip-forwards
+    python tools/kernel_bench.py --config default              # the Qwen pair (prepared weights)
+    python tools/kernel_bench.py --models tiny-qwen2 --rows 1,5,16
+    python tools/kernel_bench.py --models random-qwen2.5-coder-1.5b --skip-forwards
 
 Runs pinned to the first --threads cores of this process's affinity. Implementations: plain
 (F.linear, MKL), packed (our small-M kernel, workers/model/csrc), onednn (oneDNN linear with
