@@ -19,7 +19,12 @@ and how many drafted positions of the batch the verifier checks (capacity C, TET
   drafting beyond the verify time is lost: the optimum sits where they meet, as the paper
   says, with a margin so that jitter in either job does not leave the verifier waiting).
 
-Pure Python and no IO: the scheduler core feeds it observations and asks for a plan.
+Every fit, forecast and decision is for one execution plan's FitKey (its mode and each
+worker's thread count), which the caller passes: the scheduler core's planner holds the plan in
+force, and the budget keeps no copy of it. Calls without a key use the configured mode on
+unplaced threads (a fixed mode; tests).
+
+Pure Python and no IO: the scheduler core feeds it observations and asks for a step's budget.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 WARMUP_STEPS = 6  # steps at the fixed plan's neighbours before the fits are trusted
 EXPLORE_EVERY = 8  # every n-th adaptive step drafts one deeper or shallower than the best plan
@@ -171,8 +177,19 @@ class AcceptanceFit:
         return self.curve()[self.bin_of(score)]
 
 
+class FitKey(NamedTuple):
+    """Which cost fits a job feeds and a forecast uses: the plan's mode and each worker's
+    thread count (0: not placed, a fixed mode or a GPU)."""
+
+    mode: str
+    drafter_threads: int = 0
+    verifier_threads: int = 0
+
+
 @dataclass(frozen=True)
-class Plan:
+class StepBudget:
+    """One step's draft budget for a batch: how deep to draft and how many positions to verify."""
+
     depth: int  # drafts per row (capped by each row's room)
     capacity: int | None  # positions of the batch to verify; None = every drafted one
     predicted_tokens_per_s: float | None = None  # the adaptive model's forecast for this plan
@@ -182,7 +199,9 @@ class Plan:
 
 class DraftBudget:
     def __init__(self, mode: str, policy: str, num_draft: int, extra_draft: int, is_predicting: bool | None = None):
-        self.mode, self.policy = mode, policy
+        """mode: the configured one; calls without a FitKey use it, unplaced."""
+        self.default_key = FitKey(mode)
+        self.policy = policy
         self.num_draft, self.extra_draft = num_draft, extra_draft
         self.max_depth = num_draft + extra_draft
         # One cost fit per (worker thread count, whether the other worker runs alongside): an auto
@@ -192,13 +211,12 @@ class DraftBudget:
         # Fixed modes use thread count 0 throughout.
         self.draft_costs: dict[tuple[int, bool], CostFit] = {}
         self.verify_costs: dict[tuple[int, bool], CostFit] = {}
-        self.threads = (0, 0)  # (drafter, verifier) thread counts of the plan in force: the fits in use
         self.acceptance = AcceptanceFit()
         self.recent_scores: deque[list[float]] = deque(maxlen=SCORE_ROWS)
         self.num_steps = 0
         self.num_off = 0  # steps without speculation since the last probe
         self.probe_every = PROBE_EVERY
-        self.last_plan = Plan(self.max_depth, None)
+        self.last_plan = StepBudget(self.max_depth, None)
         self.predicted_ema: float | None = None
         # forecasts from the fits: the adaptive policy needs them, and auto plans forecast a fixed budget too
         self.is_predicting = policy == "adaptive" if is_predicting is None else is_predicting
@@ -218,38 +236,36 @@ class DraftBudget:
 
     @property
     def draft_cost(self) -> CostFit:
-        return self.draft_fit(self.threads[0], self.mode)
+        """The draft fit of the configured mode, unplaced (a fixed mode's only one)."""
+        return self.draft_fit(self.default_key.drafter_threads, self.default_key.mode)
 
     @property
     def verify_cost(self) -> CostFit:
-        return self.verify_fit(self.threads[1], self.mode)
+        """The verify fit of the configured mode, unplaced (a fixed mode's only one)."""
+        return self.verify_fit(self.default_key.verifier_threads, self.default_key.mode)
 
-    @property
-    def overhead_s(self) -> float:
-        return self.overheads.get(self.mode, 0.0)
-
-    def use(self, mode: str, drafter_threads: int, verifier_threads: int) -> None:
-        """The auto plan in force: its mode's step-time formula and its thread counts' fits."""
-        self.mode, self.threads = mode, (drafter_threads, verifier_threads)
+    def overhead_s(self, mode: str) -> float:
+        return self.overheads.get(mode, 0.0)
 
     # --- observations -------------------------------------------------------------------------
 
-    def observe_draft(self, rows: int, depth: int, duration_s: float, threads: int | None = None,
-                      mode: str | None = None) -> None:
+    def observe_draft(self, rows: int, depth: int, duration_s: float, key: FitKey | None = None) -> None:
         """A draft job of `rows` rows drafting `depth` tokens deep (a steady-state job: no prompt),
-        run with `threads` threads in `mode` (default: the plan's). Jobs with nothing to draft
+        run under `key`'s mode with its drafter thread count. Jobs with nothing to draft
         count too: a step without speculation still pays their round trip."""
-        fit = self.draft_fit(self.threads[0] if threads is None else threads, mode or self.mode)
+        key = key or self.default_key
+        fit = self.draft_fit(key.drafter_threads, key.mode)
         fit.add((1.0, float(depth), float(rows * depth)), duration_s)
 
     def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0,
-                       threads: int | None = None, mode: str | None = None) -> None:
+                       key: FitKey | None = None) -> None:
         """A verify job feeding `positions` positions in all (one per row plus its kept drafts),
         during which the drafter was busy for drafter_overlap_s."""
-        fit = self.verify_fit(self.threads[1] if threads is None else threads, mode or self.mode)
+        key = key or self.default_key
+        fit = self.verify_fit(key.verifier_threads, key.mode)
         fit.add((1.0, float(positions), float(drafter_overlap_s)), duration_s)
 
-    def observe_step(self, period_s: float, plan: Plan) -> None:
+    def observe_step(self, period_s: float, plan: StepBudget, mode: str) -> None:
         """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd
         and ar: the verifier's jobs): what it took beyond the fits' prediction is the step's
         overhead (messaging, the scheduler's own work), which every plan of the mode pays once
@@ -257,7 +273,7 @@ class DraftBudget:
         if plan.predicted_step_s is None or period_s > 3 * plan.predicted_step_s + 0.05:
             return
         residual = max(0.0, period_s - plan.predicted_step_s)
-        self.overheads[self.mode] = 0.9 * self.overhead_s + 0.1 * residual
+        self.overheads[mode] = 0.9 * self.overhead_s(mode) + 0.1 * residual
 
     def observe_scores(self, scores: list[list[float]]) -> None:
         for row in scores:
@@ -269,42 +285,44 @@ class DraftBudget:
 
     # --- decisions ----------------------------------------------------------------------------
 
-    def plan(self, rooms: list[int]) -> Plan:
-        """The plan for a batch whose rows can take rooms[i] more drafts this step."""
+    def plan(self, rooms: list[int], key: FitKey | None = None) -> StepBudget:
+        """The budget for a batch whose rows can take rooms[i] more drafts this step, under
+        the execution plan `key`."""
+        key = key or self.default_key
         self.num_steps += 1
         if self.policy == "fixed":
             capacity = sum(min(self.num_draft, r) for r in rooms) if self.extra_draft else None
-            self.last_plan = Plan(self.max_depth, capacity)
-            if self.is_predicting and self.is_fitted(self.mode, *self.threads):  # auto: forecast it too
-                forecast = self.predict(self.mode, rooms, *self.threads)
-                self.last_plan = Plan(self.max_depth, capacity, forecast.predicted_tokens_per_s, "fixed",
+            self.last_plan = StepBudget(self.max_depth, capacity)
+            if self.is_predicting and self.is_fitted(*key):  # auto: forecast it too
+                forecast = self.predict(key.mode, rooms, key.drafter_threads, key.verifier_threads)
+                self.last_plan = StepBudget(self.max_depth, capacity, forecast.predicted_tokens_per_s, "fixed",
                                       forecast.predicted_step_s)
             return self.last_plan
         if not any(rooms):  # every row is at its last token: nothing to draft
-            self.last_plan = Plan(0, 0, None, "no room")
+            self.last_plan = StepBudget(0, 0, None, "no room")
             return self.last_plan
-        if self.num_steps <= WARMUP_STEPS or not self.is_fitted(self.mode, *self.threads):
+        if self.num_steps <= WARMUP_STEPS or not self.is_fitted(*key):
             # Vary the depth so both fits see more than one point; verify all that is drafted.
             depths = (self.num_draft, self.max_depth, max(1, self.num_draft // 2))
-            self.last_plan = Plan(depths[self.num_steps % len(depths)], None, None, "warmup")
+            self.last_plan = StepBudget(depths[self.num_steps % len(depths)], None, None, "warmup")
             return self.last_plan
-        best = self.best_plan(rooms)
+        best = self.best_plan(rooms, key=key)
         plan = best
         if best.depth == 0:
             self.num_off += 1
             if self.num_off >= self.probe_every:
                 self.num_off = 0
                 self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
-                plan = self.best_plan(rooms, depths=[1], min_capacity=sum(min(1, r) for r in rooms))
-                plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe", plan.predicted_step_s)
+                plan = self.best_plan(rooms, depths=[1], min_capacity=sum(min(1, r) for r in rooms), key=key)
+                plan = StepBudget(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "probe", plan.predicted_step_s)
         else:
             self.num_off, self.probe_every = 0, PROBE_EVERY
             if self.num_steps % EXPLORE_EVERY == 0:
                 step = 1 if (self.num_steps // EXPLORE_EVERY) % 2 else -1
                 depth = min(self.max_depth, max(1, best.depth + step))
                 if depth != best.depth:
-                    plan = self.best_plan(rooms, depths=[depth])
-                    plan = Plan(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "explore", plan.predicted_step_s)
+                    plan = self.best_plan(rooms, depths=[depth], key=key)
+                    plan = StepBudget(plan.depth, plan.capacity, plan.predicted_tokens_per_s, "explore", plan.predicted_step_s)
         if best.predicted_tokens_per_s is not None:
             rate = best.predicted_tokens_per_s
             self.predicted_ema = rate if self.predicted_ema is None else 0.9 * self.predicted_ema + 0.1 * rate
@@ -312,11 +330,13 @@ class DraftBudget:
         return plan
 
     def best_plan(self, rooms: list[int], depths: list[int] | None = None, min_capacity: int = 0,
-                  capacity: int | None = None) -> Plan:
-        """The (depth, capacity) with the highest predicted committed tokens per second, for the
-        mode and thread counts in force (`use`); `capacity` fixes it (at most what is drafted)."""
+                  capacity: int | None = None, key: FitKey | None = None) -> StepBudget:
+        """The (depth, capacity) with the highest predicted committed tokens per second under
+        the execution plan `key`; `capacity` fixes it (at most what is drafted)."""
+        mode, drafter_threads, verifier_threads = key or self.default_key
         rows = len(rooms)
-        draft_fit, verify_fit = self.draft_cost, self.verify_cost
+        draft_fit, verify_fit = self.draft_fit(drafter_threads, mode), self.verify_fit(verifier_threads, mode)
+        overhead_s = self.overhead_s(mode)
         best = None
         for depth in depths if depths is not None else range(0, self.max_depth + 1):
             limit = sum(min(depth, r) for r in rooms)
@@ -327,16 +347,16 @@ class DraftBudget:
                 if depth and c == 0:
                     continue  # drafting for nothing: never better than depth 0
                 t_verify = verify_fit.predict((1.0, float(rows + c), 0.0))
-                if self.mode == "psd":  # the drafter works through (part of) this verify
+                if mode == "psd":  # the drafter works through (part of) this verify
                     t_verify = verify_fit.predict((1.0, float(rows + c), min(t_draft, t_verify)))
-                t_step = t_draft + t_verify if self.mode == "sd" else max(t_draft / HIDDEN_SHARE, t_verify)
-                rate = (rows + gains[c]) / max(t_step + self.overhead_s, 1e-9)
+                t_step = t_draft + t_verify if mode == "sd" else max(t_draft / HIDDEN_SHARE, t_verify)
+                rate = (rows + gains[c]) / max(t_step + overhead_s, 1e-9)
                 if best is None or rate > best[0] * (1 + 1e-9):
                     best = (rate, depth, c, t_step)
         if best is None:  # no room to draft at the depths asked: plain decoding
-            return Plan(0, 0, None, "no room")
+            return StepBudget(0, 0, None, "no room")
         rate, depth, c, t_step = best
-        return Plan(depth, c, rate, "best", t_step)
+        return StepBudget(depth, c, rate, "best", t_step)
 
     def is_fitted(self, mode: str, drafter_threads: int, verifier_threads: int) -> bool:
         """Whether the fits a plan needs have seen enough jobs to predict it."""
@@ -346,23 +366,19 @@ class DraftBudget:
         is_verify_fitted = count(self.verify_costs, verifier_threads) >= MIN_FIT_OBSERVATIONS
         return is_verify_fitted and (mode == "ar" or count(self.draft_costs, drafter_threads) >= MIN_FIT_OBSERVATIONS)
 
-    def predict(self, mode: str, rooms: list[int], drafter_threads: int, verifier_threads: int) -> Plan:
+    def predict(self, mode: str, rooms: list[int], drafter_threads: int, verifier_threads: int) -> StepBudget:
         """The forecast for one step of a batch with `rooms` under a plan (mode, thread counts):
         the budget's own choice of (depth, capacity) for it, with its predicted tokens/s and
         step time. ar has no drafter: rows / (verify of the rows + the mode's overhead)."""
-        saved = self.mode, self.threads
-        self.use(mode, drafter_threads, verifier_threads)
-        try:
-            rows = len(rooms)
-            if mode == "ar" or not any(rooms):
-                t_verify = self.verify_cost.predict((1.0, float(rows), 0.0))
-                return Plan(0, 0, rows / max(t_verify + self.overhead_s, 1e-9), mode, t_verify)
-            if self.policy == "adaptive":
-                return self.best_plan(rooms)
-            fixed = sum(min(self.num_draft if self.extra_draft else self.max_depth, r) for r in rooms)
-            return self.best_plan(rooms, depths=[self.max_depth], capacity=fixed)
-        finally:
-            self.mode, self.threads = saved
+        key = FitKey(mode, drafter_threads, verifier_threads)
+        rows = len(rooms)
+        if mode == "ar" or not any(rooms):
+            t_verify = self.verify_fit(verifier_threads, mode).predict((1.0, float(rows), 0.0))
+            return StepBudget(0, 0, rows / max(t_verify + self.overhead_s(mode), 1e-9), mode, t_verify)
+        if self.policy == "adaptive":
+            return self.best_plan(rooms, key=key)
+        fixed = sum(min(self.num_draft if self.extra_draft else self.max_depth, r) for r in rooms)
+        return self.best_plan(rooms, depths=[self.max_depth], capacity=fixed, key=key)
 
     def _expected_gains(self, depth: int, rows: int, limit: int) -> list[float]:
         """Prefix sums of g over the best positions the batch would draft at `depth`, estimated
@@ -385,15 +401,17 @@ class DraftBudget:
         # the c best positions of `rows` rows ~ the c / scale best of the sample, times scale
         return [scale * prefix[min(len(values), round(c / scale))] if scale else 0.0 for c in range(limit + 1)]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, key: FitKey | None = None) -> dict:
+        """The budget as status shows it, with the fits of the execution plan `key` (in force)."""
+        mode, drafter_threads, verifier_threads = key or self.default_key
         out = {"policy": self.policy, "depth": self.last_plan.depth, "capacity": self.last_plan.capacity,
                "reason": self.last_plan.reason}
         if self.is_predicting:
             out.update({
                 "predicted_tokens_per_s": self.predicted_ema,
-                "step_overhead_s": self.overhead_s,
-                "draft_time_s": self.draft_cost.to_dict(),
-                "verify_time_s": self.verify_cost.to_dict(),
+                "step_overhead_s": self.overhead_s(mode),
+                "draft_time_s": self.draft_fit(drafter_threads, mode).to_dict(),
+                "verify_time_s": self.verify_fit(verifier_threads, mode).to_dict(),
                 "acceptance_by_draft_prob": {f">={edge}": round(g, 4)
                                              for edge, g in zip(BIN_EDGES, self.acceptance.curve())},
                 "num_acceptance_observations": self.acceptance.num_observations,
@@ -403,6 +421,15 @@ class DraftBudget:
                 out["verify_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.verify_costs.items())}
                 out["step_overhead_s_by_mode"] = dict(self.overheads)
         return out
+
+
+def make_budget(scheduler) -> DraftBudget | None:
+    """The draft budget of a config's scheduler section: none without a drafter (ar). auto
+    chooses its plans from measured costs, so it feeds and uses the fits whatever the policy."""
+    if not scheduler.speculates:
+        return None
+    return DraftBudget(scheduler.mode, scheduler.draft_policy, scheduler.num_draft, scheduler.extra_draft,
+                       is_predicting=scheduler.draft_policy == "adaptive" or scheduler.is_auto)
 
 
 def _key_name(key: tuple[int, bool]) -> str:

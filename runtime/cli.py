@@ -20,7 +20,7 @@ import sys
 import time
 
 from minedraft.runtime.client import Client, RequestError
-from minedraft.runtime.config import (
+from minedraft.common.config import (
     API_KEY_ENV, MODES, ConfigError, config_to_dict, format_config, load_config, resolve_run_dir, user_run_root,
 )
 from minedraft.runtime.metrics import format_memory

@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from minedraft.runtime import protocol as p
+from minedraft.common import protocol as p
 from minedraft.runtime.validation import validate_generate
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7475"

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from minedraft.runtime.config import Config, parse_listen
+from minedraft.common.config import Config, parse_listen
 
 log = logging.getLogger("minedraft.http")
 LISTEN_BACKLOG = 1024

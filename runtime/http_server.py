@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from minedraft.runtime import openai_api as api
 from minedraft.runtime.chat_template import ChatTemplateError, render_chat
 from minedraft.runtime.client import AsyncClient, RequestError
-from minedraft.runtime.config import Config, api_key, config_from_dict
+from minedraft.common.config import Config, api_key, config_from_dict
 from minedraft.runtime.http_front_end import bind_listener, listen_url
 from minedraft.runtime.http_metrics import HttpMetrics
 

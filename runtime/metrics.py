@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from minedraft.common.protocol import ROLES
+
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 MAX_INTERVALS = 512  # recent busy intervals kept per worker
 
@@ -12,7 +14,7 @@ class Metrics:
     def __init__(self, clock):
         self.clock = clock
         self.start_s = clock()
-        self.busy_s = {"drafter": 0.0, "verifier": 0.0}
+        self.busy_s = {role: 0.0 for role in ROLES}
         self.intervals = {role: deque(maxlen=MAX_INTERVALS) for role in self.busy_s}
         self.jobs: deque[dict] = deque(maxlen=2 * MAX_INTERVALS)  # recent jobs of both workers, with their sizes
         self.num_jobs = {role: 0 for role in self.busy_s}  # draft / verify jobs answered (steps)

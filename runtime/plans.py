@@ -15,16 +15,22 @@ A "wide" job takes every core only while the other worker is idle, and while it 
 worker gets no job, so cores are never oversubscribed. On CUDA devices the candidates are ar, sd
 and psd, and no job carries threads.
 
-Pure Python, no IO: the scheduler core asks for the plan each step.
+A fixed mode is a planner too (FixedPlan: one plan, never changed), so the scheduler core
+always asks its planner at a step boundary and never tests which kind it has; the planner's
+`current` plan is the one holder of the mode in force. What each mode does with a step is its
+step policy's (runtime/policies.py).
+
+Pure Python, no IO: the scheduler core asks for the plan each step (the pool of cores comes from
+common/config.cpu_pool).
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from minedraft.runtime.budget import DraftBudget
+from minedraft.common.protocol import DRAFTER
+from minedraft.runtime.budget import DraftBudget, FitKey
 
 SWITCH_MARGIN = 0.08  # another plan must be predicted this much faster ...
 CONFIRM_STEPS = 3  # ... for this many steps in a row ...
@@ -73,15 +79,38 @@ class ExecPlan:
     def num_batches(self) -> int:
         return 2 if self.mode == "psd" else 1
 
+    @property
+    def fit_key(self) -> FitKey:
+        return FitKey(self.mode, *self.threads)
 
-def cpu_pool(config) -> list[int] | None:
-    """The cores the two workers share when both run on the CPU (their configured cores, or
-    every core this process may use when either is unpinned); None when either is on a GPU."""
-    if config.drafter.device != "cpu" or config.verifier.device != "cpu":
+    def placement(self, role: str) -> Placement:
+        return self.drafter if role == DRAFTER else self.verifier
+
+
+class FixedPlan:
+    """The planner of a fixed mode (ar, sd or psd): one plan, never changed, no placements."""
+
+    def __init__(self, mode: str):
+        self.current = ExecPlan(mode)
+        self.plans = [self.current]
+        self.configured_mode = mode
+
+    def choose(self, rooms: list[int]) -> ExecPlan:
+        return self.current
+
+    def note_positions(self, key: FitKey, positions: int) -> None:
+        pass
+
+    def to_dict(self) -> dict | None:
         return None
-    if config.drafter.cpu_cores and config.verifier.cpu_cores:
-        return sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
-    return sorted(os.sched_getaffinity(0))
+
+
+def make_planner(scheduler, cpu_cores: list[int] | None, budget: DraftBudget | None):
+    """scheduler: the config's scheduler section. auto: a PlanChooser over every candidate plan
+    (`cpu_cores`: the pool the workers share, None on GPUs); else the fixed mode's FixedPlan."""
+    if scheduler.is_auto:
+        return PlanChooser(candidate_plans(cpu_cores), budget, scheduler.plan_rotate_steps)
+    return FixedPlan(scheduler.mode)
 
 
 def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
@@ -123,12 +152,12 @@ class PlanChooser:
         self.num_steps = 0
         self.num_rows = 0  # live requests at the last decision
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
-        budget.use(self.current.mode, *self.current.threads)
+        self.configured_mode = "auto"
 
-    def note_positions(self, threads: int, mode: str, positions: int) -> None:
+    def note_positions(self, key: FitKey, positions: int) -> None:
         """A steady verify's size, so forecasts far beyond what its fit has seen can be re-probed."""
-        key = (threads, mode == "psd")
-        self.seen_positions[key] = max(self.seen_positions.get(key, 0.0), float(positions))
+        seen = (key.verifier_threads, key.mode == "psd")
+        self.seen_positions[seen] = max(self.seen_positions.get(seen, 0.0), float(positions))
 
     def choose(self, rooms: list[int]) -> ExecPlan:
         """The plan for the next step; rooms: how many drafts each live request can still take."""
@@ -195,7 +224,6 @@ class PlanChooser:
                                   "to": plan.name, "reason": reason,
                                   "forecast": {name: round(rate, 3) for name, rate in self.forecast.items()}})
             self.current = plan
-            self.budget.use(plan.mode, *plan.threads)
         self.reason, self.steps_in_plan = reason, 0
         self.challenger, self.num_confirm = None, 0
         return plan

@@ -1,7 +1,7 @@
 """The Ray backend of a replica's workers (cluster.backend = "ray"): the drafter and the
 verifier run as Ray actors where their resources are, one placement group per replica, and
 talk to the scheduler over the same ZeroMQ messages as local workers, on tcp:// sockets under
-CURVE with keys made for each start (runtime/curve.py). Ray places and watches the processes;
+CURVE with keys made for each start (common/curve.py). Ray places and watches the processes;
 it never carries a job, a result or a draft.
 
 Start-up, without blocking the scheduler's loop (a replica restarting must not hold up the
@@ -27,10 +27,11 @@ import time
 
 import zmq
 
-from minedraft.runtime import curve as cv
-from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, config_to_dict
-from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
+from minedraft.common import curve as cv
+from minedraft.common import protocol as p
+from minedraft.common.config import Config, config_to_dict
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.runtime.worker_pool import StartupError, WorkerPool
 
 log = logging.getLogger("minedraft.ray")
 LIVENESS_CHECK_S = 0.1  # how often a worker actor's run call is checked (ray.wait costs ~0.1 ms)
@@ -74,7 +75,7 @@ class WorkerActor:
 
     def run(self, role: str, config: dict, jobs_endpoint: str, results_endpoint: str, drafts_endpoint: str | None,
             keys: dict[str, str]) -> int:
-        from minedraft.runtime.config import config_from_dict
+        from minedraft.common.config import config_from_dict
         from minedraft.workers.process import run_remote_worker
 
         try:

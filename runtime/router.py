@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from minedraft.runtime.scheduler import SchedulerCore
 
+# States of a replica (starting -> serving -> restarting -> serving, or dead) and of the daemon
+# (starting -> serving -> stopping, or dead once every replica is); status reports them as is.
+STARTING, SERVING, RESTARTING, STOPPING, DEAD = "starting", "serving", "restarting", "stopping", "dead"
+
 # Core status fields that add up across replicas; the rates derived from them are recomputed.
 _SUMMED = ("num_waiting", "num_running", "num_output_tokens", "output_tokens_per_s", "num_draft_tokens",
            "num_drafted", "num_accepted", "num_verify_rows", "num_prefill_jobs", "num_draft_frame_bytes")
@@ -21,18 +25,18 @@ class Replica:
     index: int
     pool: object  # WorkerPool or RayWorkerPool: the same interface
     core: SchedulerCore | None = None  # made once its workers are ready
-    state: str = "starting"  # starting -> serving -> dead (workers gone and not restarted)
+    state: str = STARTING  # starting -> serving -> dead (workers gone and not restarted)
     dead_reason: str | None = None
     num_restarts: int = 0
     num_routed: int = 0  # requests sent to it
 
     @property
     def is_live(self) -> bool:
-        return self.state == "serving"
+        return self.state == SERVING
 
     @property
     def num_in_flight(self) -> int:
-        return len(self.core.requests) if self.core is not None else 0
+        return self.core.num_live if self.core is not None else 0
 
 
 def choose_replica(replicas: list[Replica]) -> Replica | None:

@@ -17,13 +17,16 @@ from collections import deque
 import msgpack
 import zmq
 
-from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
+from minedraft.common import protocol as p
+from minedraft.common.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
 from minedraft.runtime.http_front_end import HttpFrontEnd
-from minedraft.runtime.router import Replica, choose_replica, merge_core_status
+from minedraft.runtime.router import (
+    DEAD, RESTARTING, SERVING, STARTING, STOPPING, Replica, choose_replica, merge_core_status,
+)
 from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import chat_template, make_tokenizer
-from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.runtime.worker_pool import StartupError, WorkerPool
 
 log = logging.getLogger("minedraft.server")
 POLL_MS = 50
@@ -59,7 +62,7 @@ class Server:
         self.run_dir = run_dir
         self.context = zmq.Context()
         self.replicas: list[Replica] = []  # made by start (joining a Ray cluster can fail)
-        self.state = "starting"  # starting -> serving -> stopping | dead (every replica dead)
+        self.state = STARTING  # starting -> serving -> stopping | dead (every replica dead)
         self.dead_reason: str | None = None
         self.dead_since_s = 0.0
         self.exit_code = 0
@@ -97,7 +100,7 @@ class Server:
             while not replica.pool.poll_start():
                 replica.pool.recv_from_workers.poll(POLL_MS)
             self._on_replica_started(replica)
-        self.state = "serving"
+        self.state = SERVING
         if self.http is not None:
             self.http.spawn()
 
@@ -112,7 +115,7 @@ class Server:
         else:
             replica.num_restarts += 1
             log.info("replica %d: workers restarted (restart %d)", replica.index, replica.num_restarts)
-        replica.state = "serving"
+        replica.state = SERVING
 
     def _enable_curve(self, curve_dir: str) -> None:
         """CURVE encryption and authentication: only clients whose public key is in
@@ -131,7 +134,7 @@ class Server:
 
     def serve(self) -> int:
         while True:
-            sockets = [self.frontend] + [r.pool.recv_from_workers for r in self.replicas if r.state != "dead"]
+            sockets = [self.frontend] + [r.pool.recv_from_workers for r in self.replicas if r.state != DEAD]
             if all(sock.poll(0) == 0 for sock in sockets):  # a dead replica's stopped pool has no sockets
                 zmq.select(sockets, [], [], POLL_MS / 1000)
             if self.is_term_requested:
@@ -141,20 +144,20 @@ class Server:
                 self._step_replica(replica)
             self._on_client_frames()
             for replica in self.replicas:
-                if replica.is_live and self.state in ("serving", "stopping"):
+                if replica.is_live and self.state in (SERVING, STOPPING):
                     for role, job in replica.core.next_jobs():
                         replica.pool.send(role, job)
-            self._flush_outputs()
+            self.flush_outputs()
             if self.http is not None:
                 self.http.check()
-            if self.state == "stopping" and not any(r.num_in_flight for r in self.replicas):
+            if self.state == STOPPING and not any(r.num_in_flight for r in self.replicas):
                 return 0
-            if self.state == "dead" and time.monotonic() - self.dead_since_s >= self.config.server.dead_linger_s:
+            if self.state == DEAD and time.monotonic() - self.dead_since_s >= self.config.server.dead_linger_s:
                 return 1
 
     def _step_replica(self, replica: Replica) -> None:
         """Take its workers' messages and check their health; advance a restart."""
-        if replica.state == "restarting":
+        if replica.state == RESTARTING:
             try:
                 if replica.pool.poll_start():
                     self._on_replica_started(replica)
@@ -186,14 +189,14 @@ class Server:
             reason = f"replica {replica.index}: {reason}"
         log.error("runtime dead: %s", reason)
         replica.core.abort_all("runtime_dead", f"runtime dead: {reason}")
-        self._flush_outputs()
+        self.flush_outputs()
         replica.pool.stop()
         replica.core.reset_workers()  # the new workers hold nothing; requests may queue meanwhile
         replica.dead_reason = reason
-        if self.config.scheduler.restart_workers and self.state != "stopping":
+        if self.config.scheduler.restart_workers and self.state != STOPPING:
             try:
                 replica.pool.begin_start()
-                replica.state = "restarting"
+                replica.state = RESTARTING
                 return
             except Exception as exc:  # StartupError, or the Ray cluster failing under the restart
                 log.exception("replica %d: restart failed", replica.index)
@@ -204,9 +207,9 @@ class Server:
     def _on_replica_dead(self, replica: Replica, reason: str) -> None:
         log.error("%s", reason)
         replica.core.abort_all("runtime_dead", f"runtime dead: {reason}")  # requests queued during a restart
-        replica.state, replica.dead_reason = "dead", reason
-        if all(r.state == "dead" for r in self.replicas):
-            self.state, self.dead_since_s = "dead", time.monotonic()
+        replica.state, replica.dead_reason = DEAD, reason
+        if all(r.state == DEAD for r in self.replicas):
+            self.state, self.dead_since_s = DEAD, time.monotonic()
             self.dead_reason = "; ".join(r.dead_reason for r in self.replicas)
 
     def _on_client_frames(self) -> None:
@@ -236,12 +239,12 @@ class Server:
 
     def _on_client_message(self, client_id: bytes, message) -> None:
         if isinstance(message, p.GenerateRequest):
-            if self.state == "dead":
+            if self.state == DEAD:
                 self._reply(client_id, p.ErrorOutput(message.request_id, "runtime_dead",
                                                      f"runtime dead: {self.dead_reason}"))
-            elif self.state == "stopping":
+            elif self.state == STOPPING:
                 self._reply(client_id, p.ErrorOutput(message.request_id, "shutting_down", "the runtime is stopping"))
-            elif any(message.request_id in r.core.requests for r in self.replicas):
+            elif any(r.core is not None and r.core.has_request(message.request_id) for r in self.replicas):
                 self._reply(client_id, p.ErrorOutput(message.request_id, "invalid_request",
                                                      f"request_id: {message.request_id!r} is already in use"))
             else:
@@ -262,7 +265,7 @@ class Server:
         way), the restarting one with the fewest, where the request waits for its workers."""
         replica = choose_replica(self.replicas)
         if replica is None:
-            restarting = [r for r in self.replicas if r.state == "restarting"]
+            restarting = [r for r in self.replicas if r.state == RESTARTING]
             replica = min(restarting, key=lambda r: (r.num_in_flight, r.index))
         return replica
 
@@ -270,16 +273,17 @@ class Server:
         """Abort in-flight requests (finish reason "shutdown"); the loop ends once they are gone."""
         num_aborted = 0
         for replica in self.replicas:
-            num_aborted += replica.num_in_flight
-            for request_id in list(replica.core.requests):
-                replica.core.abort(request_id, "shutdown")
-        if self.state != "dead":
-            self.state = "stopping"
+            if replica.core is not None:
+                num_aborted += replica.core.abort_every("shutdown")
+        if self.state != DEAD:
+            self.state = STOPPING
         return num_aborted
 
     # --- outputs ----------------------------------------------------------------------------
 
-    def _flush_outputs(self) -> None:
+    def flush_outputs(self) -> None:
+        """Send every reply and core output queued so far, in order per client; a client that
+        stops reading past server.client_timeout_s, or disconnects, is dropped."""
         now = time.monotonic()
         outputs, self.outputs = self.outputs, []
         for replica in self.replicas:
@@ -357,7 +361,7 @@ class Server:
         return {
             "index": replica.index,
             "state": replica.state,
-            "dead_reason": replica.dead_reason if replica.state != "serving" else None,
+            "dead_reason": replica.dead_reason if replica.state != SERVING else None,
             "num_in_flight": replica.num_in_flight,
             "num_routed": replica.num_routed,
             "num_restarts": replica.num_restarts,
@@ -443,7 +447,7 @@ def run_scheduler_process(config: Config, run_dir: str) -> int:
                 if replica.core is not None:
                     replica.core.abort_all("runtime_dead",
                                            f"runtime dead: scheduler error: {type(exc).__name__}: {exc}")
-            server._flush_outputs()
+            server.flush_outputs()
         except Exception:
             log.exception("could not tell clients that the scheduler failed")
     finally:

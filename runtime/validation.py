@@ -1,5 +1,7 @@
-"""Validation of client requests (run in the client and again in the scheduler): returns a
-message naming the bad field, never raises on bad input. Pure Python."""
+"""Validation of client requests: returns a message naming the bad field, never raises on bad
+input. The daemon runs it once, where a request enters (SchedulerCore.add_request, with the
+runtime's limits); the client runs the same function before sending, without limits, only so
+that a caller's mistake fails at once. Pure Python."""
 
 from __future__ import annotations
 

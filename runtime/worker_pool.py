@@ -13,17 +13,16 @@ import subprocess
 import sys
 import time
 
-import _posixshmem
 import zmq
 
-from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, draft_transport
+from minedraft.common import protocol as p
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.common.config import Config, draft_transport
 from minedraft.runtime.metrics import format_memory
 
 log = logging.getLogger("minedraft.workers")
 POLL_MS = 100
 EXIT_WAIT_S = 5.0
-DRAFTER, VERIFIER = "drafter", "verifier"
 
 
 class StartupError(RuntimeError):
@@ -35,7 +34,7 @@ class WorkerPool:
         self.config = config
         self.run_dir = run_dir
         self.context = context
-        self.roles = [VERIFIER] if config.scheduler.mode == "ar" else [DRAFTER, VERIFIER]
+        self.roles = [DRAFTER, VERIFIER] if config.scheduler.speculates else [VERIFIER]
         self.generation = 0
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: dict[str, p.ReadyResult] = {}
@@ -277,10 +276,11 @@ def connect_mismatch(handles: list[dict], result: p.ConnectResult) -> str | None
 
 
 def unlink_segments(handles: list[dict]) -> None:
-    """Remove the CPU shared-memory segments named in buffer handles, if they still exist."""
+    """Remove the CPU shared-memory segments named in buffer handles, if they still exist
+    (POSIX shared memory is the files of /dev/shm on Linux)."""
     for handle in handles:
         if handle.get("kind") == "shm":
             try:
-                _posixshmem.shm_unlink("/" + handle["name"].lstrip("/"))
+                os.unlink(os.path.join("/dev/shm", os.path.basename(handle["name"])))
             except FileNotFoundError:
                 pass

@@ -52,7 +52,8 @@ def reference_outputs(requests, mode: str = "ar", noise: float = 0.003, draft_de
     """In-process engine on the same tiny models as configs/tiny.toml (no process, no shared
     buffer). Sampled rows draw from generators on their model's device, so compare a daemon with
     the reference on the same devices."""
-    from minedraft.workers.engine import Engine, EngineRequest
+    from minedraft.common.request import Request
+    from minedraft.workers.engine import Engine
     from minedraft.workers.model.loader import TinySpec, load_decoder
     from minedraft.workers.sampling import SamplingParams
     import torch
@@ -63,5 +64,5 @@ def reference_outputs(requests, mode: str = "ar", noise: float = 0.003, draft_de
     engine = Engine(target, draft, mode=mode, num_draft=4, max_batch=8, max_len=512)
     for r in requests:
         params = SamplingParams(r["temperature"], 0, 1.0, r.get("seed", 0))
-        engine.add_request(EngineRequest(r["request_id"], r["prompt_ids"], r["max_tokens"], params))
+        engine.add_request(Request(r["request_id"], r["prompt_ids"], r["max_tokens"], params))
     return {rid: req.output_ids for rid, req in engine.run().items()}

@@ -29,9 +29,8 @@ from collections import Counter
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
-from minedraft.workers.transfer import to_device
+from minedraft.workers.model.transfer import to_device
 
 _MARK = "_sync_audit_on_device"
 _READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
@@ -39,6 +38,17 @@ _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "repeat_interleave", "a
 _FACTORIES_FROM_DATA = {"tensor", "as_tensor"}
 _IGNORED = {"__get__", "__set__", "dim", "size", "__len__", "numel", "is_floating_point", "data_ptr",
             "element_size", "stride", "storage_offset", "is_contiguous", "__repr__", "__format__"}
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor in nested lists, tuples and dicts (what torch functions take and return)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
 
 
 def mark_device(*tensors: torch.Tensor) -> None:
@@ -103,7 +113,7 @@ class SyncAudit(TorchFunctionMode):
         result = func(*args, **kwargs)
         if name in _IGNORED:
             return result
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = tensors_in((args, kwargs))
         on_device = [is_device(t) for t in tensors]
         is_result_device = any(on_device)
         if name in _READS and tensors and is_device(args[0]):
@@ -142,7 +152,6 @@ class SyncAudit(TorchFunctionMode):
         if isinstance(result, torch.Tensor) and tensors and result is args[0] and is_result_device != is_device(result):
             result = result.detach()  # .to() / .cpu() of a CPU tensor return it as is: keep the two apart
         if is_result_device:
-            for tensor in tree_flatten(result)[0]:
-                if isinstance(tensor, torch.Tensor):
-                    mark_device(tensor)
+            for tensor in tensors_in(result):
+                mark_device(tensor)
         return result

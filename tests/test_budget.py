@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from minedraft.runtime.budget import AcceptanceFit, CostFit, DraftBudget
-from minedraft.runtime.config import load_config
-from minedraft.runtime.protocol import (
+from minedraft.common.config import load_config
+from minedraft.common.protocol import (
     DraftJob, DraftResult, GenerateRequest, PrefillJob, PrefillResult, VerifyJob, VerifyResult,
 )
-from minedraft.runtime.scheduler import DRAFTER, VERIFIER, SchedulerCore
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import ByteTokenizer
-from minedraft.workers.drafter import Drafter, Row, select_positions
+from minedraft.common.protocol import JobRow
+from minedraft.workers.drafter import Drafter, select_positions
 
 # ---------------------------------------------------------------- selection
 
@@ -66,7 +68,7 @@ def test_drafter_scores_are_the_cumulative_draft_log_probs_and_selection_keeps_d
     for capacity in (None, 5):
         drafter = Drafter(model, max_slots=4, max_len=64, max_draft=6, dtype=torch.float32)
         tokens, probs = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, 512)
-        rows = [Row(f"r{i}", p, 6, i, params[i]) for i, p in enumerate(prompts)]
+        rows = [JobRow(f"r{i}", p, 6, i, params[i]) for i, p in enumerate(prompts)]
         outcomes.append(drafter.draft(rows, tokens, probs, capacity))
         drafts.append((tokens.clone(), probs.clone()))
     (tokens, probs), (full, tetris) = drafts[0], outcomes
@@ -219,7 +221,7 @@ def simulate(mode: str, model: Model, num_requests: int, num_steps: int = 40) ->
 
 def chosen_vs_best(s: SchedulerCore, mode: str, model: Model) -> tuple[float, float, tuple]:
     batch = s.batches[0]
-    rooms = [s._room(r) for r in batch.requests]
+    rooms = [r.room(s.max_len) for r in batch.requests]
     probs = [model.probs[int(r.request_id[1:]) % len(model.probs)] for r in batch.requests]
     plan = s.budget.best_plan(rooms)
     best = model.best_rate(mode, probs, rooms, s.max_depth)

@@ -16,8 +16,8 @@ import msgpack
 import pytest
 import torch
 
-from minedraft.runtime import protocol as p
-from minedraft.runtime.config import load_config
+from minedraft.common import protocol as p
+from minedraft.common.config import load_config
 from minedraft.workers import buffers as shared
 from minedraft.workers.buffers import (
     SharedBuffers, check_ipc_allocator, device_index_for_uuid, draft_buffer_specs, ipc_allocation_settings,

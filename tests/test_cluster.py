@@ -204,7 +204,7 @@ def test_two_replicas_serve_lose_a_verifier_and_come_back(tmp_path, ray_cluster)
 def test_ray_backend_refuses_cuda_drafts_between_actors_before_joining(tmp_path):
     """Ray gives each actor only its own GPUs, so CUDA IPC cannot attach and frames are CPU-only:
     the start fails at once with the reason, before joining any cluster."""
-    from minedraft.runtime.config import load_config
+    from minedraft.common.config import load_config
     from minedraft.runtime.ray_pool import RayWorkerPool
     from minedraft.runtime.worker_pool import StartupError
 
@@ -230,7 +230,7 @@ def test_start_without_ray_says_what_to_install(tmp_path, monkeypatch, capsys):
 def test_more_replicas_than_the_cluster_holds_fail_at_once(tmp_path, ray_cluster):
     """5 replicas need 5 drafter_host where the cluster has 4: refused before any actor is made,
     with what is needed and what there is."""
-    from minedraft.runtime.config import load_config
+    from minedraft.common.config import load_config
     from minedraft.runtime.ray_pool import RayWorkerPool
     from minedraft.runtime.worker_pool import StartupError
 

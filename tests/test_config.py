@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minedraft.runtime.config import (
+from minedraft.common.config import (
     Config, ConfigError, ModelSection, SchedulerSection, WorkerSection, config_from_dict,
     config_to_dict, default_run_dir, format_config, load_config, resolve_config_path,
     resolve_run_dir,
@@ -95,10 +95,10 @@ def test_overrides_of_each_type():
 @pytest.mark.parametrize("text, expected", [("true", True), ("1", True), ("Yes", True),
                                             ("false", False), ("0", False), ("no", False)])
 def test_bool_override_words(text, expected):
-    from minedraft.runtime.config import _parse_text
-    assert _parse_text("x.y", bool, text) is expected
+    from minedraft.common.config import parse_text
+    assert parse_text("x.y", bool, text) is expected
     with pytest.raises(ConfigError, match="x.y: expected bool, got 'maybe'"):
-        _parse_text("x.y", bool, "maybe")
+        parse_text("x.y", bool, "maybe")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -214,12 +214,12 @@ def test_run_dirs():
 
 
 def test_config_module_does_not_import_torch():
-    code = "import minedraft.runtime.config, sys; assert 'torch' not in sys.modules"
+    code = "import minedraft.common.config, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_batch_from_memory():
-    from minedraft.runtime.config import MAX_BATCH_FROM_MEMORY, batch_from_memory
+    from minedraft.common.config import MAX_BATCH_FROM_MEMORY, batch_from_memory
 
     assert batch_from_memory(request_bytes=100, budget_bytes=1000, num_batches=2) == 5
     assert batch_from_memory(request_bytes=100, budget_bytes=1000, num_batches=1) == 10

@@ -5,7 +5,8 @@ with requests joining mid-run; per-request counters."""
 import pytest
 import torch
 
-from minedraft.workers.engine import Engine, EngineRequest
+from minedraft.common.request import Request
+from minedraft.workers.engine import Engine
 from minedraft.workers.model.config import VocabMismatchError
 from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
 from minedraft.workers.sampling import SamplingParams
@@ -31,17 +32,17 @@ def draft_model(kind: str):
     return decoder_from_hf(tiny_hf_model("tiny-qwen2", TinySpec(seed=7)))  # unrelated, same vocab
 
 
-def make_requests(n: int = 10) -> list[EngineRequest]:
+def make_requests(n: int = 10) -> list[Request]:
     gen = torch.Generator().manual_seed(1234)
     requests = []
     for i in range(n):
         prompt_len = 1 + 7 * i % 23
         prompt = torch.randint(0, 256, (prompt_len,), generator=gen).tolist()
-        requests.append(EngineRequest(f"r{i}", prompt, max_tokens=5 + 9 * i % 31))
+        requests.append(Request(f"r{i}", prompt, max_tokens=5 + 9 * i % 31))
     return requests
 
 
-def run_engine(target, draft, mode: str, requests: list[EngineRequest], num_draft: int = 4) -> dict:
+def run_engine(target, draft, mode: str, requests: list[Request], num_draft: int = 4) -> dict:
     engine = Engine(target, draft, mode=mode, num_draft=num_draft, max_batch=6, max_len=128)
     for r in requests[:6]:
         engine.add_request(r)
@@ -52,7 +53,7 @@ def run_engine(target, draft, mode: str, requests: list[EngineRequest], num_draf
     return engine.run()
 
 
-def hf_greedy(model, request: EngineRequest) -> list[int]:
+def hf_greedy(model, request: Request) -> list[int]:
     ids = torch.tensor([request.prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens,
                          do_sample=False, eos_token_id=model.config.eos_token_id, pad_token_id=0)
@@ -112,21 +113,21 @@ def test_sampled_output_independent_of_batch(target):
     """A seeded request samples the same tokens alone or in a full batch."""
     draft = draft_model("noisy")
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=42)
-    alone = EngineRequest("x", [1, 2, 3, 4], 24, params)
+    alone = Request("x", [1, 2, 3, 4], 24, params)
     alone_out = run_engine(target, draft, "sd", [alone])["x"].output_ids
     crowd = make_requests(8)
     for r in crowd:
         r.params = SamplingParams(temperature=0.8, seed=int(r.request_id[1:]) + 100)
-    crowd.insert(2, EngineRequest("x", [1, 2, 3, 4], 24, params))
+    crowd.insert(2, Request("x", [1, 2, 3, 4], 24, params))
     assert run_engine(target, draft, "sd", crowd)["x"].output_ids == alone_out
 
 
 def test_bad_requests(target):
     engine = Engine(target, None, mode="ar", max_len=32)
     with pytest.raises(ValueError, match="empty prompt"):
-        engine.add_request(EngineRequest("a", [], 4))
+        engine.add_request(Request("a", [], 4))
     with pytest.raises(ValueError, match="max_len"):
-        engine.add_request(EngineRequest("b", [1] * 30, 4))
+        engine.add_request(Request("b", [1] * 30, 4))
     with pytest.raises(ValueError, match="needs a draft model"):
         Engine(target, None, mode="sd")
     other_vocab = decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(vocab_size=600)))

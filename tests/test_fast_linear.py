@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minedraft.runtime.config import ConfigError, load_config
-from minedraft.workers.engine import Engine, EngineRequest
+from minedraft.common.config import ConfigError, load_config
+from minedraft.common.request import Request
+from minedraft.workers.engine import Engine
 from minedraft.workers.model import fast_linear
 from minedraft.workers.model.fast_linear import (
     PackedEmbedding, PackedLinear, apply_linear_path, choice_from_timings, choices_from_timings, describe_choice,
@@ -270,7 +271,7 @@ def test_choice_follows_the_thread_count(ops):
 @needs_kernel
 def test_decoder_rows_equal_at_one_and_two_threads():
     """The packed path's logits are bit-identical at 1 and 2 threads and alone or in a batch."""
-    from minedraft.workers.kv_cache import KVCache
+    from minedraft.workers.model.kv_cache import KVCache
 
     model = tiny_decoder("tiny-qwen2")
     apply_linear_path(model, "packed", CACHE_DIR)
@@ -319,7 +320,7 @@ def test_engine_greedy_on_packed_path_equals_transformers(mode):
         apply_linear_path(draft, "packed", CACHE_DIR, weights="bfloat16" if mode == "sd-bf16-draft" else "float32")
         mode = "sd"
     gen = torch.Generator().manual_seed(5)
-    requests = [EngineRequest(f"r{i}", torch.randint(0, 256, (1 + 5 * i,), generator=gen).tolist(), 6 + 3 * i)
+    requests = [Request(f"r{i}", torch.randint(0, 256, (1 + 5 * i,), generator=gen).tolist(), 6 + 3 * i)
                 for i in range(6)]
     engine = Engine(target, draft, mode=mode, num_draft=4, max_batch=4, max_len=128)
     for r in requests:
@@ -367,7 +368,7 @@ def test_packing_releases_the_mapped_weights_file(tmp_path):
 
     assert is_mapped()  # the loaded tensors are views of the file
     x = torch.randint(0, 256, (2, 5))
-    from minedraft.workers.kv_cache import KVCache
+    from minedraft.workers.model.kv_cache import KVCache
 
     def logits():
         cache = KVCache(model.config, 2, 16, torch.float32)

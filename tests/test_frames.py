@@ -112,7 +112,7 @@ def test_frames_over_tcp_reach_only_the_workers_key():
     """Across hosts the drafts socket is a CURVE server on tcp://: the verifier holding this
     start's worker key receives the drafts byte-exact; a peer that knows the server's public key
     but holds another key pair gets nothing, and neither does one without CURVE."""
-    from minedraft.runtime import curve as cv
+    from minedraft.common import curve as cv
 
     keys = cv.new_worker_keys()
     context = zmq.Context()

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from minedraft.workers.buffers import SharedBuffers
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model.config import ModelConfig
 from minedraft.workers.model.loader import load_decoder, save_tokenizer_json
 from minedraft.workers.model.shapes import RANDOM_MODELS, random_decoder

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model import ModelConfig
 
 CONFIG = ModelConfig(

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model import (
     ModelConfig,
     ModelError,

@@ -7,7 +7,7 @@ weights."""
 import pytest
 import torch
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model import TINY_ARCHS, TinySpec, decoder_from_hf, tiny_hf_model
 from minedraft.workers.model.fast_linear import apply_linear_path, kernel_unavailable_reason
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from minedraft.runtime import openai_api as api
-from minedraft.runtime import protocol as p
+from minedraft.common import protocol as p
 from minedraft.runtime.chat_template import ChatTemplateError, render_chat
 from minedraft.runtime.client import RequestError, make_request
 from minedraft.runtime.http_server import OpenAIServer, build_app
@@ -207,7 +207,7 @@ def test_out_of_range_numbers_and_deep_json_name_their_problem():
 
 
 def test_http_config_checks_and_masks_the_key(monkeypatch):
-    from minedraft.runtime.config import ConfigError, format_config, load_config
+    from minedraft.common.config import ConfigError, format_config, load_config
 
     monkeypatch.delenv("MINEDRAFT_API_KEY", raising=False)
     assert load_config(overrides=["server.http=127.0.0.1:0"]).server.http == "127.0.0.1:0"

@@ -10,12 +10,13 @@ import random
 
 import pytest
 
-from minedraft.runtime.config import load_config
+from minedraft.common.config import load_config
 from minedraft.runtime.plans import ExecPlan, Placement, candidate_plans
-from minedraft.runtime.protocol import (
+from minedraft.common.protocol import (
     DraftJob, DraftResult, GenerateRequest, PrefillJob, PrefillResult, VerifyJob, VerifyResult,
 )
-from minedraft.runtime.scheduler import DRAFTER, SchedulerCore
+from minedraft.common.protocol import DRAFTER
+from minedraft.runtime.scheduler import SchedulerCore
 from minedraft.runtime.tokenizer import ByteTokenizer
 from minedraft.workers.drafter import select_positions
 

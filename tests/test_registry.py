@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model import ModelError, TinySpec, load_decoder, save_tokenizer_json, tiny_hf_model
 from minedraft.workers.model import loader, registry
 from minedraft.workers.model.registry import KnownModel, prepare_model

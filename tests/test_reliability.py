@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zmq
 
-from minedraft.runtime import protocol as p
+from minedraft.common import protocol as p
 from minedraft.runtime.client import AsyncClient, Client, RequestError, make_request
 from tests.runtime_utils import ROOT, cli, daemon_args, running_daemon, status
 

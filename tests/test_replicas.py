@@ -16,7 +16,7 @@ from tests.test_runtime import run_load, workload
 
 class FakeCore:
     def __init__(self, num_requests: int):
-        self.requests = {f"r{i}": None for i in range(num_requests)}
+        self.num_live = num_requests  # what the router reads of a core: requests waiting or running
 
 
 def replica(index: int, in_flight: int, state: str = "serving", routed: int = 0) -> Replica:

@@ -149,8 +149,10 @@ def test_streaming_text_and_stop_string(tmp_path):
 
 def test_min_tokens_equals_the_reference_engine(tmp_path):
     """No stop token (EOS included) ends a request before min_tokens: the daemon's greedy tokens
-    equal the in-process engine's, whose stop check is its own."""
-    from minedraft.workers.engine import Engine, EngineRequest
+    equal the in-process engine's, and (independently of the commit both share,
+    common/request.py) end at the first stop id past min_tokens of the free-running output."""
+    from minedraft.common.request import Request
+    from minedraft.workers.engine import Engine
     from minedraft.workers.model.loader import TinySpec, load_decoder
     import torch
 
@@ -163,7 +165,7 @@ def test_min_tokens_equals_the_reference_engine(tmp_path):
                    for n in (0, min_tokens, 40)}
     engine = Engine(load_decoder("tiny-llama", torch.float32, tiny=TinySpec(seed=0)), mode="ar", max_len=512)
     for n in got:
-        engine.add_request(EngineRequest(f"m{n}", prompt, 40, stop_token_ids=tuple(stop_ids), min_tokens=n))
+        engine.add_request(Request(f"m{n}", prompt, 40, stop_token_ids=tuple(stop_ids), min_tokens=n))
     expected = {int(rid[1:]): r.output_ids for rid, r in engine.run().items()}
     assert {n: c.token_ids for n, c in got.items()} == expected
     assert got[0].token_ids == ids[: ids.index(stop_ids[0]) + 1]
@@ -218,7 +220,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
 
 def test_scheduler_client_cli_import_without_torch():
     code = ("import sys; import minedraft.runtime.scheduler, minedraft.runtime.server, "
-            "minedraft.runtime.client, minedraft.runtime.cli, minedraft.runtime.protocol; "
+            "minedraft.runtime.client, minedraft.runtime.cli, minedraft.common.protocol; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -259,7 +261,7 @@ def test_max_batch_from_kv_cache_memory(tmp_path, greedy_reference):
     takes the smaller, and the daemon serves as before."""
     import torch
 
-    from minedraft.runtime.config import batch_from_memory, load_config
+    from minedraft.common.config import batch_from_memory, load_config
     from minedraft.workers.memory import memory_budget_bytes, request_bytes
     from minedraft.workers.model.loader import load_decoder
     from minedraft.workers.process import tiny_spec

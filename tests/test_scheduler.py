@@ -3,11 +3,12 @@ drafter drafts it, and the verify then sends only what the verifier has not seen
 
 import pytest
 
-from minedraft.runtime.config import load_config
-from minedraft.runtime.protocol import (
+from minedraft.common.config import load_config
+from minedraft.common.protocol import (
     DraftJob, DraftResult, GenerateRequest, PrefillJob, PrefillResult, VerifyJob, VerifyResult,
 )
-from minedraft.runtime.scheduler import DRAFTER, MIN_PREFILL_TOKENS, VERIFIER, SchedulerCore
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.runtime.scheduler import MIN_PREFILL_TOKENS, SchedulerCore
 from minedraft.runtime.tokenizer import ByteTokenizer
 
 

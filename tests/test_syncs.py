@@ -6,10 +6,11 @@ sampled rows, prompts and drafts. Also checks that the audit itself sees the syn
 import pytest
 import torch
 
-from minedraft.workers.drafter import Drafter, Row
+from minedraft.common.protocol import JobRow
+from minedraft.workers.drafter import Drafter
 from minedraft.workers.model.loader import TinySpec, load_decoder
 from minedraft.workers.sampling import SamplingParams
-from minedraft.workers.transfer import to_device
+from minedraft.workers.model.transfer import to_device
 from minedraft.workers.verifier import Verifier
 from tests.sync_audit import SyncAudit, mark_device
 
@@ -45,19 +46,19 @@ def _run_steps(drafter, verifier, tokens, probs, params: list[SamplingParams], n
     sent = {"drafter": [0] * len(params), "verifier": [0] * len(params)}
     jobs = []
 
-    def rows(role: str) -> list[Row]:
+    def rows(role: str) -> list[JobRow]:
         out = []
         for i, p in enumerate(params):
             start = sent[role][i]
             sent[role][i] = len(committed[i])
-            out.append(Row(f"r{i}", committed[i][start:], K - (i % 2), i, p if start == 0 else None))
+            out.append(JobRow(f"r{i}", committed[i][start:], K - (i % 2), i, p if start == 0 else None))
         return out
 
     for _ in range(num_steps):
         with SyncAudit() as audit:
             outcome = drafter.draft(rows("drafter"), tokens, probs, capacity)
         jobs.append(("draft", audit.total + BUFFER_SYNCS_PER_JOB, audit.events))
-        draft_rows = [Row(r.request_id, r.new_tokens, kept, r.buffer_row, r.params)
+        draft_rows = [JobRow(r.request_id, r.new_tokens, kept, r.buffer_row, r.params)
                       for r, kept in zip(rows("verifier"), outcome.num_kept)]
         with SyncAudit() as audit:
             emitted = verifier.verify(draft_rows, tokens, probs)
@@ -80,7 +81,7 @@ def test_each_job_syncs_at_most_twice(case):
 
 def test_prefill_job_syncs_at_most_once():
     drafter, verifier, tokens, probs = _cores()
-    rows = [Row(f"r{i}", list(range(1, 6 + 4 * i)), 0, i, SamplingParams()) for i in range(3)]
+    rows = [JobRow(f"r{i}", list(range(1, 6 + 4 * i)), 0, i, SamplingParams()) for i in range(3)]
     with SyncAudit() as audit:
         verifier.prefill(rows)
     assert audit.total <= 1, audit.events

@@ -12,10 +12,11 @@ import time
 import pytest
 import zmq
 
-from minedraft.runtime import protocol as p
+from minedraft.common import protocol as p
 from minedraft.runtime import worker_pool
-from minedraft.runtime.config import load_config
-from minedraft.runtime.worker_pool import DRAFTER, VERIFIER, StartupError, WorkerPool, connect_mismatch
+from minedraft.common.config import load_config
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.runtime.worker_pool import StartupError, WorkerPool, connect_mismatch
 
 UUID_A = "0a1b2c3d-0000-1111-2222-333344445555"
 UUID_B = "9f8e7d6c-0000-1111-2222-333344445555"

@@ -21,7 +21,7 @@ together as <out>/timeline.png (--timeline-s seconds from the middle of the reco
 --sweep-concurrency runs every fixed plan (ar, sd, psd at one thread per worker and on all cores)
 and auto at each concurrency instead (tools/plan_sweep.py: sweep.json, sweep.png).
 At temperature 0 in float32 a greedy difference between modes is an error (exit 1); in bfloat16
-the match rate is reported instead (DESIGN.md section 5). Failed requests also make the exit
+the match rate is reported instead (docs/design.md section 5). Failed requests also make the exit
 status 1.
 """
 
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loadtest import DEFAULT_PROMPTS, load_prompts, run_loadtest  # noqa: E402
 
 from minedraft.runtime.client import Client  # noqa: E402
-from minedraft.runtime.config import ConfigError, load_config  # noqa: E402
+from minedraft.common.config import ConfigError, load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("ar", "sd", "psd", "sd-2t", "sd-tetris", "psd-tetris", "sd-adaptive", "psd-adaptive")
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"(first difference at output token {d['first_diff_at']})")
                 status = 1
             else:
-                print(f"  ({dtype}: near-ties may flip between batch shapes; DESIGN.md section 5)")
+                print(f"  ({dtype}: near-ties may flip between batch shapes; docs/design.md section 5)")
     elif args.temperature != 0:
         print("greedy check skipped (temperature > 0)")
     num_failed = sum(run["result"]["num_failed"] for run in runs)

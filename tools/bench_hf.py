@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import running_daemon  # noqa: E402
 from loadtest import DEFAULT_PROMPTS, load_prompts, run_loadtest  # noqa: E402
 
-from minedraft.runtime.config import ConfigError, load_config  # noqa: E402
+from minedraft.common.config import ConfigError, load_config  # noqa: E402
 
 THREADS_NOTE = ("threads: transformers 1 torch thread for both models (one process, pinned to the verifier's "
                 "cores); runtime 1 thread per worker (drafter and verifier on their configured cores)")

@@ -95,7 +95,7 @@ def ensure_importable() -> None:
 def check_parity(device: str) -> dict:
     import torch
 
-    from minedraft.workers.kv_cache import KVCache
+    from minedraft.workers.model.kv_cache import KVCache
     from minedraft.workers.model import TINY_ARCHS, TinySpec, decoder_from_hf, tiny_hf_model
 
     spec, result = TinySpec(num_heads=4, num_kv_heads=2), {}
@@ -127,7 +127,8 @@ def check_parity(device: str) -> dict:
 def check_engine_greedy(device: str, quick: bool) -> dict:
     import torch
 
-    from minedraft.workers.engine import Engine, EngineRequest
+    from minedraft.common.request import Request
+    from minedraft.workers.engine import Engine
     from minedraft.workers.model.loader import TinySpec, load_decoder
 
     target = load_decoder("tiny-llama", torch.float32, device, tiny=TinySpec(seed=0))
@@ -139,7 +140,7 @@ def check_engine_greedy(device: str, quick: bool) -> dict:
     def run(mode: str, target, draft) -> tuple[dict, float | None]:
         engine = Engine(target, draft, mode=mode, num_draft=4, max_batch=8, max_len=256)
         for i, (prompt, max_tokens) in enumerate(requests):
-            engine.add_request(EngineRequest(f"r{i}", prompt, max_tokens))
+            engine.add_request(Request(f"r{i}", prompt, max_tokens))
         done = engine.run()
         drafted = sum(r.num_drafted for r in done.values())
         accepted = sum(r.num_accepted for r in done.values())

@@ -81,7 +81,8 @@ def engine_outputs(requests: list[dict], placement: tuple[str, str]) -> dict[str
     their model's device), and configs/tiny.toml's models, k and batch."""
     import torch
 
-    from minedraft.workers.engine import Engine, EngineRequest
+    from minedraft.common.request import Request
+    from minedraft.workers.engine import Engine
     from minedraft.workers.model.loader import TinySpec, load_decoder
     from minedraft.workers.sampling import SamplingParams
 
@@ -90,7 +91,7 @@ def engine_outputs(requests: list[dict], placement: tuple[str, str]) -> dict[str
     engine = Engine(target, draft, mode="sd", num_draft=4, max_batch=8, max_len=512)
     for r in requests:
         params = SamplingParams(r["temperature"], 0, 1.0, r["seed"])
-        engine.add_request(EngineRequest(r["request_id"], r["prompt_ids"], r["max_tokens"], params))
+        engine.add_request(Request(r["request_id"], r["prompt_ids"], r["max_tokens"], params))
     return {rid: request.output_ids for rid, request in engine.run().items()}
 
 

@@ -36,8 +36,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minedraft.runtime.config import ConfigError, load_config
-from minedraft.workers.kv_cache import KVCache
+from minedraft.common.config import ConfigError, load_config
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model import load_decoder
 from minedraft.workers.model.fast_linear import apply_linear_path, best_time_s, kernel_unavailable_reason, load_kernel
 

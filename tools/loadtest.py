@@ -38,7 +38,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from minedraft.runtime.client import DEFAULT_ENDPOINT, AsyncClient, RequestError
-from minedraft.runtime.config import API_KEY_ENV
+from minedraft.common.config import API_KEY_ENV
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.jsonl")
 DEFAULT_MAX_TOKENS = 64  # when neither --max-tokens nor the prompt line gives one

@@ -274,7 +274,7 @@ def reanalyse(path: str, prompts_path: str) -> dict:
     bounds from the limits measured in that run."""
     import bench_hf
 
-    from minedraft.runtime.config import load_config
+    from minedraft.common.config import load_config
 
     with open(path) as f:
         report = json.load(f)

@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minedraft.runtime import protocol as p  # noqa: E402
-from minedraft.runtime.config import load_config  # noqa: E402
+from minedraft.common import protocol as p  # noqa: E402
+from minedraft.common.config import load_config  # noqa: E402
 from minedraft.runtime.router import Replica  # noqa: E402
 from minedraft.runtime.scheduler import SchedulerCore  # noqa: E402
 from minedraft.runtime.server import Server  # noqa: E402
@@ -63,7 +63,7 @@ def time_routed(config, n: int, num_in_flight: int, run_dir: str) -> float:
     for message in batch:
         server._on_client_message(b"c", message)
     elapsed = (time.perf_counter() - start) / n
-    assert sum(len(r.core.requests) for r in server.replicas) == len(server.replicas) * num_in_flight + n
+    assert sum(r.core.num_live for r in server.replicas) == len(server.replicas) * num_in_flight + n
     server.context.destroy(linger=0)
     return elapsed
 

@@ -26,7 +26,7 @@ import time
 import zmq
 import zmq.asyncio
 
-from minedraft.runtime import protocol as p
+from minedraft.common import protocol as p
 from minedraft.runtime.client import AsyncClient, Client, RequestError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,9 +32,10 @@ from contextlib import contextmanager
 
 import torch
 
-from minedraft.runtime.config import ConfigError, load_config
+from minedraft.common.config import ConfigError, load_config
 from minedraft.workers.buffers import draft_buffer_specs
-from minedraft.workers.drafter import Drafter, Row
+from minedraft.common.protocol import JobRow
+from minedraft.workers.drafter import Drafter
 from minedraft.workers.model import load_decoder
 from minedraft.workers.model.fast_linear import apply_linear_path
 from minedraft.workers.process import tiny_spec
@@ -80,12 +81,12 @@ def load(config, role: str):
 
 
 def rows_for(num_rows: int, num_draft: int, contexts: list[list[int]] | None, step: int, params,
-             vocab: int = 1000) -> list[Row]:
+             vocab: int = 1000) -> list[JobRow]:
     """Row i commits its context on the first job, then one new token per job."""
     out = []
     for i in range(num_rows):
         tokens = contexts[i] if contexts is not None else [(7 * i + 3 * step) % min(vocab, 1000)]
-        out.append(Row(f"r{i}", tokens, num_draft, i, params if contexts is not None else None))
+        out.append(JobRow(f"r{i}", tokens, num_draft, i, params if contexts is not None else None))
     return out
 
 

@@ -133,7 +133,7 @@ def _is_int(value, minimum: int = 0) -> bool:
     return type(value) is int and value >= minimum
 
 
-def _layout(specs: dict[str, TensorSpec]) -> tuple[dict[str, dict], int]:
+def layout_tensors(specs: dict[str, TensorSpec]) -> tuple[dict[str, dict], int]:
     """Place each tensor at the next aligned offset; returns (handle tensor fields, size_bytes)."""
     if not isinstance(specs, dict) or not specs:
         raise ValueError("specs must be a non-empty dict of name -> (shape, dtype)")
@@ -153,7 +153,9 @@ def _nbytes(shape: list[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _check_tensors(tensors, size_bytes: int) -> None:
+def check_tensor_fields(tensors, size_bytes: int) -> None:
+    """A handle's tensor fields against its block: known dtypes, shapes, aligned offsets, and
+    no overlap or overrun of size_bytes."""
     if not isinstance(tensors, dict) or not tensors:
         raise _bad("'tensors' must be a non-empty map")
     spans = []
@@ -179,7 +181,7 @@ def _check_tensors(tensors, size_bytes: int) -> None:
             raise _bad(f"tensors {name!r} and {other!r} overlap")
 
 
-def _views(base: torch.Tensor, fields: dict[str, dict]) -> dict[str, torch.Tensor]:
+def tensor_views(base: torch.Tensor, fields: dict[str, dict]) -> dict[str, torch.Tensor]:
     """Typed views into one uint8 block (no copy)."""
     views = {}
     for name, field in fields.items():
@@ -201,7 +203,7 @@ class SharedBuffers:
 
     def __init__(self, fields: dict, handle: dict, base: torch.Tensor,
                  shm: shared_memory.SharedMemory | None, is_owner: bool):
-        self.tensors: dict[str, torch.Tensor] = _views(base, fields)
+        self.tensors: dict[str, torch.Tensor] = tensor_views(base, fields)
         self.device = base.device
         self._handle = handle
         self._base = base
@@ -211,7 +213,7 @@ class SharedBuffers:
 
     @classmethod
     def create(cls, specs: dict[str, TensorSpec], device: str | torch.device = "cpu") -> "SharedBuffers":
-        fields, size_bytes = _layout(specs)
+        fields, size_bytes = layout_tensors(specs)
         device = torch.device(device)
         if device.type == "cuda":
             return cls._create_cuda(fields, size_bytes, device)
@@ -263,7 +265,7 @@ class SharedBuffers:
             raise _bad(f"unknown kind {kind!r} (expected 'shm' or 'cuda_ipc')")
         if not _is_int(size_bytes, 1):
             raise _bad(f"size_bytes {size_bytes!r} must be a positive int")
-        _check_tensors(handle.get("tensors"), size_bytes)
+        check_tensor_fields(handle.get("tensors"), size_bytes)
         if kind == "cuda_ipc":
             return cls._attach_cuda(handle)
         name = handle.get("name")

@@ -10,23 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.common.protocol import JobRow
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.sampling import (
-    DRAFT_SALT, SamplingParams, batch_params, draw_uniforms, probs_from_logits, sample,
+    DRAFT_SALT, batch_params, draw_uniforms, probs_from_logits, sample,
 )
 from minedraft.workers.slots import SlotTable, feed_batch
-from minedraft.workers.transfer import index_tensor, to_device_packed
-
-
-@dataclass(frozen=True)
-class Row:
-    """One request in a job (the in-process twin of protocol.JobRow)."""
-
-    request_id: str
-    new_tokens: list[int]  # committed since this worker's previous job for the request
-    num_draft: int
-    buffer_row: int
-    params: SamplingParams | None = None  # required on the worker's first job for the request
+from minedraft.workers.model.transfer import index_tensor, to_device_packed
 
 
 class Drafter:
@@ -40,7 +30,7 @@ class Drafter:
         self.table.release(request_ids)
 
     @torch.inference_mode()
-    def draft(self, rows: list[Row], out_tokens: torch.Tensor, out_probs: torch.Tensor,
+    def draft(self, rows: list[JobRow], out_tokens: torch.Tensor, out_probs: torch.Tensor,
               capacity: int | None = None) -> DraftOutcome:
         """Draft rows[i].num_draft tokens for each row into out_tokens[row.buffer_row] and, for
         sampled (non-greedy) rows, their draft distributions into out_probs[row.buffer_row].
@@ -59,7 +49,7 @@ class Drafter:
                         out_tokens, out_probs, [scores[i] for i in active])
         return DraftOutcome(select_positions(scores, capacity), scores, is_sampled)
 
-    def _draft(self, rows: list[Row], states, is_sampled: list[bool], out_tokens: torch.Tensor,
+    def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
                out_probs: torch.Tensor, scores: list[list[float]]) -> None:
         """The buffers live on the drafter's device (out_tokens, out_probs as in draft())."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host

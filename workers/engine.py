@@ -1,40 +1,23 @@
 """In-process engines: `ar` (target only) and `sd` (draft k, verify k+1, accept) with
-continuous batching. The reference for the runtime's tests and the co-located SD baseline;
-they drive the same Drafter and Verifier cores as the worker processes, with no IO.
+continuous batching. The reference for the runtime's tests and the co-located SD baseline.
+
+An independent reference, not a second scheduler: a synchronous loop over the same Drafter and
+Verifier cores as the worker processes, with no batches to alternate, no plans, no IO and no
+text. It keeps only what a reference needs and shares the rest: the request record, its job rows
+and its commit semantics are common/request.py's, the ones the scheduler core uses.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
-from minedraft.workers.drafter import Drafter, Row
+from minedraft.common.protocol import DRAFTER, VERIFIER
+from minedraft.common.request import Request
+from minedraft.workers.drafter import Drafter
 from minedraft.workers.model.config import check_same_vocab
-from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    params: SamplingParams = SamplingParams()
-    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
-    min_tokens: int = 0  # no stop token ends the request before this many output tokens
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "stop"
-    num_drafted: int = 0
-    num_accepted: int = 0
-    num_steps: int = 0
-    num_sent_drafter: int = 0  # tokens of prompt + output already told to the drafter
-    num_sent_verifier: int = 0
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
 
 class Engine:
@@ -48,7 +31,7 @@ class Engine:
             check_same_vocab(draft.config, target.config)
         self.mode, self.max_batch, self.max_len = mode, max_batch, max_len
         self.num_draft = num_draft if mode == "sd" else 0
-        self.eos_token_ids = tuple(target.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.eos_token_ids = frozenset(target.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_draft = max(self.num_draft, 1)
         # Each cache lives on its model's device; the draft buffers on the drafter's.
         target_device = target.device
@@ -58,16 +41,18 @@ class Engine:
         vocab = target.config.vocab_size
         self.draft_tokens = torch.zeros(max_batch, max_draft, dtype=torch.long, device=draft_device)  # [max_batch, k]
         self.draft_probs = torch.zeros(max_batch, max_draft, vocab, device=draft_device)  # [max_batch, k, V] float32
-        self.waiting: deque[EngineRequest] = deque()
-        self.running: list[EngineRequest] = []
-        self.finished: dict[str, EngineRequest] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished: dict[str, Request] = {}
         self.to_release: list[str] = []
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: Request) -> None:
+        """A new request; its stop_token_ids gain the model's EOS ids."""
         if not request.prompt_ids or request.max_tokens < 1:
             raise ValueError(f"request_id={request.request_id}: empty prompt or max_tokens < 1")
         if len(request.prompt_ids) + request.max_tokens > self.max_len:
             raise ValueError(f"request_id={request.request_id}: prompt + max_tokens exceeds max_len={self.max_len}")
+        request.stop_token_ids = frozenset(request.stop_token_ids) | self.eos_token_ids
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -84,41 +69,24 @@ class Engine:
         if not self.running:
             return
         # 2. Draft (sd) then verify, each row with its own draft length.
-        num_draft = [min(self.num_draft, r.max_tokens - len(r.output_ids) - 1) for r in self.running]
+        for i, request in enumerate(self.running):
+            request.num_draft = min(self.num_draft, request.room(self.max_len))
+            request.buffer_row = i
         if self.drafter is not None:
-            rows = [self._row(r, i, k, "num_sent_drafter") for i, (r, k) in enumerate(zip(self.running, num_draft))]
-            self.drafter.draft(rows, self.draft_tokens, self.draft_probs)
-        rows = [self._row(r, i, k, "num_sent_verifier") for i, (r, k) in enumerate(zip(self.running, num_draft))]
-        emitted = self.verifier.verify(rows, self.draft_tokens, self.draft_probs)
+            self.drafter.draft([r.row(DRAFTER) for r in self.running], self.draft_tokens, self.draft_probs)
+        emitted = self.verifier.verify([r.row(VERIFIER) for r in self.running], self.draft_tokens, self.draft_probs)
         # 3. Commit the emitted tokens up to each request's stop condition.
-        for request, k, tokens in zip(self.running, num_draft, emitted):
+        for request, tokens in zip(self.running, emitted):
             request.num_steps += 1
-            request.num_drafted += k
+            request.num_drafted += request.num_draft
             request.num_accepted += len(tokens) - 1
-            self._commit(request, tokens)
+            request.finish_reason = request.commit(tokens)
         for request in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(request)
             self.finished[request.request_id] = request
             self.to_release.append(request.request_id)
 
-    def run(self) -> dict[str, EngineRequest]:
+    def run(self) -> dict[str, Request]:
         while self.has_unfinished():
             self.step()
         return self.finished
-
-    def _row(self, request: EngineRequest, buffer_row: int, num_draft: int, sent_attr: str) -> Row:
-        tokens = request.tokens
-        sent = getattr(request, sent_attr)
-        setattr(request, sent_attr, len(tokens))
-        return Row(request.request_id, tokens[sent:], num_draft, buffer_row, request.params if sent == 0 else None)
-
-    def _commit(self, request: EngineRequest, tokens: list[int]) -> None:
-        stops = set(request.stop_token_ids) | set(self.eos_token_ids)
-        for token in tokens:
-            request.output_ids.append(token)
-            if token in stops and len(request.output_ids) > request.min_tokens:
-                request.finish_reason = "stop"
-            elif len(request.output_ids) >= request.max_tokens:
-                request.finish_reason = "length"
-            if request.finish_reason is not None:
-                return

@@ -25,8 +25,8 @@ import msgpack
 import torch
 import zmq
 
-from minedraft.runtime import curve as cv
-from minedraft.workers.buffers import _check_tensors, _layout, _views, TensorSpec
+from minedraft.common import curve as cv
+from minedraft.workers.buffers import TensorSpec, check_tensor_fields, layout_tensors, tensor_views
 
 POLL_MS = 100
 
@@ -35,7 +35,7 @@ class FrameBuffers:
     """One batch's draft buffers in this process's own memory (the frames transport's sets)."""
 
     def __init__(self, fields: dict, handle: dict):
-        self.tensors: dict[str, torch.Tensor] = _views(torch.zeros(handle["size_bytes"], dtype=torch.uint8), fields)
+        self.tensors: dict[str, torch.Tensor] = tensor_views(torch.zeros(handle["size_bytes"], dtype=torch.uint8), fields)
         self.device = torch.device("cpu")
         self.device_uuid = None
         self._handle = handle
@@ -44,7 +44,7 @@ class FrameBuffers:
     def create(cls, specs: dict[str, TensorSpec], endpoint: str, curve_public: str | None = None) -> "FrameBuffers":
         """endpoint: where the sender is bound; curve_public: its CURVE public key, when it is a
         CURVE server (tcp://)."""
-        fields, size_bytes = _layout(specs)
+        fields, size_bytes = layout_tensors(specs)
         handle = {"kind": "frames", "endpoint": endpoint, "size_bytes": size_bytes, "tensors": fields}
         if curve_public is not None:
             handle["curve_public"] = curve_public
@@ -64,7 +64,7 @@ class FrameBuffers:
             raise ValueError(f"bad frames handle: kind {handle['kind']!r}, endpoint {endpoint!r}")
         if type(size_bytes) is not int or size_bytes < 1:
             raise ValueError(f"bad frames handle: size_bytes {size_bytes!r}")
-        _check_tensors(handle["tensors"], size_bytes)
+        check_tensor_fields(handle["tensors"], size_bytes)
         if set(handle["tensors"]) != {"draft_tokens", "draft_probs"}:
             raise ValueError(f"bad frames handle: tensors {sorted(handle['tensors'])} != draft_tokens, draft_probs")
         return cls(handle["tensors"], handle)

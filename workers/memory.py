@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from minedraft.runtime.config import Config
+from minedraft.common.config import Config
+from minedraft.common.protocol import DRAFTER
 from minedraft.workers.buffers import draft_buffer_specs
 from minedraft.workers.model.fast_linear import PackedLinear
 
@@ -24,7 +25,7 @@ def request_bytes(model_config, config: Config, role: str, dtype: torch.dtype) -
     m = model_config
     element = torch.finfo(dtype).bits // 8
     kv = m.num_layers * 2 * m.num_kv_heads * sc.max_len * m.head_dim * element
-    if role != "drafter" or sc.mode == "ar":
+    if role != DRAFTER or not sc.speculates:
         return kv
     buffer_row = sum(math.prod(shape[1:]) * torch.empty(0, dtype=t).element_size()
                      for shape, t in draft_buffer_specs(1, sc.max_depth, m.vocab_size).values())

@@ -16,17 +16,16 @@ import traceback
 import torch
 import zmq
 
-from minedraft.runtime import curve as cv
-from minedraft.runtime import protocol as p
-from minedraft.runtime.config import Config, batch_from_memory, config_from_dict, draft_transport
+from minedraft.common import curve as cv
+from minedraft.common import protocol as p
+from minedraft.common.config import Config, batch_from_memory, config_from_dict, draft_transport
 from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
 from minedraft.workers.chat_template import chat_template_info
-from minedraft.workers.drafter import Drafter, Row
+from minedraft.workers.drafter import Drafter
 from minedraft.workers.frames import FrameBuffers, FrameReceiver, FrameSender
 from minedraft.workers.memory import NUM_DRAFT_BUFFERS, memory_budget_bytes, memory_report, request_bytes, trim_heap
 from minedraft.workers.model.fast_linear import apply_linear_path, pin_threads
 from minedraft.workers.model.loader import TinySpec, load_decoder, resolve_spec, save_tokenizer_json
-from minedraft.workers.sampling import SamplingParams
 from minedraft.workers.verifier import Verifier
 
 log = logging.getLogger("minedraft.worker")
@@ -39,11 +38,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def run_drafter_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
                         drafts_endpoint: str | None = None) -> None:
     """drafts_endpoint: where the drafter binds its drafts socket (the frames transport only)."""
-    _serve("drafter", config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint)
+    _serve(p.DRAFTER, config, jobs_endpoint, results_endpoint, run_dir, drafts_endpoint)
 
 
 def run_verifier_process(config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str) -> None:
-    _serve("verifier", config, jobs_endpoint, results_endpoint, run_dir)
+    _serve(p.VERIFIER, config, jobs_endpoint, results_endpoint, run_dir)
 
 
 def run_remote_worker(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
@@ -56,7 +55,7 @@ def run_remote_worker(role: str, config: Config, jobs_endpoint: str, results_end
 
 def place(role: str, config: Config) -> torch.device:
     """Pin the process to its cores and thread count; check that its device exists."""
-    section = config.drafter if role == "drafter" else config.verifier
+    section = config.worker(role)
     if section.cpu_cores:
         os.sched_setaffinity(0, section.cpu_cores)
     torch.set_num_threads(section.num_threads)
@@ -111,10 +110,10 @@ def linear_placements(config: Config, role: str) -> dict[int, list[int]]:
     """{threads: cores} this worker's jobs may run at, for the linear path's timings: its
     configured count on its cores and, under auto on CPU devices, each count a plan may give it
     (half of the cores the two workers share, the other half, all of them: runtime/plans.py)."""
-    section = config.drafter if role == "drafter" else config.verifier
+    section = config.worker(role)
     own = sorted(os.sched_getaffinity(0))  # place() has pinned the process to its cores
     placements = {section.num_threads: own}
-    if config.scheduler.mode == "auto" and config.drafter.device == "cpu" and config.verifier.device == "cpu":
+    if config.scheduler.is_auto and config.drafter.device == "cpu" and config.verifier.device == "cpu":
         if config.drafter.cpu_cores and config.verifier.cpu_cores:
             pool = sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
         else:
@@ -130,7 +129,7 @@ def tiny_spec(config: Config, role: str) -> TinySpec:
     return TinySpec(
         vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size, intermediate_size=m.tiny_intermediate_size,
         num_layers=m.tiny_num_layers, num_heads=m.tiny_num_heads, num_kv_heads=m.tiny_num_kv_heads,
-        seed=m.tiny_seed, noise=m.tiny_draft_noise if role == "drafter" else 0.0,
+        seed=m.tiny_seed, noise=m.tiny_draft_noise if role == p.DRAFTER else 0.0,
     )
 
 
@@ -167,12 +166,12 @@ class WorkerLoop:
         device = place(self.role, config)
         check_buffer_allocator(config)
         sc, dtype = config.scheduler, DTYPES[config.model.dtype]
-        spec = config.model.draft if self.role == "drafter" else config.model.target
+        spec = config.model.draft if self.role == p.DRAFTER else config.model.target
         model = load_decoder(spec, dtype, device, tiny=tiny_spec(config, self.role), cache_dir=config.model.cache_dir)
-        weights = config.model.draft_weights if self.role == "drafter" else "float32"
+        weights = config.model.draft_weights if self.role == p.DRAFTER else "float32"
         linear = apply_linear_path(model, config.model.linear_path, config.model.cache_dir, weights,
                                    linear_placements(config, self.role))
-        core_cls = Drafter if self.role == "drafter" else Verifier
+        core_cls = Drafter if self.role == p.DRAFTER else Verifier
         self.max_batch = sc.max_batch or batch_from_memory(
             request_bytes(model.config, config, self.role, dtype), memory_budget_bytes(device, sc.kv_cache_memory),
             sc.num_batches)
@@ -180,7 +179,7 @@ class WorkerLoop:
                  f" (scheduler.kv_cache_memory = {sc.kv_cache_memory})" if not sc.max_batch else "")
         self.core = core_cls(model, self.max_batch * sc.num_batches, sc.max_len, sc.max_depth, dtype, device)
         tokenizer = {"kind": "bytes"}
-        if self.role == "drafter":
+        if self.role == p.DRAFTER:
             specs = draft_buffer_specs(sc.max_rows(self.max_batch), sc.max_depth, model.config.vocab_size)
             if draft_transport(config) == "frames":
                 if self.drafts_endpoint is None:
@@ -230,7 +229,7 @@ class WorkerLoop:
                   "switch_s": switch_s}
         start_s = time.monotonic()
         self.core.release(job.release)
-        rows = [_row(r) for r in job.rows]
+        rows = job.rows  # JobRow: the workers' cores take the message's rows as they are
         if isinstance(job, p.PrefillJob):
             self.core.prefill(rows)
             self._send(p.PrefillResult(len(rows), start_s, time.monotonic(), **placed))
@@ -277,19 +276,12 @@ class WorkerLoop:
     def close(self) -> None:
         for buffers in self.buffers:
             buffers.close()
-            if self.role == "drafter":
+            if self.role == p.DRAFTER:
                 buffers.unlink()
         self.buffers = []
         if self.auth is not None:
             self.auth.stop()
         self.context.destroy(linger=0)
-
-
-def _row(row: p.JobRow) -> Row:
-    params = None
-    if row.params is not None:
-        params = SamplingParams(row.params.temperature, row.params.top_k, row.params.top_p, row.params.seed)
-    return Row(row.request_id, row.new_tokens, row.num_draft, row.buffer_row, params)
 
 
 def _serve(role: str, config: Config, jobs_endpoint: str, results_endpoint: str, run_dir: str,
@@ -325,7 +317,7 @@ def main(argv: list[str]) -> int:
     with open(config_path) as f:
         config = config_from_dict(json.load(f))
     try:
-        if role == "drafter":
+        if role == p.DRAFTER:
             run_drafter_process(config, jobs_endpoint, results_endpoint, run_dir, *drafts_endpoint)
         else:
             run_verifier_process(config, jobs_endpoint, results_endpoint, run_dir)

@@ -4,39 +4,18 @@ exact speculative acceptance. Pure tensor functions; no model code, no process o
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from minedraft.workers.transfer import to_device
+from minedraft.common.protocol import SamplingParams
+from minedraft.workers.model.transfer import to_device
 
 DRAFT_SALT = 1  # the drafter's stream of a request
 VERIFY_SALT = 2  # the verifier's stream of a request
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # nucleus mass to keep; 1.0 = off
-    seed: int = 0  # seeds the request's generators (see make_generator)
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def _splitmix64(x: int) -> int:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.sampling import SamplingParams, make_generator
-from minedraft.workers.transfer import index_tensor, to_device_packed
+from minedraft.workers.model.transfer import index_tensor, to_device_packed
 
 
 @dataclass

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from minedraft.workers.drafter import Row
-from minedraft.workers.kv_cache import KVCache
+from minedraft.common.protocol import JobRow
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.sampling import (
     VERIFY_SALT, batch_params, draw_uniforms, greedy_accept, probs_from_logits, speculative_accept,
 )
 from minedraft.workers.slots import SlotTable, feed_batch, feed_without_logits
-from minedraft.workers.transfer import index_tensor, to_device
+from minedraft.workers.model.transfer import index_tensor, to_device
 
 
 class Verifier:
@@ -28,7 +28,7 @@ class Verifier:
         self.table.release(request_ids)
 
     @torch.inference_mode()
-    def prefill(self, rows: list[Row]) -> None:
+    def prefill(self, rows: list[JobRow]) -> None:
         """Cache the rows' committed tokens but the last one (which verify always re-feeds), with
         no logits: a verify of the same rows then gives the same result, sooner."""
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
@@ -36,7 +36,7 @@ class Verifier:
         feed_without_logits(self.model, self.cache, states, feeds)
 
     @torch.inference_mode()
-    def verify(self, rows: list[Row], draft_tokens: torch.Tensor | None, draft_probs: torch.Tensor | None) -> list[list[int]]:
+    def verify(self, rows: list[JobRow], draft_tokens: torch.Tensor | None, draft_probs: torch.Tensor | None) -> list[list[int]]:
         """Verify each row's drafts (read in place from draft_tokens[row.buffer_row] and
         draft_probs[row.buffer_row]) in one target forward; return the emitted tokens per row:
         the accepted drafts followed by one corrected or bonus token."""

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minedraft.workers.kv_cache import KVCache
+from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.model.config import ModelConfig
-from minedraft.workers.transfer import to_device_packed
+from minedraft.workers.model.transfer import to_device_packed
 
 
 class RMSNorm(nn.Module):

@@ -3,11 +3,14 @@
 Owns the wire format only: no sockets, no torch. A message is a msgpack map
 {"type": TAG, "v": PROTOCOL_VERSION, **fields}; decoding checks the tag, the version, every
 field's presence and type, and refuses anything else with ProtocolError. Nothing is pickled.
+Also the workers' role names and the one SamplingParams type a request's sampling fields
+become when it enters the daemon (carried by JobRow, turned into tensors by the workers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,10 @@ import msgpack
 
 PROTOCOL_VERSION = 6  # 6: GenerateRequest.min_tokens, GenerateOutput.num_prompt_tokens, ReadyResult.max_batch and memory
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
+
+
+DRAFTER, VERIFIER = "drafter", "verifier"  # the workers' roles, in messages, logs and status
+ROLES = (DRAFTER, VERIFIER)
 
 
 class ProtocolError(ValueError):
@@ -115,13 +122,27 @@ class ShutdownOutput:
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
-    """A request's sampling parameters, sent with its first job to each worker."""
+class SamplingParams:
+    """A request's sampling parameters: built once, when the request enters the daemon (its
+    seed drawn there when the client gave none), kept on its record, sent with its first job to
+    each worker and turned into tensors there (workers/sampling.py)."""
 
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus mass to keep; 1.0 = off
+    seed: int = 0  # seeds the request's generators (workers/sampling.make_generator)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ class JobRow:
     new_tokens: list[int]  # tokens committed since this worker's previous job for the request
     num_draft: int  # draft tokens to make (draft job) or to verify (verify job)
     buffer_row: int  # row of the batch's draft buffer holding this request's drafts
-    params: Optional[SamplingSpec] = None  # only on the first job a worker gets for the request
+    params: Optional[SamplingParams] = None  # only on the first job a worker gets for the request
 
 
 @dataclass(frozen=True)
@@ -288,7 +309,7 @@ MESSAGE_TYPES: dict[str, type] = {
         ReadyResult, DraftResult, VerifyResult, PrefillResult, ConnectResult, WorkerError,
     )
 }
-_NESTED = (SamplingSpec, JobRow)
+_NESTED = (SamplingParams, JobRow)
 
 
 # --- codec ---------------------------------------------------------------------------------
@@ -349,7 +370,10 @@ def _build(cls: type, body: Any, where: str, depth: int) -> Any:
             kwargs[f.name] = _check(body[f.name], hints[f.name], f"{where}.{f.name}", depth + 1)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError(f"{where}: missing field {f.name!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a value its type refuses (SamplingParams)
+        raise ProtocolError(f"{where}: {exc}") from None
 
 
 def _check(value: Any, hint: Any, where: str, depth: int) -> Any:

@@ -64,7 +64,7 @@ def _check_type(key: str, typ, value):
     return value
 
 
-def _parse_text(key: str, typ, text: str):
+def parse_text(key: str, typ, text: str):
     """Parse the value of a `--set section.key=value` override into the field's type."""
     stripped = text.strip()
     try:
@@ -186,15 +186,25 @@ class SchedulerSection:
         _check(self.job_timeout_s > 0, "job_timeout_s", f"must be > 0, got {self.job_timeout_s}")
         _check(self.plan_rotate_steps >= 0, "plan_rotate_steps", f"must be >= 0, got {self.plan_rotate_steps}")
 
+    @property
+    def is_auto(self) -> bool:
+        """The mode is chosen at run time among plans (runtime/plans.py)."""
+        return self.mode == "auto"
+
+    @property
+    def speculates(self) -> bool:
+        """The daemon has a drafter (every mode but ar)."""
+        return self.mode != "ar"
+
     def max_rows(self, max_batch: int) -> int:
         """Most requests one batch holds (the draft buffers' rows) for max_batch resolved (never
         0): auto's one-batch plans hold both of psd's batches in one."""
-        return 2 * max_batch if self.mode == "auto" else max_batch
+        return 2 * max_batch if self.is_auto else max_batch
 
     @property
     def num_batches(self) -> int:
         """Batches the scheduler keeps: psd's two (auto may run psd), else one."""
-        return 2 if self.mode in ("psd", "auto") else 1
+        return 2 if self.mode == "psd" or self.is_auto else 1
 
     @property
     def max_depth(self) -> int:
@@ -332,6 +342,21 @@ class Config:
                "cluster.draft_transport", "frames carries CPU buffers only so far; use it with "
                f"drafter.device = verifier.device = cpu (got {self.drafter.device}, {self.verifier.device})")
 
+    def worker(self, role: str) -> WorkerSection:
+        """The section of the worker with this role ("drafter" or "verifier")."""
+        assert role in ("drafter", "verifier"), role
+        return getattr(self, role)
+
+
+def cpu_pool(config: Config) -> list[int] | None:
+    """The cores the two workers share when both run on the CPU (their configured cores, or
+    every core this process may use when either is unpinned); None when either is on a GPU."""
+    if config.drafter.device != "cpu" or config.verifier.device != "cpu":
+        return None
+    if config.drafter.cpu_cores and config.verifier.cpu_cores:
+        return sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
+    return sorted(os.sched_getaffinity(0))
+
 
 _SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_DEFAULTS = {"drafter": {"cpu_cores": (0,)}, "verifier": {"cpu_cores": (1,)}}
@@ -377,7 +402,7 @@ def _apply_override(data: dict, override: str) -> None:
     section, _, key = dotted.strip().partition(".")
     _check(is_assignment == "=" and key != "", "--set", f"expected section.key=value, got {override!r}")
     _check_names({section: {key: None}})
-    data.setdefault(section, {})[key] = _parse_text(f"{section}.{key}", _field_types(section)[key], text)
+    data.setdefault(section, {})[key] = parse_text(f"{section}.{key}", _field_types(section)[key], text)
 
 
 def resolve_config_path(name_or_path: str) -> str:

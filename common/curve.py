@@ -6,13 +6,15 @@ CURVE server), one for the drafter's drafts socket (a CURVE server, frames trans
 the workers present as clients. A ZAP handler on each server admits only that client key, so a
 process that knows a server's public key (it travels in handles) still cannot connect.
 The secret keys reach the workers as arguments of their Ray actor calls, never over ZeroMQ.
-Standard library and pyzmq only: both the scheduler and the workers import this.
+Standard library and pyzmq only (and the role names of common/protocol.py): both the scheduler and the workers import this.
 """
 
 from __future__ import annotations
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+
+from minedraft.common.protocol import DRAFTER
 
 ZAP_DOMAIN = "minedraft-workers"
 
@@ -30,7 +32,7 @@ def for_worker(keys: dict[str, str], role: str) -> dict[str, str]:
     """What one worker is given: its client key pair, the servers' public keys and, for the
     drafter, its drafts socket's key pair. The scheduler's secret key stays with the scheduler."""
     given = {key: keys[key] for key in ("scheduler_public", "drafts_public", "worker_public", "worker_secret")}
-    if role == "drafter":
+    if role == DRAFTER:
         given["drafts_secret"] = keys["drafts_secret"]
     return given
 
