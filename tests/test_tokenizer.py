@@ -1,5 +1,5 @@
-"""The incremental Detokenizer against the former full-decode algorithm (copied here as the
-reference): equal deltas and stop results for random ids fed in random growing commits, with and
+"""The incremental Detokenizer against the former full-decode algorithm (kept unchanged in
+tools/detok_cost.py, which measures both, and used here as the reference): equal deltas and stop results for random ids fed in random growing commits, with and
 without stop strings and min_tokens, on the byte tokenizer, on byte-level and SentencePiece-style
 ("▁") BPE tokenizers trained here, and on the Qwen tokenizer when its model is prepared."""
 
@@ -34,39 +34,7 @@ def load_tool(name: str):
     return module
 
 
-class FullDecode:
-    """The former Detokenizer, verbatim: the whole output decoded and searched on every update."""
-
-    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.min_tokens = min_tokens
-        self.min_chars: int | None = None
-        self.num_sent_chars = 0
-        self.text = ""
-
-    def update(self, output_ids: list[int], is_final: bool) -> tuple[str, bool]:
-        self.text = self.tokenizer.decode(output_ids)
-        if self.min_chars is None and len(output_ids) > self.min_tokens:
-            head = self.tokenizer.decode(output_ids[: self.min_tokens])
-            self.min_chars = len(head) - head.endswith("\ufffd")
-        for s in self.stop if self.min_chars is not None else ():
-            at = self.text.find(s, max(0, self.min_chars - len(s) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                return self._flush(len(self.text)), True
-        end = len(self.text)
-        if not is_final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            end = max(self.num_sent_chars, end - hold)
-        return self._flush(end), False
-
-    def _flush(self, end: int) -> str:
-        delta = self.text[self.num_sent_chars : end]
-        self.num_sent_chars = max(self.num_sent_chars, end)
-        return delta
+FullDecode = load_tool("detok_cost").FullDecode  # the former Detokenizer, unchanged: the reference
 
 
 def feed(detokenizer, ids: list[int], commits: list[int]) -> list[tuple[str, bool]]:
