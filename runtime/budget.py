@@ -293,15 +293,15 @@ class DraftBudget:
         if self.policy == "fixed":
             capacity = sum(min(self.num_draft, r) for r in rooms) if self.extra_draft else None
             self.last_plan = StepBudget(self.max_depth, capacity)
-            if self.is_predicting and self.is_fitted(*key):  # auto: forecast it too
-                forecast = self.predict(key.mode, rooms, key.drafter_threads, key.verifier_threads)
+            if self.is_predicting and self.is_fitted(key):  # auto: forecast it too
+                forecast = self.predict(rooms, key)
                 self.last_plan = StepBudget(self.max_depth, capacity, forecast.predicted_tokens_per_s, "fixed",
                                       forecast.predicted_step_s)
             return self.last_plan
         if not any(rooms):  # every row is at its last token: nothing to draft
             self.last_plan = StepBudget(0, 0, None, "no room")
             return self.last_plan
-        if self.num_steps <= WARMUP_STEPS or not self.is_fitted(*key):
+        if self.num_steps <= WARMUP_STEPS or not self.is_fitted(key):
             # Vary the depth so both fits see more than one point; verify all that is drafted.
             depths = (self.num_draft, self.max_depth, max(1, self.num_draft // 2))
             self.last_plan = StepBudget(depths[self.num_steps % len(depths)], None, None, "warmup")
@@ -358,19 +358,21 @@ class DraftBudget:
         rate, depth, c, t_step = best
         return StepBudget(depth, c, rate, "best", t_step)
 
-    def is_fitted(self, mode: str, drafter_threads: int, verifier_threads: int) -> bool:
-        """Whether the fits a plan needs have seen enough jobs to predict it."""
+    def is_fitted(self, key: FitKey) -> bool:
+        """Whether the fits the execution plan `key` needs have seen enough jobs to predict it."""
+        mode, drafter_threads, verifier_threads = key
+
         def count(costs: dict, threads: int) -> int:
             fit = costs.get((threads, mode == "psd"))
             return 0 if fit is None else len(fit)
         is_verify_fitted = count(self.verify_costs, verifier_threads) >= MIN_FIT_OBSERVATIONS
         return is_verify_fitted and (mode == "ar" or count(self.draft_costs, drafter_threads) >= MIN_FIT_OBSERVATIONS)
 
-    def predict(self, mode: str, rooms: list[int], drafter_threads: int, verifier_threads: int) -> StepBudget:
-        """The forecast for one step of a batch with `rooms` under a plan (mode, thread counts):
+    def predict(self, rooms: list[int], key: FitKey) -> StepBudget:
+        """The forecast for one step of a batch with `rooms` under the execution plan `key`:
         the budget's own choice of (depth, capacity) for it, with its predicted tokens/s and
         step time. ar has no drafter: rows / (verify of the rows + the mode's overhead)."""
-        key = FitKey(mode, drafter_threads, verifier_threads)
+        mode, _, verifier_threads = key
         rows = len(rooms)
         if mode == "ar" or not any(rooms):
             t_verify = self.verify_fit(verifier_threads, mode).predict((1.0, float(rows), 0.0))

@@ -27,6 +27,7 @@ common/config.cpu_pool).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minedraft.common.protocol import DRAFTER
@@ -95,7 +96,7 @@ class FixedPlan:
         self.plans = [self.current]
         self.configured_mode = mode
 
-    def choose(self, rooms: list[int]) -> ExecPlan:
+    def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
         return self.current
 
     def note_positions(self, key: FitKey, positions: int) -> None:
@@ -159,8 +160,10 @@ class PlanChooser:
         seen = (key.verifier_threads, key.mode == "psd")
         self.seen_positions[seen] = max(self.seen_positions.get(seen, 0.0), float(positions))
 
-    def choose(self, rooms: list[int]) -> ExecPlan:
-        """The plan for the next step; rooms: how many drafts each live request can still take."""
+    def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
+        """The plan for the next step; live_rooms() gives how many drafts each live request can
+        still take (asked only by a planner that uses it: a fixed plan never does)."""
+        rooms = live_rooms()
         self.steps_in_plan += 1
         self.num_steps += 1
         self.num_rows = len(rooms)
@@ -172,7 +175,7 @@ class PlanChooser:
         is_exploring = self.reason == "explore"
         if self.steps_in_plan < (EXPLORE_STEPS if is_exploring else FAST_DWELL_STEPS):
             return self.current
-        unfitted = [p for p in self.plans if not self.budget.is_fitted(p.mode, *p.threads)]
+        unfitted = [p for p in self.plans if not self.budget.is_fitted(p.fit_key)]
         if unfitted and rooms and (is_exploring or self.steps_in_plan >= MIN_DWELL_STEPS):
             return self._switch(unfitted[0], "explore")
         self.forecast = {p.name: self.rate(p, rooms) for p in self.plans}
@@ -208,7 +211,7 @@ class PlanChooser:
             batch = rooms[: (len(rooms) + 1) // 2]
             if len(rooms) < 2:  # one request: one batch, drafting and verifying in turn
                 mode = "sd"
-        forecast = self.budget.predict(mode, batch, *plan.threads)
+        forecast = self.budget.predict(batch, FitKey(mode, *plan.threads))
         return forecast.predicted_tokens_per_s or 0.0
 
     def _is_extrapolated(self, plan: ExecPlan, rooms: list[int]) -> bool:

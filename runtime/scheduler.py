@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
+from itertools import islice
 
 from minedraft.common.config import Config, cpu_pool
 from minedraft.common.protocol import (
@@ -280,8 +281,7 @@ class SchedulerCore:
         batch.dispatch_s = self.clock()
         if is_plain_step and self.is_learning:  # the forecast that the step's overhead is measured against
             key = self.plan.fit_key
-            batch.budget = self.budget.predict(key.mode, [0] * len(batch.rows), key.drafter_threads,
-                                               key.verifier_threads) if self.budget.is_fitted(*key) else None
+            batch.budget = self.budget.predict([0] * len(batch.rows), key) if self.budget.is_fitted(key) else None
         if self.is_learning and (self.policy.paces_at_verify or is_plain_step):  # the verifier paces psd and ar
             self._observe_step(batch)
         placement = self._placement(VERIFIER)
@@ -308,12 +308,17 @@ class SchedulerCore:
     # --- plans ------------------------------------------------------------------------------
 
     def _choose_plan(self) -> None:
-        live = [r for b in self.batches for r in b.requests]
-        live += list(self.waiting)[: max(0, self.max_live - len(live))]
         before = self.policy
-        self.chooser.choose([r.room(self.max_len) for r in live])
+        self.chooser.choose(self._live_rooms)
         if self.policy is not before:
             self.last_step_s = None  # the next period is the new mode's
+
+    def _live_rooms(self) -> list[int]:
+        """The rooms of the requests the next step serves: the running ones and as many waiting
+        ones as fit."""
+        live = [r for b in self.batches for r in b.requests]
+        live += islice(self.waiting, max(0, self.max_live - len(live)))
+        return [r.room(self.max_len) for r in live]
 
     def _placement(self, role: str) -> tuple[int | None, list[int] | None]:
         """(num_threads, cpu_cores) for the next job of `role`: none outside auto plans on CPU
