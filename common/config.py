@@ -348,14 +348,24 @@ class Config:
         return getattr(self, role)
 
 
-def cpu_pool(config: Config) -> list[int] | None:
+def cpu_pool(config: Config, all_cores: list[int] | None = None) -> list[int] | None:
     """The cores the two workers share when both run on the CPU (their configured cores, or
-    every core this process may use when either is unpinned); None when either is on a GPU."""
+    `all_cores` when either is unpinned: by default every core this process may use); None when
+    either is on a GPU."""
     if config.drafter.device != "cpu" or config.verifier.device != "cpu":
         return None
     if config.drafter.cpu_cores and config.verifier.cpu_cores:
         return sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
-    return sorted(os.sched_getaffinity(0))
+    return sorted(os.sched_getaffinity(0) if all_cores is None else all_cores)
+
+
+def core_splits(pool: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """How auto's plans place the workers on a pool of cores (runtime/plans.py; the workers time
+    their linears at the same thread counts): the drafter's half, the verifier's half (the whole
+    pool when it has one core) and every core."""
+    pool = tuple(sorted(set(pool)))
+    half = max(1, len(pool) // 2)
+    return pool[:half], pool[half:] if len(pool) > 1 else pool, pool
 
 
 _SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from minedraft.common.config import core_splits
 from minedraft.common.protocol import DRAFTER
 from minedraft.runtime.budget import DraftBudget, FitKey
 
@@ -119,10 +120,9 @@ def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
     mode and core split, else (None) by mode only. The first is the one auto starts with."""
     if cpu_cores is None:
         return [ExecPlan("psd"), ExecPlan("sd"), ExecPlan("ar")]
-    pool = tuple(sorted(set(cpu_cores)))
-    half = max(1, len(pool) // 2)
-    drafter_half = Placement(half, pool[:half])
-    verifier_half = Placement(len(pool) - half, pool[half:]) if len(pool) > 1 else Placement(1, pool)
+    drafter_cores, verifier_cores, pool = core_splits(cpu_cores)
+    drafter_half = Placement(len(drafter_cores), drafter_cores)
+    verifier_half = Placement(len(verifier_cores), verifier_cores)
     wide = Placement(len(pool), pool)
     plans = [ExecPlan("psd", drafter_half, verifier_half), ExecPlan("sd", drafter_half, verifier_half),
              ExecPlan("ar", drafter_half, verifier_half)]

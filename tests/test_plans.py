@@ -35,6 +35,22 @@ def test_candidate_plans_split_or_share_the_cores():
     assert [p.name for p in gpu] == ["psd", "sd", "ar"] and not any(p.verifier.is_set for p in gpu)
 
 
+def test_workers_time_their_linears_at_the_thread_counts_the_plans_give_them():
+    """Each worker's linear-path timings (workers/process.linear_placements) cover exactly the
+    thread counts auto's candidate plans can give it, from the same split of the core pool."""
+    from minedraft.workers.process import linear_placements
+
+    for cores, overrides in (([0, 1], ["drafter.cpu_cores=[0]", "verifier.cpu_cores=[1]"]),
+                             ([0, 1, 2, 3], ["drafter.cpu_cores=[0,1]", "verifier.cpu_cores=[2,3]"])):
+        config = load_config("tiny", ["scheduler.mode=auto", *overrides])
+        for role in (DRAFTER, "verifier"):
+            given = {p.placement(role).num_threads for p in candidate_plans(cores)}
+            timed = set(linear_placements(config, role))
+            assert timed == given | {config.worker(role).num_threads}, (cores, role, timed, given)
+    fixed = load_config("tiny", ["scheduler.mode=psd", "drafter.cpu_cores=[0]", "verifier.cpu_cores=[1]"])
+    assert set(linear_placements(fixed, DRAFTER)) == {fixed.drafter.num_threads}  # a fixed mode: its own count only
+
+
 def core(mode: str, *overrides: str, clock=None, max_len: int = 512) -> SchedulerCore:
     config = load_config("tiny", [f"scheduler.mode={mode}", f"scheduler.max_len={max_len}",
                                   f"scheduler.max_tokens_cap={max_len - 64}", *overrides])

@@ -18,7 +18,7 @@ import zmq
 
 from minedraft.common import curve as cv
 from minedraft.common import protocol as p
-from minedraft.common.config import Config, batch_from_memory, config_from_dict, draft_transport
+from minedraft.common.config import Config, batch_from_memory, config_from_dict, core_splits, cpu_pool, draft_transport
 from minedraft.workers.buffers import SharedBuffers, check_cuda_ipc_allocator, draft_buffer_specs
 from minedraft.workers.chat_template import chat_template_info
 from minedraft.workers.drafter import Drafter
@@ -113,14 +113,10 @@ def linear_placements(config: Config, role: str) -> dict[int, list[int]]:
     section = config.worker(role)
     own = sorted(os.sched_getaffinity(0))  # place() has pinned the process to its cores
     placements = {section.num_threads: own}
-    if config.scheduler.is_auto and config.drafter.device == "cpu" and config.verifier.device == "cpu":
-        if config.drafter.cpu_cores and config.verifier.cpu_cores:
-            pool = sorted(set(config.drafter.cpu_cores) | set(config.verifier.cpu_cores))
-        else:
-            pool = list(range(os.cpu_count() or 1))
-        half = max(1, len(pool) // 2)
-        for threads in (half, len(pool) - half or 1, len(pool)):
-            placements.setdefault(threads, own if len(own) >= threads else pool[:threads])
+    pool = cpu_pool(config, all_cores=list(range(os.cpu_count() or 1)))  # this process is pinned already
+    if config.scheduler.is_auto and pool is not None:
+        for cores in core_splits(pool):
+            placements.setdefault(len(cores), own if len(own) >= len(cores) else pool[:len(cores)])
     return placements
 
 
