@@ -168,6 +168,7 @@ class SchedulerSection:
     extra_draft: int = 0  # e: TETRIS drafts k + e tokens per row and verifies the likeliest k x rows of them
     draft_policy: str = "fixed"  # fixed (k, e as set) | adaptive (depth and verify capacity from measured costs)
     plan_rotate_steps: int = 0  # auto, for tests and diagnosis: go through every plan in turn, this many steps each (0 = choose)
+    calibrate: bool = True  # auto: time every plan at every batch size at start (cached per machine and models) instead of exploring on the first requests
 
     def __post_init__(self):
         _check_field_types(self)

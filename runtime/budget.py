@@ -45,57 +45,97 @@ RECENCY = 0.97  # weight of an observation per newer one of the same kind
 BIN_EDGES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.03, 0.0)  # acceptance bins' lower edges in exp(score)
 BIN_DECAY = 0.995  # per observed position: older acceptance evidence fades
 SCORE_ROWS = 64  # recent rows' score vectors kept to predict what TETRIS will select
+SIZE_SCALE = math.log(2.0)  # a cost fit's locality: an observation a factor of 2 in size away weighs e^-1
+SIZE_BUCKETS_PER_DOUBLING = 8  # sizes within 2^(1/8) of each other share one solve
+CALIBRATED_WEIGHT = 0.5  # a calibration observation's weight (the newest job's is 1)
+PRIOR_POSITIONS = 64  # the calibration's acceptance evidence counts as this many positions: its own prompts
+#                       say little of a user's, whose first step or two outweigh it
+PRIOR_SCORE_ROWS = 16  # and its drafts' scores as this many rows
 
 
 class CostFit:
-    """Weighted least squares over the most recent observations, coefficients kept >= 0 (a job
-    never gets cheaper with more work). A small ridge toward zero keeps it solvable before the
-    features vary; `intercept_weight` pulls the fixed cost harder, as job overhead is small."""
+    """A job's cost as a function of its features, fitted by weighted least squares with the
+    coefficients kept >= 0 (a job never gets cheaper with more work). The fit is local in the
+    job's size (feature `size_index`: positions for a verify, rows x depth for a draft): each
+    observation counts by how near its size is to the size asked about (a factor of 2 away
+    weighs e^-1 of the nearest), so one fit holds across a CPU's regimes, flat while a job
+    is bound by reading the weights and linear once it is bound by arithmetic, instead of one
+    line through both. Observations come from two places: the calibration at start (kept for
+    the daemon's life, each with weight CALIBRATED_WEIGHT) and the most recent jobs (newest 1,
+    older ones RECENCY per newer one), so real jobs refine the sizes they run at and the
+    calibration answers for the sizes they have not. A small ridge toward zero keeps it
+    solvable before the features vary; `intercept_weight` pulls the fixed cost harder."""
 
-    def __init__(self, names: tuple[str, ...], ridge: float = 1e-6, intercept_weight: float = 1e-2):
+    def __init__(self, names: tuple[str, ...], size_index: int = 1, ridge: float = 1e-6,
+                 intercept_weight: float = 1e-2):
         self.names = names
+        self.size_index = size_index
         self.ridge = [intercept_weight] + [ridge] * (len(names) - 1)
         self.observations: deque[tuple[tuple[float, ...], float]] = deque(maxlen=MAX_OBSERVATIONS)
-        self.coef = [0.0] * len(names)
-        self.is_stale = False
+        self.calibrated: list[tuple[tuple[float, ...], float]] = []
+        self._coef_by_size: dict[int, list[float]] = {}  # size bucket -> coefficients, until a new observation
 
     def __len__(self) -> int:
-        return len(self.observations)
+        return len(self.observations) + len(self.calibrated)
 
     def add(self, x: tuple[float, ...], y: float) -> None:
-        self.observations.append((x, y))
-        self.is_stale = True
+        self.observations.append((tuple(x), y))
+        self._coef_by_size.clear()
+
+    def calibrate(self, observations: list[tuple[tuple[float, ...], float]]) -> None:
+        """Take these as the calibration's: kept, at CALIBRATED_WEIGHT each, for every size."""
+        self.calibrated = [(tuple(float(v) for v in x), float(y)) for x, y in observations]
+        self._coef_by_size.clear()
+
+    def freeze(self) -> None:
+        """The calibration is over: the jobs seen so far become the calibrated set."""
+        self.calibrate(self.calibrated + list(self.observations))
+        self.observations.clear()
 
     def predict(self, x: tuple[float, ...]) -> float:
-        return sum(c * v for c, v in zip(self._coef(), x))
+        return sum(c * v for c, v in zip(self._coef(x[self.size_index]), x))
 
-    def _coef(self) -> list[float]:
-        if self.is_stale:  # solved once per new observation, at first use
-            self.coef = self._solve()
-            self.is_stale = False
-        return self.coef
+    def _coef(self, size: float) -> list[float]:
+        bucket = round(SIZE_BUCKETS_PER_DOUBLING * math.log2(max(size, 0.5)))
+        if bucket not in self._coef_by_size:  # solved once per size bucket and new observation
+            self._coef_by_size[bucket] = self._solve(2.0 ** (bucket / SIZE_BUCKETS_PER_DOUBLING))
+        return self._coef_by_size[bucket]
 
-    def _solve(self) -> list[float]:
+    def _weighted(self, size: float) -> list[tuple[tuple[float, ...], float, float]]:
+        """(x, y, weight) of every observation for a query at `size`."""
+        weighted, weight = [], 1.0
+        for x, y in reversed(self.observations):
+            weighted.append((x, y, weight))
+            weight *= RECENCY
+        weighted += [(x, y, CALIBRATED_WEIGHT) for x, y in self.calibrated]
+        if not weighted:
+            return []
+        log_size = math.log(max(size, 0.5))
+        distances = [abs(math.log(max(x[self.size_index], 0.5)) - log_size) for x, _, _ in weighted]
+        nearest = min(distances)
+        return [(x, y, w * math.exp(-((d - nearest) / SIZE_SCALE) ** 2))
+                for (x, y, w), d in zip(weighted, distances)]
+
+    def _solve(self, size: float) -> list[float]:
+        weighted = self._weighted(size)
         active = list(range(len(self.names)))
         while True:
-            coef = self._solve_on(active)
+            coef = self._solve_on(active, weighted)
             negative = [i for i in active if coef[i] < 0]
             if not negative:
                 return coef
             active.remove(min(negative, key=lambda i: coef[i]))
 
-    def _solve_on(self, active: list[int]) -> list[float]:
+    def _solve_on(self, active: list[int], weighted: list) -> list[float]:
         n = len(active)
         a = [[0.0] * n for _ in range(n)]
         rhs = [0.0] * n
-        weight = 1.0
-        for x, y in reversed(self.observations):
+        for x, y, weight in weighted:
             for r in range(n):
                 xr = x[active[r]]
                 rhs[r] += weight * xr * y
                 for c in range(n):
                     a[r][c] += weight * xr * x[active[c]]
-            weight *= RECENCY
         for r in range(n):
             a[r][r] += self.ridge[active[r]]
         solution = _solve_linear(a, rhs)
@@ -104,8 +144,13 @@ class CostFit:
             coef[i] = solution[r]
         return coef
 
-    def to_dict(self) -> dict:
-        return {"coef": dict(zip(self.names, self._coef())), "num_observations": len(self.observations)}
+    def to_dict(self, size: float | None = None) -> dict:
+        """The coefficients at `size` (default: the latest job's, else the largest calibrated)."""
+        if size is None:
+            sizes = [x[self.size_index] for x, _ in (list(self.observations)[-1:] or self.calibrated[-1:])]
+            size = sizes[0] if sizes else 1.0
+        return {"coef": dict(zip(self.names, self._coef(size))), "at_size": size,
+                "num_observations": len(self.observations), "num_calibrated": len(self.calibrated)}
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float]:
@@ -159,6 +204,15 @@ class AcceptanceFit:
             self.totals[b] += 1.0
             self.num_observations += 1
         self._curve = None
+
+    def shrink(self, num_positions: float) -> None:
+        """Keep each bin's rate but weigh all the evidence as num_positions positions at most."""
+        total = sum(self.totals)
+        if total > num_positions:
+            scale = num_positions / total
+            self.hits = [h * scale for h in self.hits]
+            self.totals = [t * scale for t in self.totals]
+            self._curve = None
 
     def curve(self) -> list[float]:
         if self._curve is None:  # pool adjacent violators: the weighted isotonic (non-increasing) fit
@@ -225,7 +279,7 @@ class DraftBudget:
     def draft_fit(self, threads: int, mode: str) -> CostFit:
         key = (threads, mode == "psd")
         if key not in self.draft_costs:
-            self.draft_costs[key] = CostFit(("job", "per_forward", "per_position"))
+            self.draft_costs[key] = CostFit(("job", "per_forward", "per_position"), size_index=2)
         return self.draft_costs[key]
 
     def verify_fit(self, threads: int, mode: str) -> CostFit:
@@ -246,6 +300,42 @@ class DraftBudget:
 
     def overhead_s(self, mode: str) -> float:
         return self.overheads.get(mode, 0.0)
+
+    # --- calibration (runtime/calibration.py) ----------------------------------------------------
+
+    def freeze_calibration(self) -> None:
+        """The calibration load is over: every job it timed becomes a calibrated observation,
+        kept for the daemon's life next to the recent jobs of the user's load; what its drafts
+        said of acceptance becomes a weak prior (PRIOR_POSITIONS, PRIOR_SCORE_ROWS)."""
+        for fit in [*self.draft_costs.values(), *self.verify_costs.values()]:
+            fit.freeze()
+        self.acceptance.shrink(PRIOR_POSITIONS)
+        scores = list(self.recent_scores)[-PRIOR_SCORE_ROWS:]
+        self.recent_scores.clear()
+        self.recent_scores.extend(scores)
+
+    def calibration(self) -> dict:
+        """What the calibration measured, as its cache keeps it (JSON): the calibrated jobs of
+        every cost fit, each mode's step overhead, the acceptance bins and recent draft scores."""
+        def fits(costs: dict) -> dict:
+            return {f"{threads},{int(alongside)}": [[list(x), y] for x, y in fit.calibrated]
+                    for (threads, alongside), fit in sorted(costs.items()) if fit.calibrated}
+        return {"draft": fits(self.draft_costs), "verify": fits(self.verify_costs), "overheads": dict(self.overheads),
+                "acceptance": {"hits": list(self.acceptance.hits), "totals": list(self.acceptance.totals)},
+                "scores": [list(row) for row in self.recent_scores]}
+
+    def load_calibration(self, data: dict) -> None:
+        """Seed the fits from a calibration (calibration() of an earlier start on this machine)."""
+        for costs, fit_of in (("draft", self.draft_fit), ("verify", self.verify_fit)):
+            for key, observations in data[costs].items():
+                threads, alongside = (int(v) for v in key.split(","))
+                fit_of(threads, "psd" if alongside else "sd").calibrate([(tuple(x), y) for x, y in observations])
+        self.overheads = {mode: float(v) for mode, v in data["overheads"].items()}
+        hits, totals = data["acceptance"]["hits"], data["acceptance"]["totals"]
+        if len(hits) == len(totals) == len(BIN_EDGES):
+            self.acceptance.hits, self.acceptance.totals = [float(h) for h in hits], [float(t) for t in totals]
+            self.acceptance.shrink(PRIOR_POSITIONS)
+        self.recent_scores.extend([float(v) for v in row] for row in data["scores"][-PRIOR_SCORE_ROWS:])
 
     # --- observations -------------------------------------------------------------------------
 

@@ -111,6 +111,8 @@ def cmd_start(args) -> int:
         proc.terminate()
         return 1
     http = f", HTTP on {status['http']['url']}" if status.get("http") else ""
+    for calibration in _calibrations(status):
+        print(f"calibration: {format_calibration(calibration)}")
     print(f"minedraft-runtime serving on {config.server.endpoint}{http} "
           f"(mode {status['mode']}, pid {status['pid']}, log {os.path.join(run_dir, LOG_NAME)})")
     return 0
@@ -119,6 +121,7 @@ def cmd_start(args) -> int:
 def _wait_until_serving(proc: subprocess.Popen, config, run_dir: str) -> dict | None:
     """The daemon's first status, or None (reason printed) if it died or never answered."""
     deadline = time.monotonic() + config.server.startup_timeout_s + 10
+    is_calibrating = False
     with _client(config, 1.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -126,11 +129,39 @@ def _wait_until_serving(proc: subprocess.Popen, config, run_dir: str) -> dict | 
                 _print_log(run_dir)
                 return None
             try:
-                return client.status()
+                status = client.status()
             except TimeoutError:
                 continue
+            running = [c for c in _calibrations(status) if c["state"] == "running"]
+            if not running:
+                return status
+            if not is_calibrating:
+                print(f"calibrating auto's plans ({running[0]['num_phases']} phases; once per machine and models)",
+                      flush=True)
+                is_calibrating = True
+            time.sleep(0.5)
     print(f"error: the runtime did not answer within {config.server.startup_timeout_s} s; stopping it", file=sys.stderr)
     return None
+
+
+def _calibrations(status: dict) -> list[dict]:
+    """auto's calibration on each replica (none in fixed modes)."""
+    if "calibration" in status:
+        return [status["calibration"]]
+    return [r["calibration"] for r in status.get("replicas", []) if r.get("calibration")]
+
+
+def format_calibration(calibration: dict) -> str:
+    path = calibration.get("cache_path")
+    if calibration["state"] == "running":
+        return (f"running: phase {calibration['phase']} of {calibration['num_phases']} ({calibration['plan']}, "
+                f"{calibration['rows']} rows), {calibration['seconds']:.1f} s so far")
+    if calibration["state"] == "failed":
+        return f"failed after {calibration['seconds']:.1f} s: {calibration['reason']}"
+    if calibration["source"] == "cache":
+        took = f", measured in {calibration['measured_s']:.1f} s once" if calibration.get("measured_s") else ""
+        return f"read from the cache {path}{took}"
+    return f"measured in {calibration['seconds']:.1f} s ({calibration['num_jobs']} jobs timed), cached in {path}"
 
 
 def _print_log(run_dir: str) -> None:
@@ -204,6 +235,13 @@ def cmd_status(args) -> int:
         switch = plan["placement"]
         lines.append(("plan", f"{plan['name']} ({plan['reason']}), {plan['num_switches']} switches; "
                               f"{switch['num_switches']} thread/core changes, {switch['total_s'] * 1e3:.2f} ms in all"))
+        if plan.get("predicted_tokens_per_s"):
+            forecast = ", ".join(f"{name} {rate:.2f}" for name, rate in sorted(
+                plan["predicted_tokens_per_s"].items(), key=lambda kv: -kv[1]))
+            measured = plan.get("measured_tokens_per_s")
+            lines.append(("plan forecast tok/s", f"{forecast}; measured {fmt(measured)} in {plan['name']}"))
+    for calibration in _calibrations(status):
+        lines.append(("calibration", format_calibration(calibration)))
     for replica in status.get("replicas", []) if status.get("num_replicas", 1) > 1 or status.get("backend") == "ray" else []:
         where = "; ".join(f"{role} on {w['hostname']} ({w['ip']}, pid {w['pid']})" if "ip" in w else
                           f"{role} pid {w['pid']}" for role, w in replica["workers"].items())

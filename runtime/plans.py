@@ -42,6 +42,9 @@ FAST_DWELL_STEPS = 2  # ... once the plan in force has run this many steps
 EXPLORE_STEPS = 4  # steps an unfitted plan runs to give its fits their first jobs
 EXTRAPOLATION = 1.5  # a fit asked for more than this times the positions it has seen is re-probed ...
 REPROBE_MARGIN = 0.6  # ... when its plan's forecast is at least this share of the plan in force's
+LOAD_JUMP = 1.5  # live requests this many times the most of the last LOAD_WINDOW decisions: re-plan at once
+LOAD_WINDOW = 4
+RATE_WINDOW = 8  # step boundaries the measured rate of the plan in force spans
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class FixedPlan:
     def note_positions(self, key: FitKey, positions: int) -> None:
         pass
 
+    def note_progress(self, now_s: float, num_tokens: int) -> None:
+        pass
+
     def to_dict(self) -> dict | None:
         return None
 
@@ -134,15 +140,20 @@ def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
 class PlanChooser:
     """Picks the plan each step: the fastest predicted at the current load, switching only when
     another is clearly faster for several steps (hysteresis) and the plan in force has run a
-    while; plans whose fits have no jobs yet are run briefly first, so that every prediction
-    rests on measured costs."""
+    while, or at once when the load jumps (a wave of requests arrives: LOAD_JUMP times the most
+    live requests of the last few decisions). Calibrated (runtime/calibration.py: every plan's
+    fits seeded at start, on this machine), it starts in the plan forecast best and never
+    explores; without a calibration, plans whose fits have no jobs yet are run briefly first, so
+    that every prediction rests on measured costs."""
 
     def __init__(self, plans: list[ExecPlan], budget: DraftBudget, rotate_steps: int = 0):
         self.plans = plans
         self.rotate_steps = rotate_steps  # > 0: every plan in turn, this many steps each (tests, diagnosis)
         self.budget = budget
         self.current = plans[0]
-        self.reason = "start"  # start | explore | best | reprobe | kept | rotate
+        self.reason = "start"  # start | explore | best | load | reprobe | kept | rotate | calibrate
+        self.is_calibrated = False  # every plan's fits were seeded at start: no exploration
+        self.pinned: ExecPlan | None = None  # the calibration's plan of the moment (runtime/calibration.py)
         self.steps_in_plan = 0
         self.num_switches = 0
         self.challenger: ExecPlan | None = None
@@ -152,6 +163,8 @@ class PlanChooser:
         self.steps_by_plan: dict[str, int] = {}
         self.num_steps = 0
         self.num_rows = 0  # live requests at the last decision
+        self.recent_rows: deque[int] = deque(maxlen=LOAD_WINDOW)  # live requests at the last few decisions
+        self.progress: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)  # (time, tokens) in the plan in force
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
         self.configured_mode = "auto"
 
@@ -160,35 +173,67 @@ class PlanChooser:
         seen = (key.verifier_threads, key.mode == "psd")
         self.seen_positions[seen] = max(self.seen_positions.get(seen, 0.0), float(positions))
 
+    def reset_counters(self) -> None:
+        """Count steps, switches and loads from now (the calibration's are its own)."""
+        self.steps_by_plan.clear()
+        self.switches.clear()
+        self.recent_rows.clear()
+        self.progress.clear()
+        self.num_steps = self.num_switches = self.steps_in_plan = 0
+
+    def note_progress(self, now_s: float, num_tokens: int) -> None:
+        """Committed tokens so far at a step boundary: the measured rate of the plan in force."""
+        self.progress.append((now_s, num_tokens))
+
+    @property
+    def measured_tokens_per_s(self) -> float | None:
+        """Committed tokens/s over the last steps of the plan in force (None: too few yet)."""
+        if len(self.progress) < 3:
+            return None
+        (t0, n0), (t1, n1) = self.progress[0], self.progress[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
     def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
         """The plan for the next step; live_rooms() gives how many drafts each live request can
         still take (asked only by a planner that uses it: a fixed plan never does)."""
         rooms = live_rooms()
+        if not rooms:  # nothing to serve (the calibration's requests just finished): no step
+            return self.current
         self.steps_in_plan += 1
         self.num_steps += 1
+        is_jump = len(rooms) >= LOAD_JUMP * max(self.recent_rows, default=0)
+        self.recent_rows.append(len(rooms))
         self.num_rows = len(rooms)
         self.steps_by_plan[self.current.name] = self.steps_by_plan.get(self.current.name, 0) + 1
+        if self.pinned is not None:
+            return self._switch(self.pinned, "calibrate") if self.pinned != self.current else self.current
         if self.rotate_steps:
             if self.steps_in_plan > self.rotate_steps:
                 return self._switch(self.plans[(self.plans.index(self.current) + 1) % len(self.plans)], "rotate")
             return self.current
-        is_exploring = self.reason == "explore"
-        if self.steps_in_plan < (EXPLORE_STEPS if is_exploring else FAST_DWELL_STEPS):
+        if not self.is_calibrated:
+            explored = self._explore(rooms)
+            if explored is not None:
+                return explored
+        fitted = [p for p in self.plans if self.budget.is_fitted(p.fit_key)]
+        if self.current not in fitted:
             return self.current
-        unfitted = [p for p in self.plans if not self.budget.is_fitted(p.fit_key)]
-        if unfitted and rooms and (is_exploring or self.steps_in_plan >= MIN_DWELL_STEPS):
-            return self._switch(unfitted[0], "explore")
-        self.forecast = {p.name: self.rate(p, rooms) for p in self.plans}
-        best = max(self.plans, key=lambda p: self.forecast[p.name])
+        self.forecast = {p.name: self.rate(p, rooms) for p in fitted}
+        best = max(fitted, key=lambda p: self.forecast[p.name])
         current_rate = self.forecast[self.current.name]
+        if is_jump and best != self.current:  # a wave arrived: the plan for the new load now
+            return self._switch(best, "load")
+        if self.steps_in_plan < FAST_DWELL_STEPS:
+            return self.current
         if best != self.current and self.forecast[best.name] > (1 + FAST_MARGIN) * current_rate:
             return self._switch(best, "best")
         if self.steps_in_plan < MIN_DWELL_STEPS:
             return self.current
-        stale = [p for p in self.plans if p != self.current and self._is_extrapolated(p, rooms)
-                 and self.forecast[p.name] >= REPROBE_MARGIN * current_rate]
-        if stale and self.steps_in_plan >= 2 * MIN_DWELL_STEPS:
-            return self._switch(max(stale, key=lambda p: self.forecast[p.name]), "reprobe")
+        if not self.is_calibrated:
+            stale = [p for p in fitted if p != self.current and self._is_extrapolated(p, rooms)
+                     and self.forecast[p.name] >= REPROBE_MARGIN * current_rate]
+            if stale and self.steps_in_plan >= 2 * MIN_DWELL_STEPS:
+                return self._switch(max(stale, key=lambda p: self.forecast[p.name]), "reprobe")
         if best != self.current and self.forecast[best.name] > (1 + SWITCH_MARGIN) * current_rate:
             self.num_confirm = self.num_confirm + 1 if best == self.challenger else 1
             self.challenger = best
@@ -196,9 +241,20 @@ class PlanChooser:
                 return self._switch(best, "best")
         else:
             self.challenger, self.num_confirm = None, 0
-        if self.reason in ("explore", "reprobe", "start"):
+        if self.reason in ("explore", "reprobe", "start", "calibrate"):
             self.reason = "kept"
         return self.current
+
+    def _explore(self, rooms: list[int]) -> ExecPlan | None:
+        """Without a calibration: keep an unfitted plan running its first steps, then run the
+        next unfitted one (None: nothing to explore now)."""
+        is_exploring = self.reason == "explore"
+        if is_exploring and self.steps_in_plan < EXPLORE_STEPS:
+            return self.current
+        unfitted = [p for p in self.plans if not self.budget.is_fitted(p.fit_key)]
+        if unfitted and rooms and (is_exploring or self.steps_in_plan >= MIN_DWELL_STEPS):
+            return self._switch(unfitted[0], "explore")
+        return None
 
     def rate(self, plan: ExecPlan, rooms: list[int]) -> float:
         """Predicted committed tokens/s of `plan` serving requests with these rooms: psd splits
@@ -227,6 +283,7 @@ class PlanChooser:
                                   "to": plan.name, "reason": reason,
                                   "forecast": {name: round(rate, 3) for name, rate in self.forecast.items()}})
             self.current = plan
+            self.progress.clear()
         self.reason, self.steps_in_plan = reason, 0
         self.challenger, self.num_confirm = None, 0
         return plan
@@ -240,6 +297,8 @@ class PlanChooser:
             "reason": self.reason,
             "num_switches": self.num_switches,
             "predicted_tokens_per_s": {name: round(rate, 3) for name, rate in self.forecast.items()},
+            "measured_tokens_per_s": None if (rate := self.measured_tokens_per_s) is None else round(rate, 3),
+            "is_calibrated": self.is_calibrated,
             "steps_by_plan": dict(self.steps_by_plan),
             "recent_switches": list(self.switches),
         }

@@ -17,7 +17,7 @@ STARTING, SERVING, RESTARTING, STOPPING, DEAD = "starting", "serving", "restarti
 _SUMMED = ("num_waiting", "num_running", "num_output_tokens", "output_tokens_per_s", "num_draft_tokens",
            "num_drafted", "num_accepted", "num_verify_rows", "num_prefill_jobs", "num_draft_frame_bytes")
 _SUMMED_BY_KEY = ("busy_s", "num_jobs", "finish_reasons")
-_PER_REPLICA_ONLY = ("plan", "draft_budget", "busy_intervals", "recent_jobs")
+_PER_REPLICA_ONLY = ("plan", "draft_budget", "busy_intervals", "recent_jobs", "calibration")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Replica:
     dead_reason: str | None = None
     num_restarts: int = 0
     num_routed: int = 0  # requests sent to it
+    calibration_key: str | None = None  # auto's calibration cache key for its workers (runtime/calibration.py)
+    is_calibration_saved: bool = False  # a calibration it measured has been written to the cache (or failed)
 
     @property
     def is_live(self) -> bool:

@@ -23,6 +23,7 @@ from minedraft.common.protocol import (
 from minedraft.common.request import Request
 from minedraft.runtime.validation import validate_generate
 from minedraft.runtime.budget import FitKey, make_budget
+from minedraft.runtime import calibration as cal
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.plans import ExecPlan, make_planner
 from minedraft.runtime.policies import DRAFTED, DRAFTING, POLICIES, READY, VERIFYING, Batch, StepPolicy
@@ -58,6 +59,8 @@ class SchedulerCore:
         self.clock = clock
         self.batches = [Batch(b) for b in range(sc.num_batches)]
         self.waiting: deque[Request] = deque()
+        self.held: deque[Request] = deque()  # user requests that arrived during the calibration
+        self.calibration: cal.Calibration | None = None  # auto's calibration at start (runtime/calibration.py)
         self.requests: dict[str, Request] = {}  # waiting and running
         self.is_busy = {DRAFTER: False, VERIFIER: False}
         self.release: dict[str, list[str]] = {DRAFTER: [], VERIFIER: []}
@@ -99,7 +102,7 @@ class SchedulerCore:
         error = validate_generate(message, self)
         if error is not None:
             return self._error(client_id, message.request_id, "invalid_request", error)
-        if len(self.waiting) >= self.max_queued:
+        if len(self.waiting) + len(self.held) >= self.max_queued:
             return self._error(client_id, message.request_id, "overloaded",
                                f"admission queue is full ({self.max_queued} requests waiting)")
         prompt_ids = list(message.prompt_ids) if message.prompt_ids is not None else self.tokenizer.encode(message.prompt)
@@ -115,7 +118,7 @@ class SchedulerCore:
             message.min_tokens, client_id, Detokenizer(self.tokenizer, message.stop, message.min_tokens), self.clock(),
         )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        (self.held if self.is_calibrating else self.waiting).append(request)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
         """Finish a request now; its slots are freed with each worker's next job. Harmless for
@@ -128,6 +131,8 @@ class SchedulerCore:
 
     def abort_all(self, code: str, message: str) -> None:
         """Terminal error for every live request (the runtime died)."""
+        if self.is_calibrating:  # its requests die with the workers: serve uncalibrated
+            self._end_calibration(f"the workers failed during it ({message})")
         for request in list(self.requests.values()):
             self._error(request.client_id, request.request_id, code, message)
             self._drop(request, "error")
@@ -200,6 +205,8 @@ class SchedulerCore:
             if batch.is_steady:
                 # Dispatch to result on our clock: the worker's time plus what each step costs around it.
                 self.budget.observe_draft(*batch.job_size, self.clock() - batch.dispatch_s, self._fit_key(batch, result))
+                if self.is_calibrating:
+                    self.calibration.on_job("draft", batch.job_plan)
             self.budget.observe_scores(result.scores)
             for request, kept, scores in zip(batch.rows, result.num_kept, result.scores):
                 request.draft_scores = scores[:kept]
@@ -227,6 +234,8 @@ class SchedulerCore:
             key = self._fit_key(batch, result)
             self.budget.observe_verify(batch.job_size[1], now - batch.dispatch_s, overlap, key)
             self.chooser.note_positions(key, batch.job_size[1])
+            if self.is_calibrating:
+                self.calibration.on_job("verify", batch.job_plan)
         for request, tokens in zip(batch.rows, result.emitted):
             if request.finish_reason is not None:  # aborted while in flight
                 continue
@@ -308,7 +317,12 @@ class SchedulerCore:
     # --- plans ------------------------------------------------------------------------------
 
     def _choose_plan(self) -> None:
+        if self.is_calibrating:
+            self.calibration.num_steps += 1
+            if self.calibration.is_phase_done():
+                self._next_phase()
         before = self.policy
+        self.chooser.note_progress(self.clock(), self.metrics.num_output_tokens)
         self.chooser.choose(self._live_rooms)
         if self.policy is not before:
             self.last_step_s = None  # the next period is the new mode's
@@ -319,6 +333,71 @@ class SchedulerCore:
         live = [r for b in self.batches for r in b.requests]
         live += islice(self.waiting, max(0, self.max_live - len(live)))
         return [r.room(self.max_len) for r in live]
+
+    # --- calibration (auto: runtime/calibration.py) ----------------------------------------------
+
+    @property
+    def is_calibrating(self) -> bool:
+        return self.calibration is not None and self.calibration.is_running
+
+    def start_calibration(self) -> None:
+        """Run auto's calibration load before serving anyone: every plan at every batch size,
+        a few steady steps each (the server calls this at a first start without a cached one)."""
+        assert self.chooser.configured_mode == "auto" and self.budget is not None, "calibration is auto's"
+        phases = cal.schedule(self.chooser.plans, self.max_live, self.max_rows, self.max_batch)
+        self.calibration = cal.Calibration(phases, self.clock())
+        self._next_phase()
+
+    def load_calibration(self, data: dict, measured_s: float | None = None) -> None:
+        """Seed auto's fits from a cached calibration (runtime/calibration.read_cache), which
+        took measured_s to measure."""
+        assert self.chooser.configured_mode == "auto" and self.budget is not None, "calibration is auto's"
+        self.budget.load_calibration(data)
+        self.chooser.is_calibrated = True
+        now = self.clock()
+        self.calibration = cal.Calibration([], now, state="done", source="cache", ended_s=now, measured_s=measured_s)
+
+    def _next_phase(self) -> None:
+        """At a step boundary: the next phase's plan, with its number of calibration requests
+        (the extra ones finish, missing ones are added)."""
+        calibration = self.calibration
+        phase = calibration.advance()
+        if phase is None:
+            return self._end_calibration()
+        self.chooser.pinned = phase.plan
+        live = [r for b in self.batches for r in b.requests] + list(self.waiting)
+        for request in live[phase.rows:]:
+            self._finish(request, "calibration")
+        for _ in range(phase.rows - len(live)):
+            calibration.num_prompts += 1
+            ids = cal.prompt_ids(self.tokenizer, calibration.num_prompts - 1)
+            self.waiting.append(Request(f"calibration-{calibration.num_prompts}", ids, self.max_len - len(ids),
+                                        client_id=None, arrival_s=self.clock()))
+
+    def _end_calibration(self, failure: str | None = None) -> None:
+        """The calibration is over (or failed: `failure` says why, and auto goes on
+        uncalibrated, exploring as it serves): its requests finish, its jobs become the fits'
+        calibrated observations, the metrics start from zero, and the held requests are served."""
+        calibration = self.calibration
+        for request in [r for b in self.batches for r in b.requests] + list(self.waiting):
+            if request.client_id is None:
+                self._finish(request, "calibration")
+        calibration.ended_s = self.clock()
+        calibration.measured_s = calibration.ended_s - calibration.started_s
+        calibration.steps_by_plan = dict(self.chooser.steps_by_plan)
+        if failure is None:
+            calibration.state = "done"
+            self.budget.freeze_calibration()
+            self.chooser.is_calibrated = True
+        else:
+            calibration.state, calibration.reason = "failed", failure
+        self.chooser.pinned = None
+        self.chooser.reason = "start"  # the first user step re-plans (a load jump from none)
+        self.chooser.reset_counters()
+        self.metrics = Metrics(self.clock)
+        self.waiting.extend(self.held)
+        self.held.clear()
+        self.last_step_s = None
 
     def _placement(self, role: str) -> tuple[int | None, list[int] | None]:
         """(num_threads, cpu_cores) for the next job of `role`: none outside auto plans on CPU
@@ -377,7 +456,9 @@ class SchedulerCore:
         num_before = len(request.output_ids)
         reason = request.commit(tokens)
         self.metrics.add_output_tokens(len(request.output_ids) - num_before)
-        text, is_stop_string = request.detokenizer.update(request.output_ids, reason is not None)
+        text, is_stop_string = "", False
+        if request.detokenizer is not None:  # none for the calibration's own requests
+            text, is_stop_string = request.detokenizer.update(request.output_ids, reason is not None)
         reason = "stop" if is_stop_string else reason
         if reason is not None:
             self._finish(request, reason, text)
@@ -388,6 +469,8 @@ class SchedulerCore:
                 metrics: dict | None = None) -> None:
         new_ids = request.output_ids[request.num_streamed:]
         request.num_streamed = len(request.output_ids)
+        if request.client_id is None:  # the calibration's own: nobody to tell
+            return
         if new_ids or text or is_finished:
             self.outputs.append((request.client_id, GenerateOutput(
                 request.request_id, new_ids, text, is_finished, reason, metrics, len(request.prompt_ids))))
@@ -413,6 +496,8 @@ class SchedulerCore:
         self.metrics.add_finished(reason)
         if request in self.waiting:
             self.waiting.remove(request)
+        if request in self.held:
+            self.held.remove(request)
         for batch in self.batches:
             if request in batch.requests:
                 batch.requests.remove(request)
@@ -429,7 +514,7 @@ class SchedulerCore:
             "num_draft": self.num_draft,
             "extra_draft": self.extra_draft,
             "max_batch": self.max_batch,
-            "num_waiting": len(self.waiting),
+            "num_waiting": len(self.held) + sum(r.client_id is not None for r in self.waiting),
             "num_running": sum(len(b.requests) for b in self.batches),
             "batch_sizes": [len(b.requests) for b in self.batches],
             "batch_states": [b.state for b in self.batches],
@@ -440,4 +525,6 @@ class SchedulerCore:
         plan = self.chooser.to_dict()
         if plan is not None:
             status["plan"] = {**plan, "placement": dict(self.placement_changes)}
+        if self.calibration is not None:
+            status["calibration"] = self.calibration.to_dict(self.clock())
         return status

@@ -19,6 +19,7 @@ import zmq
 
 from minedraft.common import protocol as p
 from minedraft.common.config import Config, config_from_dict, config_to_dict, format_config, resolve_run_dir
+from minedraft.runtime import calibration as cal
 from minedraft.runtime.http_front_end import HttpFrontEnd
 from minedraft.runtime.router import (
     DEAD, RESTARTING, SERVING, STARTING, STOPPING, Replica, choose_replica, merge_core_status,
@@ -112,10 +113,55 @@ class Server:
             max_batch = min((r.max_batch for r in replica.pool.ready.values() if r.max_batch), default=None)  # both hold it
             replica.core = SchedulerCore(self.config, make_tokenizer(verifier.tokenizer), verifier.vocab_size,
                                          max_len, verifier.eos_token_ids, max_batch=max_batch)
+            self._begin_calibration(replica)
         else:
             replica.num_restarts += 1
             log.info("replica %d: workers restarted (restart %d)", replica.index, replica.num_restarts)
         replica.state = SERVING
+
+    def _begin_calibration(self, replica: Replica) -> None:
+        """auto: seed the plans' fits from the cached calibration for these workers, or run the
+        calibration load before serving (its requests wait meanwhile; runtime/calibration.py)."""
+        sc = self.config.scheduler
+        if not (sc.is_auto and sc.calibrate and not sc.plan_rotate_steps):
+            return
+        core, path = replica.core, cal.cache_path(self.config)
+        machines = {role: ready.linear.get("machine", "") for role, ready in sorted(replica.pool.ready.items())}
+        replica.calibration_key = cal.cache_key(self.config, machines, core.max_batch)
+        cached = cal.read_cache(path, replica.calibration_key)
+        if cached is not None:
+            core.load_calibration(cached["budget"], cached.get("seconds"))
+            core.calibration.cache_path = str(path)
+            replica.is_calibration_saved = True
+            log.info("replica %d: auto's calibration from the cache %s (key %s; measured in %.1f s)",
+                     replica.index, path, replica.calibration_key, cached.get("seconds", 0.0))
+            return
+        core.start_calibration()
+        core.calibration.cache_path = str(path)
+        log.info("replica %d: calibrating auto's plans (%d phases; no calibration cached in %s for key %s)",
+                 replica.index, len(core.calibration.phases), path, replica.calibration_key)
+
+    def _check_calibration(self, replica: Replica) -> None:
+        """Once a calibration this start measured is over: cache it (or say why it failed)."""
+        calibration = replica.core.calibration if replica.core is not None else None
+        if calibration is None or calibration.is_running or replica.is_calibration_saved:
+            return
+        replica.is_calibration_saved = True
+        seconds = calibration.ended_s - calibration.started_s
+        if calibration.state != "done":
+            log.warning("replica %d: calibration failed after %.1f s: %s; auto explores as it serves",
+                        replica.index, seconds, calibration.reason)
+            return
+        path = cal.cache_path(self.config)
+        try:
+            cal.write_cache(path, replica.calibration_key, {
+                "budget": replica.core.budget.calibration(), "seconds": round(seconds, 3),
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_by_plan": calibration.steps_by_plan})
+            log.info("replica %d: calibrated auto's plans in %.1f s (%d timed jobs); cached in %s",
+                     replica.index, seconds, calibration.num_jobs, path)
+        except OSError as exc:
+            log.warning("replica %d: calibrated in %.1f s, but could not cache it in %s: %s",
+                        replica.index, seconds, path, exc)
 
     def _enable_curve(self, curve_dir: str) -> None:
         """CURVE encryption and authentication: only clients whose public key is in
@@ -147,6 +193,7 @@ class Server:
                 if replica.is_live and self.state in (SERVING, STOPPING):
                     for role, job in replica.core.next_jobs():
                         replica.pool.send(role, job)
+                    self._check_calibration(replica)
             self.flush_outputs()
             if self.http is not None:
                 self.http.check()

@@ -130,22 +130,32 @@ class FakeWorkers:
         """Steps until num_verifies more verify results; the plan in force after each."""
         plans, target = [], self.num_verifies + num_verifies
         while self.num_verifies < target and (self.s.requests or self.pending):
-            for role, job in self.s.next_jobs():
-                threads = job.num_threads or 1
-                assert role not in self.running
-                alongside = bool(self.running)
-                self.running[role] = threads
-                assert sum(self.running.values()) <= 2, f"oversubscribed: {self.running}"
-                self.pending.append((self.now + self._seconds(job, threads, alongside), role, job))
-            self.pending.sort(key=lambda e: e[0])
-            end, role, job = self.pending.pop(0)
-            start, self.now = self.now, end
-            del self.running[role]
-            self._finish(job, start)
-            if isinstance(job, VerifyJob):
-                self.num_verifies += 1
-                plans.append(self.s.chooser.current.name)
+            plan = self.step()
+            if plan is not None:
+                plans.append(plan)
         return plans
+
+    def step(self) -> str | None:
+        """Dispatch what the core asks for, then finish the job that ends first; after a
+        verify, the plan that job ran in (None after other jobs)."""
+        for role, job in self.s.next_jobs():
+            threads = job.num_threads or 1
+            assert role not in self.running
+            alongside = bool(self.running)
+            self.running[role] = threads
+            assert sum(self.running.values()) <= 2, f"oversubscribed: {self.running}"
+            self.pending.append((self.now + self._seconds(job, threads, alongside), role, job))
+        if not self.pending:  # nothing to run (a calibration that just ended, say)
+            return None
+        self.pending.sort(key=lambda e: e[0])
+        end, role, job = self.pending.pop(0)
+        start, self.now = self.now, end
+        del self.running[role]
+        self._finish(job, start)
+        if isinstance(job, VerifyJob):
+            self.num_verifies += 1
+            return self.s.chooser.current.name
+        return None
 
     def _seconds(self, job, threads: int, alongside: bool) -> float:
         m = self.machine

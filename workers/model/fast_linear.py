@@ -49,6 +49,7 @@ class LinearReport:
     fused: list[str] = field(default_factory=list)  # projections merged into one matmul each: "q/k/v", "gate/up"
     choose_s: float = 0.0  # time spent timing candidates at load (0 when the choices came from the cache)
     weights: str = "float32"  # the linears' weights: float32, or bfloat16 (rounded; multiplied in float32)
+    machine: str = field(default_factory=lambda: machine_key())  # CPU, ISA, torch, kernel source (machine_key)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -415,6 +416,12 @@ def _machine_key() -> str:
     source = hashlib.sha256(KERNEL_SOURCE.read_bytes() + " ".join(KERNEL_FLAGS).encode()).hexdigest()[:12]
     return (f"{model}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
             f"|torch={torch.__version__}|kernel={source}|timing={TIMING_VERSION}")
+
+
+def machine_key() -> str:
+    """What a model's speed here depends on beyond its own shape and threads: CPU model, ISA,
+    torch, kernel source and flags (auto's calibration cache keys on it: runtime/calibration.py)."""
+    return "|".join(part for part in _machine_key().split("|") if not part.startswith("threads="))
 
 
 def _cpuinfo_lines() -> list[str]:
