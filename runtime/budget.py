@@ -275,6 +275,7 @@ class DraftBudget:
         # forecasts from the fits: the adaptive policy needs them, and auto plans forecast a fixed budget too
         self.is_predicting = policy == "adaptive" if is_predicting is None else is_predicting
         self.overheads: dict[str, float] = {}  # per mode, measured: the step period beyond what the job fits predict
+        self.residuals: dict[str, float] = {}  # per mode: the running mean of (period - predicted), signed
 
     def draft_fit(self, threads: int, mode: str) -> CostFit:
         key = (threads, mode == "psd")
@@ -331,6 +332,7 @@ class DraftBudget:
                 threads, alongside = (int(v) for v in key.split(","))
                 fit_of(threads, "psd" if alongside else "sd").calibrate([(tuple(x), y) for x, y in observations])
         self.overheads = {mode: float(v) for mode, v in data["overheads"].items()}
+        self.residuals = dict(self.overheads)
         hits, totals = data["acceptance"]["hits"], data["acceptance"]["totals"]
         if len(hits) == len(totals) == len(BIN_EDGES):
             self.acceptance.hits, self.acceptance.totals = [float(h) for h in hits], [float(t) for t in totals]
@@ -362,8 +364,11 @@ class DraftBudget:
         per step. Periods far beyond the prediction are idle time, not overhead."""
         if plan.predicted_step_s is None or period_s > 3 * plan.predicted_step_s + 0.05:
             return
-        residual = max(0.0, period_s - plan.predicted_step_s)
-        self.overheads[mode] = 0.9 * self.overhead_s(mode) + 0.1 * residual
+        # Signed: a period shorter than the fits said pulls the mean down (clipping at zero would
+        # count every fit's noise as overhead). Forecasts use the mean, floored at zero.
+        residual = period_s - plan.predicted_step_s
+        self.residuals[mode] = 0.9 * self.residuals.get(mode, 0.0) + 0.1 * residual
+        self.overheads[mode] = max(0.0, self.residuals[mode])
 
     def observe_scores(self, scores: list[list[float]]) -> None:
         for row in scores:
@@ -472,6 +477,30 @@ class DraftBudget:
         fixed = sum(min(self.num_draft if self.extra_draft else self.max_depth, r) for r in rooms)
         return self.best_plan(rooms, depths=[self.max_depth], capacity=fixed, key=key)
 
+    def drain_share(self, rooms: list[int], forecast: StepBudget, mode: str, batch_rows: int | None = None) -> float:
+        """The share of a speculative step's steady rate that the live requests keep until
+        they finish. Each row commits 1 + X tokens a step, X drafts accepted (mean A, from the
+        forecast), so rows needing the same tokens finish at different steps, and the batch
+        runs until its slowest one: about n + sigma * z(rows) + 1/2 steps instead of n, where
+        n = tokens / (1 + A), sigma is the spread of a row's step count (renewal theory:
+        sqrt(n) * sd(X) / (1 + A)), z(rows) the expected largest of that many standard normal
+        draws and 1/2 the last step's unused part. Plain decoding finishes every row at its own
+        token count, so its share is 1. X's spread is that of a row whose k drafts are each
+        accepted with the probability p that gives mean A. `forecast`: predict() of the batch
+        stepped (batch_rows of the rows; psd steps half of them), under `mode`."""
+        rows = len(rooms)
+        if not rows or forecast.depth <= 0 or not forecast.predicted_tokens_per_s or not forecast.predicted_step_s:
+            return 1.0
+        period = forecast.predicted_step_s + self.overhead_s(mode)
+        accepted = max(0.0, forecast.predicted_tokens_per_s * period / (batch_rows or rows) - 1.0)  # A per row
+        depth = forecast.depth
+        p = _acceptance_probability(accepted, depth)
+        mean = sum(p ** j for j in range(1, depth + 1))
+        variance = max(0.0, sum((2 * j - 1) * p ** j for j in range(1, depth + 1)) - mean ** 2)
+        steps = (max(rooms) + 1) / (1.0 + accepted)
+        spread = math.sqrt(steps * variance) / (1.0 + accepted)
+        return steps / (steps + spread * _expected_max_normal(rows) + 0.5)
+
     def _expected_gains(self, depth: int, rows: int, limit: int) -> list[float]:
         """Prefix sums of g over the best positions the batch would draft at `depth`, estimated
         from recent rows' scores (extended past their depth at each row's mean step) and scaled to
@@ -513,6 +542,33 @@ class DraftBudget:
                 out["verify_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.verify_costs.items())}
                 out["step_overhead_s_by_mode"] = dict(self.overheads)
         return out
+
+
+def _acceptance_probability(accepted: float, depth: int) -> float:
+    """p such that sum_{j=1..depth} p^j = accepted (each draft accepted with p, given the ones
+    before it), by bisection; 1 when even p = 1 falls short."""
+    if accepted >= depth:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        if sum(mid ** j for j in range(1, depth + 1)) < accepted:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+# E[max of n standard normal draws] at n = 1, 2, 4, ..., 64; between them, linear in log2(n).
+_MAX_NORMAL = (0.0, 0.564, 1.029, 1.424, 1.766, 2.070, 2.326)
+
+
+def _expected_max_normal(n: int) -> float:
+    if n <= 1:
+        return 0.0
+    x = min(math.log2(n), len(_MAX_NORMAL) - 1.0)
+    i = min(int(x), len(_MAX_NORMAL) - 2)
+    return _MAX_NORMAL[i] + (x - i) * (_MAX_NORMAL[i + 1] - _MAX_NORMAL[i])
 
 
 def make_budget(scheduler) -> DraftBudget | None:

@@ -99,6 +99,7 @@ class FixedPlan:
         self.current = ExecPlan(mode)
         self.plans = [self.current]
         self.configured_mode = mode
+        self.can_calibrate = False  # one plan: nothing to choose between
 
     def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
         return self.current
@@ -167,6 +168,7 @@ class PlanChooser:
         self.progress: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)  # (time, tokens) in the plan in force
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
         self.configured_mode = "auto"
+        self.can_calibrate = True
 
     def note_positions(self, key: FitKey, positions: int) -> None:
         """A steady verify's size, so forecasts far beyond what its fit has seen can be re-probed."""
@@ -257,18 +259,32 @@ class PlanChooser:
         return None
 
     def rate(self, plan: ExecPlan, rooms: list[int]) -> float:
-        """Predicted committed tokens/s of `plan` serving requests with these rooms: psd splits
-        them into two batches, one of which the verifier checks per step."""
-        if not rooms:
+        """Predicted committed tokens/s of `plan` serving requests with these rooms until they
+        finish: its steady rate, of which a speculative plan keeps only its drain share (its
+        rows finish at scattered steps; budget.drain_share), so it must beat plain decoding by
+        more than its own spread."""
+        forecast, mode, batch_rows = self._forecast(plan, rooms)
+        if forecast is None:
             return 0.0
+        return (forecast.predicted_tokens_per_s or 0.0) * self.budget.drain_share(rooms, forecast, mode, batch_rows)
+
+    def steady_rate(self, plan: ExecPlan, rooms: list[int]) -> float:
+        """Predicted committed tokens/s of `plan` at a steady load of requests with these rooms."""
+        forecast, _, _ = self._forecast(plan, rooms)
+        return 0.0 if forecast is None else forecast.predicted_tokens_per_s or 0.0
+
+    def _forecast(self, plan: ExecPlan, rooms: list[int]):
+        """(the budget's forecast of one step, the mode it is for, the rows it steps): psd
+        splits the requests into two batches, one of which the verifier checks per step."""
+        if not rooms:
+            return None, plan.mode, 0
         mode = plan.mode
         batch = rooms
         if mode == "psd":
             batch = rooms[: (len(rooms) + 1) // 2]
             if len(rooms) < 2:  # one request: one batch, drafting and verifying in turn
                 mode = "sd"
-        forecast = self.budget.predict(batch, FitKey(mode, *plan.threads))
-        return forecast.predicted_tokens_per_s or 0.0
+        return self.budget.predict(batch, FitKey(mode, *plan.threads)), mode, len(batch)
 
     def _is_extrapolated(self, plan: ExecPlan, rooms: list[int]) -> bool:
         rows = len(rooms) if plan.mode != "psd" else (len(rooms) + 1) // 2

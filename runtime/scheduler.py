@@ -343,7 +343,7 @@ class SchedulerCore:
     def start_calibration(self) -> None:
         """Run auto's calibration load before serving anyone: every plan at every batch size,
         a few steady steps each (the server calls this at a first start without a cached one)."""
-        assert self.chooser.configured_mode == "auto" and self.budget is not None, "calibration is auto's"
+        assert self.chooser.can_calibrate and self.budget is not None, "calibration is auto's"
         phases = cal.schedule(self.chooser.plans, self.max_live, self.max_rows, self.max_batch)
         self.calibration = cal.Calibration(phases, self.clock())
         self._next_phase()
@@ -351,7 +351,7 @@ class SchedulerCore:
     def load_calibration(self, data: dict, measured_s: float | None = None) -> None:
         """Seed auto's fits from a cached calibration (runtime/calibration.read_cache), which
         took measured_s to measure."""
-        assert self.chooser.configured_mode == "auto" and self.budget is not None, "calibration is auto's"
+        assert self.chooser.can_calibrate and self.budget is not None, "calibration is auto's"
         self.budget.load_calibration(data)
         self.chooser.is_calibrated = True
         now = self.clock()
