@@ -156,7 +156,8 @@ class Server:
         try:
             cal.write_cache(path, replica.calibration_key, {
                 "budget": replica.core.budget.calibration(), "seconds": round(seconds, 3),
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_by_plan": calibration.steps_by_plan})
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps_by_plan": calibration.steps_by_plan,
+                "models": [self.config.model.target, self.config.model.draft], "max_batch": replica.core.max_batch})
             log.info("replica %d: calibrated auto's plans in %.1f s (%d timed jobs); cached in %s",
                      replica.index, seconds, calibration.num_jobs, path)
         except OSError as exc:

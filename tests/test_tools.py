@@ -447,3 +447,30 @@ def test_no_tool_shadows_an_installed_module():
     assert names, tools
     taken = [n for n in names if n in sys.stdlib_module_names or importlib.machinery.PathFinder.find_spec(n, outside)]
     assert not taken, f"tools named like installed modules: {taken}"
+
+
+def test_auto_forecast_reads_the_calibration_cache_and_names_the_plan_per_load(tmp_path, capsys):
+    """tools/auto_forecast.py on a calibration measured against modelled costs (the fake
+    machine of tests/test_calibration.py): the plan it names at each load is the modelled best,
+    and a cache without the config's models is an error, not a guess."""
+    from minedraft.runtime import calibration as cal
+    from tests.test_calibration import ROOFLINE, calibrated
+
+    auto_forecast = load_tool("auto_forecast")
+    s = calibrated().s
+    overrides = [f"model.cache_dir={tmp_path}", "scheduler.max_batch=16", "scheduler.max_len=4096",
+                 "scheduler.max_tokens_cap=4000"]
+    from minedraft.common.config import load_config
+
+    config = load_config("tiny", ["scheduler.mode=auto", *overrides])
+    cal.write_cache(cal.cache_path(config), "k1", {
+        "budget": s.budget.calibration(), "seconds": 1.0, "measured_at": "2026-12-03T00:00:00",
+        "models": [config.model.target, config.model.draft], "max_batch": 16})
+    args = ["--config", "tiny", "--max-tokens", "400", "--concurrency", "1,16", "--json", str(tmp_path / "f.json")]
+    for override in overrides:
+        args += ["--set", override]
+    assert auto_forecast.main(args) == 0
+    table = json.loads((tmp_path / "f.json").read_text())["table"]
+    assert [row["chosen"] for row in table] == [ROOFLINE.best(1)[1], ROOFLINE.best(16)[1]]
+    assert "chosen" in capsys.readouterr().out
+    assert auto_forecast.main([*args[:2], "--set", f"model.cache_dir={tmp_path}", "--set", "model.target=tiny-qwen2"]) == 1
