@@ -124,7 +124,8 @@ def make_planner(scheduler, cpu_cores: list[int] | None, budget: DraftBudget | N
 
 def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
     """Every plan auto may choose: on CPU devices (`cpu_cores`: the pool the workers share) by
-    mode and core split, else (None) by mode only. The first is the one auto starts with."""
+    mode and core split, else (None) by mode only. The first is the one auto starts with before
+    its first step (calibrated, it then takes the plan forecast best; uncalibrated, it explores)."""
     if cpu_cores is None:
         return [ExecPlan("psd"), ExecPlan("sd"), ExecPlan("ar")]
     drafter_cores, verifier_cores, pool = core_splits(cpu_cores)

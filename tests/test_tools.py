@@ -6,6 +6,7 @@ run plan, best-fixed pick and timeline drawing are also checked in-process, with
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -474,3 +475,15 @@ def test_auto_forecast_reads_the_calibration_cache_and_names_the_plan_per_load(t
     assert [row["chosen"] for row in table] == [ROOFLINE.best(1)[1], ROOFLINE.best(16)[1]]
     assert "chosen" in capsys.readouterr().out
     assert auto_forecast.main([*args[:2], "--set", f"model.cache_dir={tmp_path}", "--set", "model.target=tiny-qwen2"]) == 1
+
+
+def test_bench_sweep_fresh_gives_every_plan_a_fresh_daemon_per_load_in_turn(tmp_path):
+    out = tmp_path / "sweep"
+    done = tool("bench.py", "--config", TINY, "--sweep-concurrency", "1,3", "--sweep-plans", "auto,ar x1",
+                "--requests", "3", "--max-tokens", "8", "--warmup", "0", "--sweep-fresh", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["fresh_daemons"] and report["greedy_identical"] == {"1": True, "3": True}
+    served = [re.match(r"\s+(.+) c=(\d+):", line) for line in done.stderr.splitlines()]
+    order = [(m.group(1), int(m.group(2))) for m in served if m]
+    assert order == [("auto", 1), ("ar x1", 1), ("auto", 3), ("ar x1", 3)]  # the plans take turns at each load

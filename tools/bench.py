@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the concurrency); replaces --modes and the other sweeps")
     parser.add_argument("--sweep-plans", type=_names, default=[],
                         help='with --sweep-concurrency: only these plans (e.g. "auto,ar x1,sd x2"; default all)')
+    parser.add_argument("--sweep-fresh", action="store_true",
+                        help="with --sweep-concurrency: a fresh daemon per plan and load, the plans taking turns at "
+                             "each load, so the machine's drift falls on every plan alike (auto then starts each "
+                             "load from its calibration alone)")
     parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
     parser.add_argument("--transports", default="",
                         help="e.g. frames,shared: run every mode with each cluster.draft_transport")

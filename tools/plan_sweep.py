@@ -101,30 +101,46 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
     print("measuring the machine's limits (tools/kernel_bench.py)", file=sys.stderr, flush=True)
     measured = [plan_bounds.measure(args.config, num_cores)]
     results: dict[str, dict[int, dict]] = {}
-    for number, plan in enumerate(plans, 1):
-        print(f"[{number}/{len(plans)}] {plan['name']}: starting a daemon", file=sys.stderr, flush=True)
-        with running_daemon(args.config, args.set + plan["overrides"]) as endpoint:
-            if args.warmup:
-                run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
-                             max_tokens=warmup_tokens, seed=args.seed, show_progress=False)
-            for concurrency in concurrencies:
-                before = plan_steps(endpoint)
-                with PlanSampler(endpoint) as sampler:
-                    result = run_loadtest(endpoint, prompts, requests=max(args.requests, concurrency),
-                                          concurrency=concurrency, max_tokens=args.max_tokens,
-                                          temperature=args.temperature, seed=args.seed,
-                                          ignore_eos=args.ignore_eos, show_progress=False)
-                after = plan_steps(endpoint)
-                if plan["name"] == AUTO:
-                    result["plan_steps"] = {name: after.get(name, 0) - before.get(name, 0) for name in after
-                                            if after.get(name, 0) > before.get(name, 0)}
-                    result["plan_at_full_load"] = sampler.best
-                results.setdefault(plan["name"], {})[concurrency] = result
-                print(f"  c={concurrency}: {result['output_throughput']:.2f} tok/s", file=sys.stderr, flush=True)
+
+    def serve(plan: dict, endpoint: str, concurrency: int) -> None:
+        before = plan_steps(endpoint)
+        with PlanSampler(endpoint) as sampler:
+            result = run_loadtest(endpoint, prompts, requests=max(args.requests, concurrency),
+                                  concurrency=concurrency, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, seed=args.seed,
+                                  ignore_eos=args.ignore_eos, show_progress=False)
+        after = plan_steps(endpoint)
+        if plan["name"] == AUTO:
+            result["plan_steps"] = {name: after.get(name, 0) - before.get(name, 0) for name in after
+                                    if after.get(name, 0) > before.get(name, 0)}
+            result["plan_at_full_load"] = sampler.best
+        results.setdefault(plan["name"], {})[concurrency] = result
+        print(f"  {plan['name']} c={concurrency}: {result['output_throughput']:.2f} tok/s", file=sys.stderr, flush=True)
+
+    def warm(endpoint: str) -> None:
+        if args.warmup:
+            run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
+                         max_tokens=warmup_tokens, seed=args.seed, show_progress=False)
+
+    if getattr(args, "sweep_fresh", False):  # plans take turns at each load, each on a fresh daemon
+        for concurrency in concurrencies:
+            print(f"concurrency {concurrency}: {len(plans)} plans in turn", file=sys.stderr, flush=True)
+            for plan in plans:
+                with running_daemon(args.config, args.set + plan["overrides"]) as endpoint:
+                    warm(endpoint)
+                    serve(plan, endpoint, concurrency)
+    else:
+        for number, plan in enumerate(plans, 1):
+            print(f"[{number}/{len(plans)}] {plan['name']}: starting a daemon", file=sys.stderr, flush=True)
+            with running_daemon(args.config, args.set + plan["overrides"]) as endpoint:
+                warm(endpoint)
+                for concurrency in concurrencies:
+                    serve(plan, endpoint, concurrency)
     measured.append(plan_bounds.measure(args.config, num_cores))
     machine = plan_bounds.merge(measured)
     report = analyse(results, concurrencies, machine)
     report.update({"config": args.config, "overrides": args.set, "requests": args.requests,
+                   "fresh_daemons": bool(getattr(args, "sweep_fresh", False)),
                    "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                    "plans": plans})
     return report
