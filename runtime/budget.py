@@ -274,8 +274,9 @@ class DraftBudget:
         self.predicted_ema: float | None = None
         # forecasts from the fits: the adaptive policy needs them, and auto plans forecast a fixed budget too
         self.is_predicting = policy == "adaptive" if is_predicting is None else is_predicting
-        self.overheads: dict[str, float] = {}  # per mode, measured: the step period beyond what the job fits predict
-        self.residuals: dict[str, float] = {}  # per mode: the running mean of (period - predicted), signed
+        # per mode, measured: the running mean of the step period beyond what the job fits predict
+        # (signed; forecasts use it floored at zero: overhead_s)
+        self.overheads: dict[str, float] = {}
 
     def draft_fit(self, threads: int, mode: str) -> CostFit:
         key = (threads, mode == "psd")
@@ -300,7 +301,7 @@ class DraftBudget:
         return self.verify_fit(self.default_key.verifier_threads, self.default_key.mode)
 
     def overhead_s(self, mode: str) -> float:
-        return self.overheads.get(mode, 0.0)
+        return max(0.0, self.overheads.get(mode, 0.0))
 
     # --- calibration (runtime/calibration.py) ----------------------------------------------------
 
@@ -332,12 +333,11 @@ class DraftBudget:
                 threads, alongside = (int(v) for v in key.split(","))
                 fit_of(threads, "psd" if alongside else "sd").calibrate([(tuple(x), y) for x, y in observations])
         self.overheads = {mode: float(v) for mode, v in data["overheads"].items()}
-        self.residuals = dict(self.overheads)
         hits, totals = data["acceptance"]["hits"], data["acceptance"]["totals"]
-        if len(hits) == len(totals) == len(BIN_EDGES):
+        if len(hits) == len(totals) == len(BIN_EDGES):  # already the weak prior: freeze_calibration made it
             self.acceptance.hits, self.acceptance.totals = [float(h) for h in hits], [float(t) for t in totals]
-            self.acceptance.shrink(PRIOR_POSITIONS)
-        self.recent_scores.extend([float(v) for v in row] for row in data["scores"][-PRIOR_SCORE_ROWS:])
+            self.acceptance._curve = None
+        self.recent_scores.extend([float(v) for v in row] for row in data["scores"])
 
     # --- observations -------------------------------------------------------------------------
 
@@ -367,8 +367,7 @@ class DraftBudget:
         # Signed: a period shorter than the fits said pulls the mean down (clipping at zero would
         # count every fit's noise as overhead). Forecasts use the mean, floored at zero.
         residual = period_s - plan.predicted_step_s
-        self.residuals[mode] = 0.9 * self.residuals.get(mode, 0.0) + 0.1 * residual
-        self.overheads[mode] = max(0.0, self.residuals[mode])
+        self.overheads[mode] = 0.9 * self.overheads.get(mode, 0.0) + 0.1 * residual
 
     def observe_scores(self, scores: list[list[float]]) -> None:
         for row in scores:
@@ -540,7 +539,7 @@ class DraftBudget:
             if any(threads for threads, _ in [*self.draft_costs, *self.verify_costs]):  # auto on a CPU: by thread count
                 out["draft_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.draft_costs.items())}
                 out["verify_time_s_by_threads"] = {_key_name(k): f.to_dict() for k, f in sorted(self.verify_costs.items())}
-                out["step_overhead_s_by_mode"] = dict(self.overheads)
+                out["step_overhead_s_by_mode"] = {mode: self.overhead_s(mode) for mode in self.overheads}
         return out
 
 

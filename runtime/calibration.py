@@ -122,7 +122,7 @@ class Calibration:
 
 def schedule(plans: list, max_live: int, max_rows: int, max_batch: int) -> list[Phase]:
     """Every plan at every batch size it will run, largest first (the load shrinks by finishing
-    requests, never by adding prompts): powers of two from min(LARGEST_ROWS, what a one-batch
+    requests; a new prompt only replaces one that reached its max_tokens): powers of two from min(LARGEST_ROWS, what a one-batch
     plan holds) down to 1. psd is timed from 2 live requests (one request runs as sd), and at
     most two of its batches' worth. Within a size the plans that draft go first, so the ar
     plans' steps do not leave the drafter a catch-up before each of them."""

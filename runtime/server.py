@@ -147,7 +147,7 @@ class Server:
         if calibration is None or calibration.is_running or replica.is_calibration_saved:
             return
         replica.is_calibration_saved = True
-        seconds = calibration.ended_s - calibration.started_s
+        seconds = calibration.measured_s
         if calibration.state != "done":
             log.warning("replica %d: calibration failed after %.1f s: %s; auto explores as it serves",
                         replica.index, seconds, calibration.reason)

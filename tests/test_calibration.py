@@ -42,8 +42,9 @@ def test_schedule_times_every_plan_at_every_size_largest_first():
     for rows in (16, 8, 4, 2):
         assert {p.plan.name for p in phases if p.rows == rows} == {p.name for p in plans}
     assert {p.plan.name for p in phases if p.rows == 1} == {"sd x1", "ar x1", "sd x2", "ar x2"}  # psd needs two
-    first_at_8 = [p.plan.mode for p in phases if p.rows == 8]
-    assert first_at_8.index("ar") > max(i for i, m in enumerate(first_at_8) if m != "ar") - 2  # drafting plans first
+    for rows in (16, 8, 4, 2, 1):  # at each size the plans that draft go first, ar last
+        modes = [p.plan.mode for p in phases if p.rows == rows]
+        assert modes == sorted(modes, key=lambda m: m == "ar") and modes[-1] == "ar"
     small = cal.schedule(plans, max_live=6, max_rows=6, max_batch=3)
     assert sorted({p.rows for p in small}, reverse=True) == [6, 4, 2, 1]
 
