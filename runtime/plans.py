@@ -42,8 +42,7 @@ FAST_DWELL_STEPS = 2  # ... once the plan in force has run this many steps
 EXPLORE_STEPS = 4  # steps an unfitted plan runs to give its fits their first jobs
 EXTRAPOLATION = 1.5  # a fit asked for more than this times the positions it has seen is re-probed ...
 REPROBE_MARGIN = 0.6  # ... when its plan's forecast is at least this share of the plan in force's
-LOAD_JUMP = 1.5  # live requests this many times the most of the last LOAD_WINDOW decisions: re-plan at once
-LOAD_WINDOW = 4
+LOAD_JUMP = 1.5  # live requests this many times the load the plan was last chosen for: re-plan at once
 RATE_WINDOW = 8  # step boundaries the measured rate of the plan in force spans
 
 
@@ -142,8 +141,9 @@ def candidate_plans(cpu_cores: list[int] | None) -> list[ExecPlan]:
 class PlanChooser:
     """Picks the plan each step: the fastest predicted at the current load, switching only when
     another is clearly faster for several steps (hysteresis) and the plan in force has run a
-    while, or at once when the load jumps (a wave of requests arrives: LOAD_JUMP times the most
-    live requests of the last few decisions). Calibrated (runtime/calibration.py: every plan's
+    while, or at once when the load jumps (a wave of requests arrives: LOAD_JUMP times the live
+    requests the plan was last chosen for, so a wave that reaches the scheduler over several
+    steps re-plans at each jump of it). Calibrated (runtime/calibration.py: every plan's
     fits seeded at start, on this machine), it starts in the plan forecast best and never
     explores; without a calibration, plans whose fits have no jobs yet are run briefly first, so
     that every prediction rests on measured costs."""
@@ -165,7 +165,7 @@ class PlanChooser:
         self.steps_by_plan: dict[str, int] = {}
         self.num_steps = 0
         self.num_rows = 0  # live requests at the last decision
-        self.recent_rows: deque[int] = deque(maxlen=LOAD_WINDOW)  # live requests at the last few decisions
+        self.settled_rows = 0  # live requests when the plan was last chosen for a load (a jump or a switch)
         self.progress: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)  # (time, tokens) in the plan in force
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
         self.configured_mode = "auto"
@@ -180,7 +180,7 @@ class PlanChooser:
         """Count steps, switches and loads from now (the calibration's are its own)."""
         self.steps_by_plan.clear()
         self.switches.clear()
-        self.recent_rows.clear()
+        self.settled_rows = 0
         self.progress.clear()
         self.num_steps = self.num_switches = self.steps_in_plan = 0
 
@@ -204,9 +204,10 @@ class PlanChooser:
             return self.current
         self.steps_in_plan += 1
         self.num_steps += 1
-        is_jump = len(rooms) >= LOAD_JUMP * max(self.recent_rows, default=0)
-        self.recent_rows.append(len(rooms))
         self.num_rows = len(rooms)
+        is_jump = self.num_rows >= LOAD_JUMP * self.settled_rows
+        if is_jump:  # this load is judged now, whatever the plan: the next jump is measured from it
+            self.settled_rows = self.num_rows
         self.steps_by_plan[self.current.name] = self.steps_by_plan.get(self.current.name, 0) + 1
         if self.pinned is not None:
             return self._switch(self.pinned, "calibrate") if self.pinned != self.current else self.current
@@ -301,6 +302,7 @@ class PlanChooser:
                                   "forecast": {name: round(rate, 3) for name, rate in self.forecast.items()}})
             self.current = plan
             self.progress.clear()
+            self.settled_rows = self.num_rows
         self.reason, self.steps_in_plan = reason, 0
         self.challenger, self.num_confirm = None, 0
         return plan

@@ -88,6 +88,23 @@ def test_a_wave_is_replanned_at_the_next_step():
     assert workers.s.chooser.switches[-1]["reason"] == "load" and workers.s.chooser.switches[-1]["rows"] == 16
 
 
+def test_a_wave_arriving_over_several_steps_is_replanned_at_each_jump():
+    """Requests that reach the scheduler one or two per step still re-plan as the wave grows
+    (1.5 times the load the plan was last chosen for), not after the hysteresis's steps."""
+    data = calibrated().s.budget.calibration()
+    workers = fresh_from_cache(data)
+    workers.add(1, max_tokens=3000, prefix="long")
+    workers.run(10)
+    plans = []
+    for i in range(8):
+        workers.add(2, max_tokens=400, prefix=f"wave{i}-")
+        plans += workers.run(1)
+    best = ROOFLINE.best(17)[1]
+    assert best != ROOFLINE.best(1)[1] and best in plans, (plans, workers.s.status()["plan"]["recent_switches"])
+    first = next(sw for sw in workers.s.chooser.switches if sw["to"] == best)
+    assert first["reason"] == "load" and first["rows"] < 17, first  # before the wave was whole
+
+
 def test_requests_during_the_calibration_wait_and_are_all_served():
     workers = FakeWorkers(ROOFLINE)
     s = workers.s
