@@ -166,6 +166,7 @@ class SchedulerSection:
     restart_workers: bool = False  # on a dead or hung worker: restart both workers (else the daemon exits 1)
     prefill_ahead: bool = True  # sd/psd: an idle verifier caches new prompts while the drafter drafts them
     extra_draft: int = 0  # e: TETRIS drafts k + e tokens per row and verifies the likeliest k x rows of them
+    predraft: bool = True  # sd/psd with one batch: the drafter drafts the next step's drafts while the verifier checks this one's
     draft_policy: str = "fixed"  # fixed (k, e as set) | adaptive (depth and verify capacity from measured costs)
     plan_rotate_steps: int = 0  # auto, for tests and diagnosis: go through every plan in turn, this many steps each (0 = choose)
     calibrate: bool = True  # auto: time every plan at every batch size at start (cached per machine and models) instead of exploring on the first requests

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 6  # 6: GenerateRequest.min_tokens, GenerateOutput.num_prompt_tokens, ReadyResult.max_batch and memory
+PROTOCOL_VERSION = 7  # 7: pre-drafting (DraftJob.predraft_s, DraftResult's predraft fields); 6: min_tokens, num_prompt_tokens, max_batch, memory
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -168,6 +168,9 @@ class DraftJob:
     num_threads: Optional[int] = None  # CPU only: torch threads for this job (None: keep the worker's)
     cpu_cores: Optional[list[int]] = None  # CPU only: cores for every thread of the worker (None: keep)
     draft_id: Optional[int] = None  # the scheduler's number for this draft (frames transport: tags the drafts sent)
+    # Pre-drafting: keep each row's drafts as its chain (None: drop chains) and, after the result,
+    # draft on along the chains for up to this many seconds while the verifier checks them.
+    predraft_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,16 @@ class DraftResult:
     num_threads: int = 0  # the threads and cores the job ran with (as the worker observed them)
     cpu_cores: list[int] = field(default_factory=list)
     switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
+    # Pre-drafting, per row in job order: -1 no pre-drafted chain, 0 a miss, 1 a hit (the chain
+    # was the outcome); drafts served from the chain without a forward.
+    predraft_hits: list[int] = field(default_factory=list)
+    num_served: list[int] = field(default_factory=list)
+    saved_s: float = 0.0  # the draft forwards this job did not run, at the drafter's measured time per forward
+    # The pre-draft that followed the drafter's previous job (worker clock; 0 forwards: none).
+    predraft_start_s: float = 0.0
+    predraft_end_s: float = 0.0
+    predraft_forwards: int = 0
+    predraft_tokens: int = 0
 
 
 @dataclass(frozen=True)

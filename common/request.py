@@ -33,6 +33,7 @@ class Request:
     num_drafted: int = 0
     num_accepted: int = 0
     num_steps: int = 0
+    num_predraft_hits: int = 0  # steps whose drafts the drafter had drafted ahead (pre-drafting)
     first_token_s: float | None = None
 
     @property

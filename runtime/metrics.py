@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from minedraft.common.protocol import ROLES
+from minedraft.common.protocol import DRAFTER, ROLES
 
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 MAX_INTERVALS = 512  # recent busy intervals kept per worker
@@ -27,6 +27,10 @@ class Metrics:
         self.num_output_tokens = 0
         self.recent_tokens: deque[tuple[float, int]] = deque()
         self.finish_reasons: Counter[str] = Counter()
+        # pre-drafting (docs/design.md section 5): rows whose pre-drafted chain was checked
+        # against the outcome, hits, drafts served without a forward, and the drafter's work
+        self.predraft = {"checked": 0, "hits": 0, "drafts_served": 0, "saved_s": 0.0, "busy_s": 0.0,
+                         "num_jobs": 0, "num_tokens": 0}
 
     def add_busy(self, role: str, start_s: float, end_s: float, is_step: bool = True, job: dict | None = None) -> None:
         """A worker's job ran from start_s to end_s; `job` describes it for the timeline
@@ -37,6 +41,23 @@ class Metrics:
         self.intervals[role].append((start_s, end_s))
         if job is not None:
             self.jobs.append({"role": role, "start_s": start_s, "end_s": end_s, **job})
+
+    def add_predraft_rows(self, hits: list[int], served: list[int], saved_s: float) -> None:
+        """A draft job's rows: per row -1 (no pre-drafted chain), 0 (a miss) or 1 (a hit), and
+        the drafts each took from its chain."""
+        self.predraft["checked"] += sum(h >= 0 for h in hits)
+        self.predraft["hits"] += sum(h == 1 for h in hits)
+        self.predraft["drafts_served"] += sum(served)
+        self.predraft["saved_s"] += saved_s
+
+    def add_predraft_job(self, start_s: float, end_s: float, num_tokens: int, job: dict) -> None:
+        """The drafter drafted on after a job's result (worker clock), while the verifier ran."""
+        self.busy_s[DRAFTER] += max(0.0, end_s - start_s)
+        self.intervals[DRAFTER].append((start_s, end_s))
+        self.predraft["busy_s"] += max(0.0, end_s - start_s)
+        self.predraft["num_jobs"] += 1
+        self.predraft["num_tokens"] += num_tokens
+        self.jobs.append({"role": DRAFTER, "start_s": start_s, "end_s": end_s, **job})
 
     def add_draft_tokens(self, n: int) -> None:
         self.num_draft_tokens += n
@@ -80,11 +101,21 @@ class Metrics:
             "num_prefill_jobs": self.num_prefill_jobs,
             "num_draft_frame_bytes": self.num_draft_frame_bytes,
             "finish_reasons": dict(self.finish_reasons),
+            "predraft": self.predraft_summary(),
         }
         if is_detailed:
             summary["busy_intervals"] = {role: [list(i) for i in v] for role, v in self.intervals.items()}
             summary["recent_jobs"] = list(self.jobs)
         return summary
+
+
+    def predraft_summary(self) -> dict:
+        p = self.predraft
+        # one branch kind: every kept draft accepted and the bonus token the draft's own next one
+        return {"branches": {"full": {"checked": p["checked"], "hits": p["hits"],
+                                      "hit_rate": p["hits"] / p["checked"] if p["checked"] else None}},
+                "drafts_served": p["drafts_served"], "saved_s": round(p["saved_s"], 6),
+                "busy_s": round(p["busy_s"], 6), "num_jobs": p["num_jobs"], "num_tokens": p["num_tokens"]}
 
 
 def format_memory(memory: dict) -> str:

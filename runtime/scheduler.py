@@ -44,6 +44,8 @@ class SchedulerCore:
         self.chooser = make_planner(sc, cpu_pool(config), self.budget)  # the plan in force: chooser.current
         self.is_learning = self.budget is not None and self.budget.is_predicting
         self.prefill_ahead = sc.prefill_ahead and sc.speculates
+        self.predraft = sc.predraft and sc.speculates
+        self.verify_s: dict[int, float] = {}  # verify positions -> running mean of a steady verify's time (pre-drafting's window)
         self.max_batch = max_batch or sc.max_batch
         assert self.max_batch >= 1, "scheduler.max_batch = 0 is resolved by the workers (ReadyResult.max_batch)"
         self.max_rows = sc.max_rows(self.max_batch)  # one batch's limit in one-batch plans (auto: both of psd's batches)
@@ -199,6 +201,14 @@ class SchedulerCore:
             "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})
         batch.state = DRAFTED
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
+        if result.predraft_hits:
+            self.metrics.add_predraft_rows(result.predraft_hits, result.num_served, result.saved_s)
+            for request, hit in zip(batch.rows, result.predraft_hits):
+                request.num_predraft_hits += hit == 1
+        if result.predraft_forwards:
+            self.metrics.add_predraft_job(result.predraft_start_s, result.predraft_end_s, result.predraft_tokens, {
+                "kind": "predraft", "batch": batch.batch_id, "rows": None, "depth": result.predraft_forwards,
+                "positions": result.predraft_tokens, "kept": None, "mode": self.mode})
         for request, kept in zip(batch.rows, result.num_kept):
             request.num_draft = kept  # TETRIS may keep fewer than were drafted
         if self.is_learning:
@@ -227,6 +237,10 @@ class SchedulerCore:
             "kind": "verify", "batch": batch.batch_id, "rows": batch.job_size[0], "positions": batch.job_size[1],
             "threads": result.num_threads, "cores": result.cpu_cores, "mode": self.mode})
         batch.state = READY
+        if batch.is_steady and batch.draft_id is not None and batch.job_size[1] > batch.job_size[0]:
+            positions, took = batch.job_size[1], self.clock() - batch.dispatch_s
+            before = self.verify_s.get(positions)
+            self.verify_s[positions] = took if before is None else 0.8 * before + 0.2 * took
         if self.is_learning and batch.is_steady:
             now = self.clock()
             overlap = sum(max(0.0, min(now, end if end is not None else now) - max(batch.dispatch_s, start))
@@ -271,7 +285,20 @@ class SchedulerCore:
         self.num_draft_jobs += 1
         batch.draft_id = self.num_draft_jobs
         return DraftJob(batch.batch_id, rows, self._take_release(DRAFTER), budget.capacity, *placement,
-                        draft_id=batch.draft_id)
+                        draft_id=batch.draft_id, predraft_s=self._predraft_window(batch))
+
+    def _predraft_window(self, batch: Batch) -> float | None:
+        """Pre-drafting (None: off for this job): the seconds the drafter may draft on after
+        its result, the time the verify of these drafts is measured to take. Only where the
+        drafter would otherwise wait for that verify (no other batch to draft) and has cores
+        of its own (not a wide plan, whose jobs take every core in turn)."""
+        if not self.predraft or self.plan.is_wide or any(b.requests for b in self.batches if b is not batch):
+            return None
+        if not self.verify_s:
+            return 0.0  # chains kept, nothing drafted on until a verify of drafts has been timed
+        positions = sum(1 + r.num_draft for r in batch.rows)
+        nearest = min(self.verify_s, key=lambda p: (abs(p - positions), p))
+        return self.verify_s[nearest] * positions / nearest if nearest > positions else self.verify_s[nearest]
 
     def _verify_job(self, batch: Batch) -> VerifyJob | None:
         is_plain_step = batch.state == READY  # no drafts (ar); else the batch was drafted
@@ -485,6 +512,7 @@ class SchedulerCore:
             "num_drafted": request.num_drafted,
             "num_accepted": request.num_accepted,
             "num_steps": request.num_steps,
+            "num_predrafted_steps": request.num_predraft_hits,
         }
         self._stream(request, text, True, reason, metrics)
         self._drop(request, reason)

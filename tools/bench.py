@@ -46,14 +46,15 @@ from minedraft.runtime.client import Client  # noqa: E402
 from minedraft.common.config import ConfigError, load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("ar", "sd", "psd", "sd-2t", "sd-tetris", "psd-tetris", "sd-adaptive", "psd-adaptive")
+MODES = ("ar", "sd", "psd", "sd-2t", "sd-tetris", "psd-tetris", "sd-adaptive", "psd-adaptive", "sd-nopredraft",
+         "psd-nopredraft")
 SWEEP_MODES = ("psd", "sd")  # what --sweep-k / --sweep-e / --sweep-batch run by default
 DEFAULT_EXTRA_DRAFT = 2  # e of the tetris and adaptive modes
 WARMUP_MAX_TOKENS = 8
 STATUS_TIMEOUT_S = 10.0
 TIMELINE_S = 4.0  # seconds of the recorded jobs drawn, from their middle
 TIMELINE_LANES = {"verifier": 0, "drafter": 1}
-TIMELINE_COLORS = {0: "tab:blue", 1: "tab:orange", None: "tab:gray"}  # batch 0, batch 1, prefill (no batch)
+TIMELINE_COLORS = {0: "tab:blue", 1: "tab:orange", None: "tab:gray", "predraft": "tab:green"}  # batch 0, batch 1, prefill, pre-draft
 TIMELINE_CHAR_WIDTH = 0.004  # a bar label character's width as a fraction of the drawn window
 
 
@@ -70,6 +71,8 @@ def mode_overrides(mode: str, extra_draft: int = DEFAULT_EXTRA_DRAFT) -> list[st
         "psd-tetris": ["scheduler.mode=psd", extra, "scheduler.draft_policy=fixed"],
         "sd-adaptive": ["scheduler.mode=sd", extra, "scheduler.draft_policy=adaptive"],
         "psd-adaptive": ["scheduler.mode=psd", extra, "scheduler.draft_policy=adaptive"],
+        "sd-nopredraft": ["scheduler.mode=sd", "scheduler.predraft=false"],  # sd and psd pre-draft by default
+        "psd-nopredraft": ["scheduler.mode=psd", "scheduler.predraft=false"],
     }[mode]
 
 
@@ -321,6 +324,8 @@ def job_text(job: dict) -> str:
         return f"{rows}x{job['depth']}" + (f"\u2192{job['kept']}" if is_cut else "")
     if job["kind"] == "verify":
         return f"{rows}x{round(job['positions'] / rows)}" if rows else ""
+    if job["kind"] == "predraft":
+        return f"+{job['depth']}"
     return f"{rows}r"
 
 
@@ -338,7 +343,7 @@ def draw_timeline(ax, jobs: list[dict], window_s: float, title: str) -> None:
         if job["end_s"] < t0 or job["start_s"] > t1:
             continue
         lane, width = TIMELINE_LANES[job["role"]], job["end_s"] - job["start_s"]
-        color = TIMELINE_COLORS[None if job["kind"] == "prefill" else job["batch"]]
+        color = TIMELINE_COLORS[{"prefill": None, "predraft": "predraft"}.get(job["kind"], job["batch"])]
         bars.setdefault((lane, color), []).append((job["start_s"] - t0, width))
         text = job_text(job)
         if text and width >= TIMELINE_CHAR_WIDTH * (len(text) + 1) * (t1 - t0):
@@ -364,8 +369,9 @@ def plot_timelines(runs: list[dict], path: str, window_s: float) -> None:
                  f"   (bars: draft rows x depth \u2192 kept, verify rows x positions per row)")
         draw_timeline(ax, run.get("timeline", []), window_s, title)
     legend = [Patch(color=TIMELINE_COLORS[0], label="batch 0"), Patch(color=TIMELINE_COLORS[1], label="batch 1"),
-              Patch(color=TIMELINE_COLORS[None], label="prefill")]
-    fig.legend(handles=legend, loc="upper right", ncol=3, fontsize=8)
+              Patch(color=TIMELINE_COLORS[None], label="prefill"),
+              Patch(color=TIMELINE_COLORS["predraft"], label="pre-draft (+forwards)")]
+    fig.legend(handles=legend, loc="upper right", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,7 @@ workers/process.py wraps it with sockets. It never decides what is committed: th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,23 +20,51 @@ from minedraft.workers.slots import SlotTable, feed_batch
 from minedraft.workers.model.transfer import index_tensor, to_device_packed
 
 
+@dataclass
+class Chain:
+    """A request's drafts beyond its committed tokens, in order (pre-drafting): the last job's
+    drafts, then what the drafter drafted on after its result while the verifier checked them.
+    Its slot holds the K/V of every chain token but the last (cached == known + tokens[:-1]):
+    these are the scratch cells, kept when the committed tokens turn out to be the chain's own
+    (every kept draft accepted and the bonus token the draft's next one), dropped by the usual
+    roll-back otherwise. Valid proposals either way: each token was drawn from the draft's
+    distribution given exactly the tokens before it, except the predicted bonus token (`guess`),
+    the draft's likeliest token where the verify samples its bonus: it is matched against the
+    outcome, never proposed."""
+
+    base: int  # len(known) when the chain was drafted: tokens[0] is position `base`
+    tokens: list[int]
+    scores: list[float]  # cumulative draft log-probability from the chain's first token
+    probs: torch.Tensor | None  # [n, V] the draft distribution of each token (sampled rows only)
+    num_predrafted: int = 0  # tokens drafted after the job's result (the chain's tail)
+    guess: int = -1  # index of the predicted bonus token (the draft's argmax, not a sample): never served as a draft
+
+
 class Drafter:
     def __init__(self, model, max_slots: int, max_len: int, max_draft: int, dtype: torch.dtype, device="cpu"):
         self.model = model
         self.max_draft = max_draft
         self.cache = KVCache(model.config, max_slots, max_len, dtype, device)
         self.table = SlotTable(self.cache, DRAFT_SALT)
+        self.chains: dict[str, Chain] = {}  # pre-drafting: request_id -> its chain
+        self.forward_s: float | None = None  # running mean of a pre-draft forward's time
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
+        for request_id in request_ids:
+            self.chains.pop(request_id, None)
 
     @torch.inference_mode()
     def draft(self, rows: list[JobRow], out_tokens: torch.Tensor, out_probs: torch.Tensor,
-              capacity: int | None = None) -> DraftOutcome:
+              capacity: int | None = None, keep_chains: bool = False) -> DraftOutcome:
         """Draft rows[i].num_draft tokens for each row into out_tokens[row.buffer_row] and, for
         sampled (non-greedy) rows, their draft distributions into out_probs[row.buffer_row].
         Then keep the `capacity` likeliest positions across the batch (TETRIS, select_positions);
         None keeps every drafted position.
+
+        keep_chains (pre-drafting): a row whose committed tokens are its chain's own starts from
+        the rest of its chain (no forward for the drafts the chain already holds), and every
+        row keeps its drafts as its chain for predraft() to extend. Off, chains are dropped.
 
         out_tokens [max_batch, max_draft] int64; out_probs [max_batch, max_draft, V] float32.
         """
@@ -43,40 +72,158 @@ class Drafter:
         # 1. Apply committed tokens; rows with nothing to draft only record them.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         is_sampled = [not s.params.is_greedy for s in states]
+        taken = [self._take_chain(r, s, keep_chains) for r, s in zip(rows, states)]
+        chains, hits = [c for c, _ in taken], [h for _, h in taken]
+        num_served = [min(len(c.tokens), r.num_draft) if c is not None else 0 for r, c in zip(rows, chains)]
         active = [i for i, r in enumerate(rows) if r.num_draft > 0]
         if active:
             self._draft([rows[i] for i in active], [states[i] for i in active], [is_sampled[i] for i in active],
-                        out_tokens, out_probs, [scores[i] for i in active])
-        return DraftOutcome(select_positions(scores, capacity), scores, is_sampled)
+                        out_tokens, out_probs, [scores[i] for i in active], [chains[i] for i in active])
+        if keep_chains:
+            for i, row in enumerate(rows):
+                if row.num_draft > 0:
+                    self.chains[row.request_id] = self._new_chain(row, states[i], scores[i], chains[i], out_tokens,
+                                                                  out_probs if is_sampled[i] else None)
+                elif chains[i] is not None:  # nothing to draft this step: the chain waits
+                    self.chains[row.request_id] = chains[i]
+        return DraftOutcome(select_positions(scores, capacity), scores, is_sampled, hits, num_served)
+
+    def _take_chain(self, row: JobRow, state, keep_chains: bool) -> tuple[Chain | None, int]:
+        """A row's chain with its newly committed tokens consumed, and whether it was a
+        pre-draft hit (1), a miss (0) or no pre-drafted chain at all (-1). The chain is None
+        when nothing of it can be served (its cells are then rolled back as usual); else the
+        rest of it, scores counted from its new first token."""
+        chain = self.chains.pop(row.request_id, None)
+        if chain is None or not keep_chains:
+            return None, -1
+        new = state.known[chain.base:]
+        n = len(new)
+        is_match = 0 < n <= len(chain.tokens) and chain.tokens[:n] == new and n > chain.guess
+        code = -1 if not chain.num_predrafted else int(is_match)
+        if not is_match or n == len(chain.tokens):
+            return None, code  # (a chain whose guess is not yet committed would propose it: rolled back)
+        base_score = chain.scores[n - 1]
+        return Chain(len(state.known), chain.tokens[n:], [s - base_score for s in chain.scores[n:]],
+                     None if chain.probs is None else chain.probs[n:],
+                     min(chain.num_predrafted, len(chain.tokens) - n)), code
+
+    def _new_chain(self, row: JobRow, state, scores: list[float], served: Chain | None,
+                   out_tokens: torch.Tensor, out_probs: torch.Tensor | None) -> Chain:
+        """The row's chain after its job: this step's drafts (or, served entirely from its
+        chain, that chain, whose cells beyond this step's drafts stay valid)."""
+        n = len(scores)
+        if served is not None and len(served.tokens) >= n:
+            return served
+        tokens = state.cached[len(state.known):] + [int(out_tokens[row.buffer_row, n - 1])]
+        assert len(tokens) == n, (len(tokens), n)
+        probs = None if out_probs is None else out_probs[row.buffer_row, :n].clone()
+        return Chain(len(state.known), tokens, list(scores), probs, 0)
+
+    @torch.inference_mode()
+    def predraft(self, rows: list[JobRow], num_kept: list[int], window_s: float, should_stop) -> tuple[int, int]:
+        """Draft on along the chains of `rows` (the job just answered, num_kept[i] of row i's
+        drafts verified) while the verifier checks their drafts: one forward per round over
+        every row whose chain is shorter than one whole next step (kept + 1 + max_draft), until
+        window_s has passed (a forward is not started that would end after it) or
+        should_stop() says a job waits. The token at the bonus position is the draft's
+        likeliest (the outcome's likeliest bonus, on sampled rows too); every other is drawn as
+        a draft is. -> (forwards run, tokens drafted)."""
+        limits = [kept + 1 + self.max_draft for kept in num_kept]
+        start = time.perf_counter()
+        chains = [self.chains.get(r.request_id) for r in rows]
+        states = [self.table.requests.get(r.request_id) for r in rows]
+        num_forwards = num_tokens = 0
+        while True:
+            live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
+                    and len(c.tokens) < limits[i] and len(s.known) + len(c.tokens) + 1 < self.cache.max_len]
+            if not live or should_stop():
+                break
+            elapsed = time.perf_counter() - start
+            if elapsed + (self.forward_s or 0.0) > window_s:
+                break
+            begin = time.perf_counter()
+            feeds = [[chains[i].tokens[-1]] for i in live]
+            logits = feed_batch(self.model, self.cache, [states[i] for i in live], feeds, [[0]] * len(live),
+                                self.max_draft + 1)[:, 0].float()  # [b, V]
+            tokens = logits.argmax(-1)  # [b]
+            logp = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)  # [b]
+            guessing = [len(chains[i].tokens) == num_kept[i] for i in live]  # this token is the bonus's guess
+            sampled = [n for n, i in enumerate(live) if chains[i].probs is not None]
+            probs = None
+            if sampled:
+                who = [states[live[n]] for n in sampled]
+                temperature, top_k, top_p = batch_params([s.params for s in who])
+                probs = probs_from_logits(logits[sampled][:, None], temperature, top_k, top_p)[:, 0]  # [s, V]
+                picked = sample(probs, draw_uniforms([s.generator for s in who], 1, logits.device)[:, 0])
+                picked = torch.where(torch.tensor([guessing[n] for n in sampled]), probs.argmax(-1), picked)
+                tokens[sampled] = picked
+                logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
+            host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
+            prob_row = {n: m for m, n in enumerate(sampled)}
+            for n, i in enumerate(live):
+                chain = chains[i]
+                chain.scores.append(chain.scores[-1] + host_logp[n])
+                chain.tokens.append(host_tokens[n])
+                chain.num_predrafted += 1
+                if guessing[n]:
+                    chain.guess = len(chain.tokens) - 1
+                if chain.probs is not None:
+                    chain.probs = torch.cat((chain.probs, probs[prob_row[n]][None]))
+            num_forwards += 1
+            num_tokens += len(live)
+            took = time.perf_counter() - begin
+            self.forward_s = took if self.forward_s is None else 0.8 * self.forward_s + 0.2 * took
+        return num_forwards, num_tokens
 
     def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
-               out_probs: torch.Tensor, scores: list[list[float]]) -> None:
-        """The buffers live on the drafter's device (out_tokens, out_probs as in draft())."""
+               out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None]) -> None:
+        """The buffers live on the drafter's device (out_tokens, out_probs as in draft()). A row
+        with a chain takes its first drafts from it and drafts the rest on from its end."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
         num_draft = [r.num_draft for r in rows]
+        preset = [0 if c is None else min(len(c.tokens), d) for c, d in zip(chains, num_draft)]
+        num_new = [d - p for d, p in zip(num_draft, preset)]  # drafts the model makes per row
         depth = max(num_draft)
+        new_depth = max(num_new)
         device = self.cache.data.device
+        for j, (chain, p) in enumerate(zip(chains, preset)):  # the chain's drafts, as drafted
+            if p:
+                out_tokens[rows[j].buffer_row, :p] = torch.tensor(chain.tokens[:p], dtype=torch.long, device=device)
+                if is_sampled[j]:
+                    out_probs[rows[j].buffer_row, :p] = chain.probs[:p]
         # 1. Which rows take part in each draft step, decided on the host now (row j drafts
-        #    num_draft[j] tokens), with every step's indices sent to the device in one copy.
-        live = [[j for j in range(len(rows)) if num_draft[j] > i] for i in range(depth)]
+        #    num_new[j] tokens, from column preset[j]), with every step's indices sent to the
+        #    device in one copy.
+        live = [[j for j in range(len(rows)) if num_new[j] > i] for i in range(new_depth)]
         sampled = [[n for n, j in enumerate(step) if is_sampled[j]] for step in live]  # positions within live
         plan = [[step, sampled[i], [rows[j].buffer_row for j in step], [rows[step[n]].buffer_row for n in sampled[i]],
-                 [n for n, j in enumerate(step) if num_draft[j] > i + 1]] for i, step in enumerate(live)]
+                 [n for n, j in enumerate(step) if num_new[j] > i + 1], [preset[j] + i for j in step],
+                 [preset[step[n]] + i for n in sampled[i]]] for i, step in enumerate(live)]
         on_device = to_device_packed([index_tensor(x) for step in plan for x in step]
                                      + [index_tensor([r.buffer_row for r in rows])], device)
         all_rows = on_device.pop()
-        # 2. Catch up on committed tokens; logits after the last one give draft token 1.
-        feeds = [s.tokens_to_feed(self.cache) for s in states]
-        logits = feed_batch(self.model, self.cache, states, feeds, [[len(f) - 1] for f in feeds], self.max_draft + 1)
+        total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
+        score_grid = torch.zeros(len(rows), max(depth, 1), dtype=torch.float64, device=device)  # [B, depth]
+        for j, (chain, p) in enumerate(zip(chains, preset)):
+            if p:
+                score_grid[j, :p] = torch.tensor(chain.scores[:p], dtype=torch.float64)
+                total[j] = chain.scores[p - 1]
+        if new_depth:
+            # 2. Catch up on committed tokens (a chain row: its last chain token); logits after
+            #    the last one give the row's next draft.
+            feeds = [s.tokens_to_feed(self.cache) if p == 0 else [chains[j].tokens[p - 1]]
+                     for j, (s, p) in enumerate(zip(states, preset)) if num_new[j] > 0]
+            first = live[0]
+            logits = feed_batch(self.model, self.cache, [states[j] for j in first], feeds,
+                                [[len(f) - 1] for f in feeds], self.max_draft + 1)
         # 3. Draft token i from logits after token i-1; rows stop at their own num_draft. Greedy
         #    rows take the argmax (what their one-hot distribution would sample); only sampled
         #    rows pay for a distribution over the vocabulary, and only theirs is written. Each
         #    token's log-probability (the sampled distribution's, or the temperature-1 softmax's
         #    on greedy rows) adds to its row's running score. All of it stays on the device.
-        total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
-        score_grid = torch.zeros(len(rows), depth, dtype=torch.float64, device=device)  # [B, depth]
-        for i in range(depth):
-            step_live, step_sampled, step_buffer, sampled_buffer, step_next = on_device[5 * i: 5 * i + 5]
+        for i in range(new_depth):
+            step_live, step_sampled, step_buffer, sampled_buffer, step_next, step_cols, sampled_cols = \
+                on_device[7 * i: 7 * i + 7]
             step_logits = logits[:, 0].float()  # [b, V]
             tokens = step_logits.argmax(-1)  # [b] long, first index on ties
             logp = step_logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(step_logits, -1)  # [b]
@@ -87,20 +234,21 @@ class Drafter:
                 picked = sample(probs, uniforms)  # [s]
                 tokens[step_sampled] = picked
                 logp[step_sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-                out_probs[sampled_buffer, i] = probs
-            out_tokens[step_buffer, i] = tokens
+                out_probs[sampled_buffer, sampled_cols] = probs
+            out_tokens[step_buffer, step_cols] = tokens
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
-            score_grid[step_live, i] = total[step_live]
-            if i + 1 == depth:
+            score_grid[step_live, step_cols] = total[step_live]
+            if i + 1 == new_depth:
                 break
             logits = feed_batch(self.model, self.cache, [states[j] for j in live[i + 1]], [[] for _ in live[i + 1]],
                                 [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
         drafted = out_tokens[all_rows, :depth]  # [B, depth]
-        host = torch.cat((score_grid, drafted.double()), 1).tolist()
-        for j, (state, d) in enumerate(zip(states, num_draft)):
+        host = torch.cat((score_grid[:, :depth], drafted.double()), 1).tolist()
+        for j, (state, d, p) in enumerate(zip(states, num_draft, preset)):
             scores[j].extend(host[j][:d])
-            state.cached.extend(int(t) for t in host[j][depth: depth + d - 1])  # fed: all drafts but the last
+            if num_new[j]:  # fed: the chain's last served token (by feed_batch), the new drafts but the last
+                state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
 
 
 @dataclass(frozen=True)
@@ -108,6 +256,8 @@ class DraftOutcome:
     num_kept: list[int]  # per row, in job order: the leading drafts to verify
     scores: list[list[float]]  # per row: cumulative draft log-probability at each drafted position
     is_sampled: list[bool]  # per row: its draft distributions were written (sampled rows only)
+    predraft_hits: list[int] = None  # per row: -1 no pre-drafted chain, 0 a miss, 1 its chain was the outcome
+    num_served: list[int] = None  # per row: drafts taken from its chain (no forward for them)
 
 
 def select_positions(scores: list[list[float]], capacity: int | None) -> list[int]:

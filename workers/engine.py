@@ -22,7 +22,11 @@ from minedraft.workers.verifier import Verifier
 
 class Engine:
     def __init__(self, target, draft=None, *, mode: str = "sd", num_draft: int = 4, max_batch: int = 8,
-                 max_len: int = 512, dtype: torch.dtype = torch.float32, eos_token_ids: tuple[int, ...] | None = None):
+                 max_len: int = 512, dtype: torch.dtype = torch.float32, eos_token_ids: tuple[int, ...] | None = None,
+                 predraft: bool = False):
+        """predraft (sd): after each draft, the drafter drafts on along every row's chain (to one
+        whole next step) before the verify, as the drafter process does while the verifier runs;
+        a row whose outcome is its chain's own starts the next step from it."""
         if mode not in ("ar", "sd"):
             raise ValueError(f"mode must be 'ar' or 'sd', got {mode!r}")
         if mode == "sd" and draft is None:
@@ -45,6 +49,8 @@ class Engine:
         self.running: list[Request] = []
         self.finished: dict[str, Request] = {}
         self.to_release: list[str] = []
+        self.predraft = predraft and self.drafter is not None
+        self.predraft_hits = {"checked": 0, "hits": 0, "drafts_served": 0}
 
     def add_request(self, request: Request) -> None:
         """A new request; its stop_token_ids gain the model's EOS ids."""
@@ -73,7 +79,13 @@ class Engine:
             request.num_draft = min(self.num_draft, request.room(self.max_len))
             request.buffer_row = i
         if self.drafter is not None:
-            self.drafter.draft([r.row(DRAFTER) for r in self.running], self.draft_tokens, self.draft_probs)
+            rows = [r.row(DRAFTER) for r in self.running]
+            outcome = self.drafter.draft(rows, self.draft_tokens, self.draft_probs, keep_chains=self.predraft)
+            if self.predraft:
+                self.predraft_hits["checked"] += sum(h >= 0 for h in outcome.predraft_hits)
+                self.predraft_hits["hits"] += sum(h == 1 for h in outcome.predraft_hits)
+                self.predraft_hits["drafts_served"] += sum(outcome.num_served)
+                self.drafter.predraft(rows, outcome.num_kept, float("inf"), lambda: False)
         emitted = self.verifier.verify([r.row(VERIFIER) for r in self.running], self.draft_tokens, self.draft_probs)
         # 3. Commit the emitted tokens up to each request's stop condition.
         for request, tokens in zip(self.running, emitted):

@@ -156,6 +156,7 @@ class WorkerLoop:
         self.sender: FrameSender | None = None  # frames transport, drafter
         self.receiver: FrameReceiver | None = None  # frames transport, verifier
         self.core = None
+        self.last_predraft = (0.0, 0.0, 0, 0)  # drafter: start, end, forwards, tokens of the last pre-draft
         self._start(config, run_dir)
 
     def _start(self, config: Config, run_dir: str) -> None:
@@ -232,14 +233,30 @@ class WorkerLoop:
             return
         buffers = self.buffers[job.batch_id].tensors if self.buffers else {}  # none in mode ar
         if isinstance(job, p.DraftJob):
-            outcome = self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"], job.capacity)
+            is_predrafting = job.predraft_s is not None
+            outcome = self.core.draft(rows, buffers["draft_tokens"], buffers["draft_probs"], job.capacity,
+                                      keep_chains=is_predrafting)
             self.buffers[job.batch_id].sync()  # data visible before it is announced
             if self.sender is not None:  # frames: the drafts go to the verifier before the result to the scheduler
                 self.sender.send(self.buffers[job.batch_id], job.batch_id, job.draft_id, [
                     (r.buffer_row, kept, is_sampled) for r, kept, is_sampled in
                     zip(rows, outcome.num_kept, outcome.is_sampled)])
+            depth = max((r.num_draft for r in rows), default=0)
+            forwards_saved = depth - max((r.num_draft - n for r, n in zip(rows, outcome.num_served)), default=0)
+            pre_start, pre_end, pre_forwards, pre_tokens = self.last_predraft
+            self.last_predraft = (0.0, 0.0, 0, 0)
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
-                                     outcome.num_kept, outcome.scores, **placed))
+                                     outcome.num_kept, outcome.scores, **placed,
+                                     predraft_hits=outcome.predraft_hits, num_served=outcome.num_served,
+                                     saved_s=forwards_saved * (self.core.forward_s or 0.0) if is_predrafting else 0.0,
+                                     predraft_start_s=pre_start, predraft_end_s=pre_end,
+                                     predraft_forwards=pre_forwards, predraft_tokens=pre_tokens))
+            if is_predrafting and job.predraft_s > 0:  # the verifier checks these drafts now: draft on
+                pre_start = time.monotonic()
+                forwards, tokens = self.core.predraft(rows, outcome.num_kept, job.predraft_s,
+                                                      lambda: self.recv_from_scheduler.poll(0) != 0)
+                if forwards:
+                    self.last_predraft = (pre_start, time.monotonic(), forwards, tokens)
         else:
             num_bytes = 0
             if self.receiver is not None and job.draft_id is not None:

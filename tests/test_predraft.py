@@ -1,0 +1,248 @@
+"""Pre-drafting (workers/drafter.py Chain, predraft): while the verifier checks a step's drafts,
+the drafter drafts on along each row's chain, and a row whose outcome is the chain's own (every
+kept draft accepted, the bonus token the draft's next one) starts its next step from it.
+
+The proposals change; the verification does not. In-process (workers/engine.py, predraft=True):
+greedy output equals plain decoding's and, where the proposals are the same, even the accepted
+counts equal those without pre-drafting; sampled output follows the target's law at the third
+token, the first one a pre-drafted chain proposes (k = 1), and a chain served with its
+distributions one position off fails the same test (the negative control). Through the
+daemon: greedy output is the target's, status counts hits, responses count pre-drafted steps."""
+
+import pytest
+import torch
+
+from minedraft.common.request import Request
+from minedraft.workers.drafter import Drafter
+from minedraft.workers.engine import Engine
+from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
+from minedraft.workers.sampling import SamplingParams
+from tests.test_budget import FAR_NOISE, PROMPT
+from tests.test_engine import draft_model, make_requests
+from tests.test_sampling import chi_square_ok
+
+NUM_SAMPLES = 20_000
+
+
+@pytest.fixture(scope="module")
+def target():
+    return decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(seed=0)))
+
+
+def run(target, draft, requests: list[Request], predraft: bool, num_draft: int = 4, max_batch: int = 6,
+        max_len: int = 128) -> tuple[dict, Engine]:
+    engine = Engine(target, draft, mode="sd", num_draft=num_draft, max_batch=max_batch, max_len=max_len,
+                    predraft=predraft)
+    for r in requests:
+        engine.add_request(r)
+    return engine.run(), engine
+
+
+@pytest.mark.parametrize("kind", ["same", "noisy", "unrelated"])
+def test_greedy_output_equals_plain_decoding_with_predrafting(target, kind):
+    draft = draft_model(kind)
+    reference = Engine(target, mode="ar", max_batch=6, max_len=128)
+    for r in make_requests():
+        reference.add_request(r)
+    expected = {k: r.output_ids for k, r in reference.run().items()}
+    got, engine = run(target, draft, make_requests(), True)
+    assert {k: r.output_ids for k, r in got.items()} == expected
+    if kind == "same":  # the draft is the target: every chain is the outcome
+        assert engine.predraft_hits["hits"] >= 0.9 * engine.predraft_hits["checked"] > 10
+    if kind == "noisy":
+        assert 0 < engine.predraft_hits["hits"] < engine.predraft_hits["checked"]
+        assert engine.predraft_hits["drafts_served"] >= 2 * engine.predraft_hits["hits"]
+
+
+def test_greedy_proposals_are_the_ones_drafted_without_predrafting(target):
+    """On a hit the served drafts are what the drafter would have drafted after the outcome:
+    every request takes as many steps and accepts as many drafts as without pre-drafting."""
+    draft = draft_model("noisy")
+    without, _ = run(target, draft, make_requests(), False)
+    with_predraft, engine = run(target, draft, make_requests(), True)
+    assert engine.predraft_hits["hits"] > 0
+    for request_id, r in without.items():
+        other = with_predraft[request_id]
+        assert other.output_ids == r.output_ids
+        assert (other.num_steps, other.num_drafted, other.num_accepted) == (r.num_steps, r.num_drafted, r.num_accepted)
+
+
+def test_a_served_chain_needs_no_forward_and_its_cells_stay(target):
+    """The draft is the target: after a pre-draft the next step's drafts come from the chain,
+    no model call is made for them, and the slot already holds their K/V."""
+    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    row = Request("r", PROMPT, max_tokens=30)
+    row.num_draft = 4
+    first = drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    drafts = tokens[0].tolist()
+    drafter.predraft([row.row("drafter")], [4], float("inf"), lambda: False)
+    chain = drafter.chains["r"]
+    assert chain.tokens[:4] == drafts and len(chain.tokens) == 9 and chain.num_predrafted == 5
+    assert first.predraft_hits == [-1]
+    row.commit(chain.tokens[:5])  # every draft accepted, the bonus the chain's fifth token
+    calls = []
+    original = target.forward
+    target.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        second = drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    finally:
+        target.forward = original
+    assert not calls and second.predraft_hits == [1] and second.num_served == [4]
+    assert tokens[0].tolist() == chain.tokens[5:9]
+    state = drafter.table.requests["r"]
+    assert state.cached == state.known + chain.tokens[5:8]
+
+
+def test_a_missed_chain_is_rolled_back_and_drafting_goes_on_as_usual(target):
+    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    plain = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    a, b = Request("r", PROMPT, max_tokens=30), Request("r", PROMPT, max_tokens=30)
+    a.num_draft = b.num_draft = 4
+    drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    plain.draft([b.row("drafter")], tokens, probs)
+    drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
+    outcome = [tokens[0, 0].item(), (tokens[0, 1].item() + 1) % target.config.vocab_size]  # rejected at 2
+    a.commit(outcome)
+    b.commit(outcome)
+    missed = drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    expected = tokens.clone()
+    plain.draft([b.row("drafter")], expected, probs)
+    assert missed.predraft_hits == [0] and missed.num_served == [0]
+    assert tokens[0].tolist() == expected[0].tolist()
+    assert drafter.table.requests["r"].cached == plain.table.requests["r"].cached
+
+
+def test_predraft_stops_when_a_job_waits_and_at_its_window(target):
+    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    row = Request("r", PROMPT, max_tokens=30)
+    row.num_draft = 4
+    job_row = row.row("drafter")
+    drafter.draft([job_row], tokens, probs, keep_chains=True)
+    polls = []
+    assert drafter.predraft([job_row], [4], float("inf"), lambda: polls.append(1) or len(polls) > 2) == (2, 2)
+    assert drafter.predraft([job_row], [4], 0.0, lambda: False) == (0, 0)  # no time: no forward
+    assert drafter.predraft([job_row], [4], float("inf"), lambda: False) == (3, 3)  # up to its limit
+    assert len(drafter.chains["r"].tokens) == 9
+
+
+# ------------------------------------------------------------------ sampled: the target's law
+
+# Sharp enough that the draft's likeliest token is often the target's sampled bonus, so most
+# third tokens are verified from a served chain (with the near draft); the far draft's law
+# still fails the test (the control below).
+SHARP = 0.03
+NEAR_NOISE = 0.003
+
+
+def first_three_laws(noise: float, temperature: float = SHARP, min_mass: float = 1e-9):
+    """The tiny model's laws of the first output token and the marginal laws of the second and
+    third (the third summed over every first-two prefix with mass above min_mass)."""
+    model = tiny_hf_model("tiny-llama", TinySpec(seed=0, noise=noise))
+    prompt = torch.tensor(PROMPT)
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt[None]).logits[0, -1].double() / temperature, -1)  # [V]
+        vocab = p1.numel()
+        both = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)  # [V, T+1]
+        p2_given_1 = torch.softmax(model(both).logits[:, -1].double() / temperature, -1)  # [V, V]
+        pairs = p1[:, None] * p2_given_1  # [V, V]
+        a, b = torch.nonzero(pairs > min_mass, as_tuple=True)
+        three = torch.cat([prompt.expand(len(a), -1), a[:, None], b[:, None]], 1)  # [P, T+2]
+        p3_given = torch.softmax(model(three).logits[:, -1].double() / temperature, -1)  # [P, V]
+    p3 = (pairs[a, b][:, None] * p3_given).sum(0)
+    return p1, p1 @ p2_given_1, p3 / p3.sum()
+
+
+class OffByOneDrafter(Drafter):
+    """The negative control: a chain's distributions one position behind its tokens."""
+
+    def _take_chain(self, row, state, keep_chains):
+        chain = self.chains.get(row.request_id)
+        if chain is not None and chain.probs is not None and len(chain.tokens) > 1:
+            chain.probs = torch.roll(chain.probs, 1, 0)
+        return super()._take_chain(row, state, keep_chains)
+
+
+def sample_three(target, draft, drafter_cls=Drafter) -> tuple[torch.Tensor, dict]:
+    """NUM_SAMPLES seeded requests for PROMPT's first three tokens at SHARP, k = 1, in one
+    batch: step 1 drafts token 1, step 2 (room for one draft: max_tokens 4) token 3, which a
+    hit serves from the chain pre-drafted in step 1."""
+    engine = Engine(target, draft, mode="sd", num_draft=1, max_batch=NUM_SAMPLES, max_len=16, eos_token_ids=(),
+                    predraft=True)
+    if drafter_cls is not Drafter:
+        engine.drafter = drafter_cls(draft, NUM_SAMPLES, 16, 1, torch.float32)
+    for i in range(NUM_SAMPLES):
+        engine.add_request(Request(f"s{i}", list(PROMPT), 4, SamplingParams(SHARP, 0, 1.0, 50_000 + i), frozenset()))
+    finished = engine.run()
+    return torch.tensor([finished[f"s{i}"].output_ids[:3] for i in range(NUM_SAMPLES)]), engine.predraft_hits
+
+
+@pytest.fixture(scope="module")
+def drafts():
+    return {noise: decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(seed=0, noise=noise)))
+            for noise in (NEAR_NOISE, FAR_NOISE)}
+
+
+@pytest.fixture(scope="module")
+def laws():
+    return {"target": first_three_laws(0.0), "far": first_three_laws(FAR_NOISE)}
+
+
+def test_negative_control_the_far_drafts_law_fails_the_third_token_chi_square(laws):
+    g = torch.Generator().manual_seed(0)
+    target = laws["target"][2]
+    assert not chi_square_ok(torch.multinomial(laws["far"][2].float(), NUM_SAMPLES, True, generator=g), target)
+    assert chi_square_ok(torch.multinomial(target.float(), NUM_SAMPLES, True, generator=g), target)
+
+
+@pytest.mark.parametrize("noise, min_served", [(NEAR_NOISE, NUM_SAMPLES // 2), (FAR_NOISE, 0)])
+def test_sampled_tokens_follow_the_target_with_predrafting(target, drafts, laws, noise, min_served):
+    """Near draft: most third tokens are verified from a served chain. Far draft: chains
+    miss, are rolled back, and drafting goes on (its own law would fail: the control above)."""
+    tokens, hits = sample_three(target, drafts[noise])
+    assert hits["drafts_served"] >= min_served and hits["checked"] >= NUM_SAMPLES, hits
+    for position in range(3):
+        assert chi_square_ok(tokens[:, position], laws["target"][position]), position
+
+
+def test_negative_control_a_chain_served_with_shifted_distributions_fails(target, drafts, laws):
+    tokens, hits = sample_three(target, drafts[NEAR_NOISE], OffByOneDrafter)
+    assert hits["drafts_served"] >= NUM_SAMPLES // 2, hits
+    assert chi_square_ok(tokens[:, 0], laws["target"][0])  # before any chain is served
+    assert not chi_square_ok(tokens[:, 2], laws["target"][2])
+
+
+# ------------------------------------------------------------------ through the daemon
+
+def test_daemon_greedy_output_is_the_targets_with_predrafting_and_status_counts_it(tmp_path):
+    import asyncio
+
+    from tests.runtime_utils import reference_outputs, running_daemon, status
+    from tests.test_runtime import run_load, workload
+
+    requests = workload(6)
+    with running_daemon(tmp_path, "sd", "scheduler.predraft=true") as (endpoint, _):
+        outputs = asyncio.run(run_load(endpoint, requests))
+        st = status(endpoint, is_detailed=True)
+    assert outputs == reference_outputs(requests)
+    predraft = st["predraft"]
+    full = predraft["branches"]["full"]
+    assert predraft["num_jobs"] > 0 and predraft["num_tokens"] > 0 and predraft["busy_s"] > 0
+    assert full["checked"] > 0 and full["hits"] <= full["checked"]
+    assert any(j["kind"] == "predraft" and j["role"] == "drafter" for j in st["recent_jobs"])
+
+
+def test_daemon_responses_count_their_predrafted_steps(tmp_path):
+    from minedraft.runtime.client import Client
+    from tests.runtime_utils import running_daemon
+
+    with running_daemon(tmp_path, "sd", "scheduler.predraft=true") as (endpoint, _):
+        with Client(endpoint) as client:
+            done = client.generate(prompt_ids=PROMPT, max_tokens=40, ignore_eos=True)
+    assert done.metrics["num_predrafted_steps"] >= 0 and done.metrics["num_steps"] > 0
+    assert done.metrics["num_predrafted_steps"] <= done.metrics["num_steps"]
