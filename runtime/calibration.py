@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CALIBRATION_VERSION = 2  # in the cache key: a change of what is measured or how (2: signed step overheads)
+CALIBRATION_VERSION = 3  # in the cache key: a change of what is measured or how (3: split sd / psd plans pre-draft; 2: signed step overheads)
 STEPS_PER_PHASE = 3  # steady jobs of each kind a phase times (MIN_FIT_OBSERVATIONS in runtime/budget.py)
 MAX_STEPS_PER_PHASE = 12  # a phase whose jobs are never steady (every row finishing) moves on anyway
 LARGEST_ROWS = 16  # the largest batch timed: past it a verify on a CPU is compute-bound and linear in its size

@@ -198,6 +198,17 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def format_predraft(predraft: dict | None) -> str:
+    """status's pre-drafting counters in one line ("" before any pre-draft)."""
+    if not predraft or not (predraft["num_jobs"] or predraft["branches"]["full"]["checked"]):
+        return ""
+    full = predraft["branches"]["full"]
+    rate = "-" if full["hit_rate"] is None else f"{full['hit_rate']:.3f}"
+    return (f"{full['hits']} of {full['checked']} steps found their drafts ready (hit rate {rate}, all accepted + "
+            f"the likeliest bonus); {predraft['drafts_served']} drafts served, {predraft['saved_s']:.2f} s of drafting "
+            f"saved, {predraft['busy_s']:.2f} s spent pre-drafting ({predraft['num_jobs']} jobs)")
+
+
 def cmd_status(args) -> int:
     config = _load(args)
     with _client(config, args.timeout) as client:
@@ -230,6 +241,9 @@ def cmd_status(args) -> int:
         lines.append(("draft budget", f"{budget['policy']} (k {status['num_draft']}, e {status['extra_draft']}): "
                                       f"{plan}{predicted}"))
         lines.append(("tokens/verified pos", fmt(status.get("tokens_per_verified_position"))))
+    predraft = format_predraft(status.get("predraft"))
+    if predraft:
+        lines.append(("pre-draft", predraft))
     plan = status.get("plan")
     if plan:
         switch = plan["placement"]

@@ -280,6 +280,7 @@ def speculative(metrics: dict) -> dict:
         "acceptance_rate": accepted / drafted if drafted else None,
         "steps": steps,
         "mean_accepted_length": 1 + accepted / steps if steps else None,
+        "predrafted_steps": metrics.get("num_predrafted_steps", 0),  # steps whose drafts were drafted ahead
     }
 
 

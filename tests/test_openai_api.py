@@ -97,7 +97,7 @@ def test_completion_chat_and_stream_shapes():
     assert whole["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"}]
     assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert whole["speculative"] == {"drafted_tokens": 8, "accepted_tokens": 2, "acceptance_rate": 0.25, "steps": 2,
-                                    "mean_accepted_length": 2.0}
+                                    "mean_accepted_length": 2.0, "predrafted_steps": 0}
     assert runtime.requests[0] == {"request_id": runtime.requests[0]["request_id"], "prompt_ids": [5, 6],
                                    "max_tokens": 3, "temperature": 0, "top_k": 0, "top_p": 1.0, "seed": None,
                                    "stop": ["x"], "stop_token_ids": [], "ignore_eos": False, "min_tokens": 0}

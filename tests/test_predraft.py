@@ -67,6 +67,36 @@ def test_greedy_proposals_are_the_ones_drafted_without_predrafting(target):
         assert (other.num_steps, other.num_drafted, other.num_accepted) == (r.num_steps, r.num_drafted, r.num_accepted)
 
 
+def seeded(temperature: float) -> list[Request]:
+    return [Request(r.request_id, r.prompt_ids, r.max_tokens, SamplingParams(temperature, 0, 1.0, 1000 + i), frozenset())
+            for i, r in enumerate(make_requests())]
+
+
+@pytest.mark.parametrize("temperature", [0.03, 0.8])
+@pytest.mark.parametrize("forwards", [1, 3, None])
+def test_seeded_sampled_output_is_the_same_with_and_without_predrafting(target, temperature, forwards):
+    """A pre-draft draws what the next draft job would, and a miss gives its draws back: the
+    same seeded tokens whether the drafter pre-drafted a whole step, a few forwards (its window
+    ended) or not at all."""
+    draft = draft_model("noisy")
+    without, _ = run(target, draft, seeded(temperature), False)
+    engine = Engine(target, draft, mode="sd", num_draft=4, max_batch=6, max_len=128, predraft=True)
+    if forwards is not None:  # stop each pre-draft after this many forwards, as a short window would
+        predraft = engine.drafter.predraft
+        def cut(rows, num_kept, window_s, should_stop):
+            calls = []
+            return predraft(rows, num_kept, window_s, lambda: calls.append(1) or len(calls) > forwards)
+        engine.drafter.predraft = cut
+    for r in seeded(temperature):
+        engine.add_request(r)
+    with_predraft = engine.run()
+    hits = engine.predraft_hits
+    assert hits["checked"] > hits["hits"], hits  # misses: draws given back
+    if temperature < 0.1:  # sharp: the likeliest bonus is often the one, and its chain is served
+        assert hits["hits"] > 0 and (forwards == 1 or hits["drafts_served"] > 0), hits
+    assert {k: r.output_ids for k, r in with_predraft.items()} == {k: r.output_ids for k, r in without.items()}
+
+
 def test_a_served_chain_needs_no_forward_and_its_cells_stay(target):
     """The draft is the target: after a pre-draft the next step's drafts come from the chain,
     no model call is made for them, and the slot already holds their K/V."""
@@ -235,6 +265,11 @@ def test_daemon_greedy_output_is_the_targets_with_predrafting_and_status_counts_
     assert predraft["num_jobs"] > 0 and predraft["num_tokens"] > 0 and predraft["busy_s"] > 0
     assert full["checked"] > 0 and full["hits"] <= full["checked"]
     assert any(j["kind"] == "predraft" and j["role"] == "drafter" for j in st["recent_jobs"])
+    from minedraft.runtime.cli import format_predraft
+
+    line = format_predraft(predraft)
+    assert f"{full['hits']} of {full['checked']} steps found their drafts ready" in line
+    assert format_predraft({**predraft, "num_jobs": 0, "branches": {"full": {**full, "checked": 0}}}) == ""
 
 
 def test_daemon_responses_count_their_predrafted_steps(tmp_path):

@@ -119,12 +119,13 @@ def test_sd_steps_never_overlap_and_prefill_ahead_uses_the_gap(tmp_path):
     # Staggered arrivals: each step admits new prompts, so there are several prefill jobs. With
     # one (all arrivals at once) a loaded machine could start it after the short tiny-model draft
     # ended, and the overlap asserted below would depend on the OS scheduler.
-    with running_daemon(tmp_path / "off", "sd", "scheduler.prefill_ahead=false") as (endpoint, _):
+    # Pre-drafting off in both: it runs the drafter beside the verifier by design (test_predraft.py).
+    with running_daemon(tmp_path / "off", "sd", "scheduler.prefill_ahead=false", "scheduler.predraft=false") as (endpoint, _):
         off = asyncio.run(run_load(endpoint, requests, stagger_s=0.02))
         st = status(endpoint, is_detailed=True)
     assert overlap_s(st) == 0 and st["num_prefill_jobs"] == 0
     # The verifier caches new prompts while the drafter drafts them: same tokens, overlapped.
-    with running_daemon(tmp_path / "on", "sd") as (endpoint, _):
+    with running_daemon(tmp_path / "on", "sd", "scheduler.predraft=false") as (endpoint, _):
         on = asyncio.run(run_load(endpoint, requests, stagger_s=0.02))
         st = status(endpoint, is_detailed=True)
     assert st["num_prefill_jobs"] > 1 and overlap_s(st) > 0

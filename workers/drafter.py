@@ -30,7 +30,13 @@ class Chain:
     roll-back otherwise. Valid proposals either way: each token was drawn from the draft's
     distribution given exactly the tokens before it, except the predicted bonus token (`guess`),
     the draft's likeliest token where the verify samples its bonus: it is matched against the
-    outcome, never proposed."""
+    outcome, never proposed.
+
+    Same output as without pre-drafting: a pre-draft draws the uniforms the next draft job would
+    draw (the guess draws none), in the same order, from the request's draft stream; a served
+    token is the one that job would have drawn from the same context, and dropping pre-drafted
+    tokens rewinds the stream to before the first of them. So whether and how far the drafter
+    pre-drafted (a matter of timing) never changes a token, greedy or seeded."""
 
     base: int  # len(known) when the chain was drafted: tokens[0] is position `base`
     tokens: list[int]
@@ -38,6 +44,18 @@ class Chain:
     probs: torch.Tensor | None  # [n, V] the draft distribution of each token (sampled rows only)
     num_predrafted: int = 0  # tokens drafted after the job's result (the chain's tail)
     guess: int = -1  # index of the predicted bonus token (the draft's argmax, not a sample): never served as a draft
+    # per token: the request's draft generator state before the pre-draft drew it (None: not
+    # drawn by a pre-draft), so that dropping pre-drafted tokens rewinds the stream
+    draw_states: list = None
+
+    def __post_init__(self):
+        if self.draw_states is None:
+            self.draw_states = [None] * len(self.tokens or [])
+
+    @property
+    def num_normal(self) -> int:
+        """Leading tokens drafted by a draft job (the rest were pre-drafted after its result)."""
+        return len(self.tokens) - self.num_predrafted
 
 
 class Drafter:
@@ -91,21 +109,38 @@ class Drafter:
     def _take_chain(self, row: JobRow, state, keep_chains: bool) -> tuple[Chain | None, int]:
         """A row's chain with its newly committed tokens consumed, and whether it was a
         pre-draft hit (1), a miss (0) or no pre-drafted chain at all (-1). The chain is None
-        when nothing of it can be served (its cells are then rolled back as usual); else the
-        rest of it, scores counted from its new first token."""
+        when nothing of it can be served (its cells are then rolled back as usual, and its
+        pre-drafted draws given back to the stream); else the rest of it, scores counted from
+        its new first token. Served are only pre-drafted tokens (a TETRIS tail drafted by the
+        job is not: the job after it would have drawn those positions afresh)."""
         chain = self.chains.pop(row.request_id, None)
-        if chain is None or not keep_chains:
+        if chain is None:
+            return None, -1
+        if not keep_chains:
+            self._rewind(chain, state, 0)
             return None, -1
         new = state.known[chain.base:]
         n = len(new)
-        is_match = 0 < n <= len(chain.tokens) and chain.tokens[:n] == new and n > chain.guess
+        is_match = (0 < n <= len(chain.tokens) and chain.tokens[:n] == new and n > chain.guess
+                    and n >= chain.num_normal)
         code = -1 if not chain.num_predrafted else int(is_match)
-        if not is_match or n == len(chain.tokens):
-            return None, code  # (a chain whose guess is not yet committed would propose it: rolled back)
+        if not is_match:
+            self._rewind(chain, state, 0)
+            return None, code
+        if n == len(chain.tokens):
+            return None, code
         base_score = chain.scores[n - 1]
         return Chain(len(state.known), chain.tokens[n:], [s - base_score for s in chain.scores[n:]],
-                     None if chain.probs is None else chain.probs[n:],
-                     min(chain.num_predrafted, len(chain.tokens) - n)), code
+                     None if chain.probs is None else chain.probs[n:], len(chain.tokens) - n,
+                     draw_states=chain.draw_states[n:]), code
+
+    @staticmethod
+    def _rewind(chain: Chain, state, start: int) -> None:
+        """Give the pre-drafted draws of chain.tokens[start:] back to the request's stream."""
+        for draw_state in chain.draw_states[start:]:
+            if draw_state is not None:
+                state.generator.set_state(draw_state)
+                return
 
     def _new_chain(self, row: JobRow, state, scores: list[float], served: Chain | None,
                    out_tokens: torch.Tensor, out_probs: torch.Tensor | None) -> Chain:
@@ -113,6 +148,10 @@ class Drafter:
         chain, that chain, whose cells beyond this step's drafts stay valid)."""
         n = len(scores)
         if served is not None and len(served.tokens) >= n:
+            # Served entirely from the chain: its first n tokens are this job's drafts now (their
+            # draws are the ones this job would have made: never given back), the rest stays.
+            served.draw_states[:n] = [None] * n
+            served.num_predrafted = len(served.tokens) - n
             return served
         tokens = state.cached[len(state.known):] + [int(out_tokens[row.buffer_row, n - 1])]
         assert len(tokens) == n, (len(tokens), n)
@@ -135,7 +174,8 @@ class Drafter:
         num_forwards = num_tokens = 0
         while True:
             live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
-                    and len(c.tokens) < limits[i] and len(s.known) + len(c.tokens) + 1 < self.cache.max_len]
+                    and c.num_normal <= num_kept[i] <= len(c.tokens) < limits[i]
+                    and len(s.known) + len(c.tokens) + 1 < self.cache.max_len]
             if not live or should_stop():
                 break
             elapsed = time.perf_counter() - start
@@ -150,12 +190,18 @@ class Drafter:
             guessing = [len(chains[i].tokens) == num_kept[i] for i in live]  # this token is the bonus's guess
             sampled = [n for n, i in enumerate(live) if chains[i].probs is not None]
             probs = None
+            draw_states = {}
             if sampled:
                 who = [states[live[n]] for n in sampled]
+                draw_states = {n: s.generator.get_state() for n, s in zip(sampled, who) if not guessing[n]}
                 temperature, top_k, top_p = batch_params([s.params for s in who])
                 probs = probs_from_logits(logits[sampled][:, None], temperature, top_k, top_p)[:, 0]  # [s, V]
-                picked = sample(probs, draw_uniforms([s.generator for s in who], 1, logits.device)[:, 0])
-                picked = torch.where(torch.tensor([guessing[n] for n in sampled]), probs.argmax(-1), picked)
+                drawing = [n for n in sampled if not guessing[n]]  # the guess draws nothing
+                picked = probs.argmax(-1)
+                if drawing:
+                    at = torch.tensor([sampled.index(n) for n in drawing])
+                    picked[at] = sample(probs[at], draw_uniforms([states[live[n]].generator for n in drawing], 1,
+                                                                 logits.device)[:, 0])
                 tokens[sampled] = picked
                 logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
             host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
@@ -164,6 +210,7 @@ class Drafter:
                 chain = chains[i]
                 chain.scores.append(chain.scores[-1] + host_logp[n])
                 chain.tokens.append(host_tokens[n])
+                chain.draw_states.append(draw_states.get(n))
                 chain.num_predrafted += 1
                 if guessing[n]:
                     chain.guess = len(chain.tokens) - 1
