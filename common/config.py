@@ -361,6 +361,20 @@ def cpu_pool(config: Config, all_cores: list[int] | None = None) -> list[int] | 
     return sorted(os.sched_getaffinity(0) if all_cores is None else all_cores)
 
 
+def workers_share_a_device(config: Config) -> bool:
+    """Whether the two workers' jobs would run on the same hardware: overlapping cores on the
+    CPU (an unpinned worker may use every core), or the same CUDA device."""
+    drafter, verifier = config.drafter, config.verifier
+    if drafter.device == "cpu" and verifier.device == "cpu":
+        if not drafter.cpu_cores or not verifier.cpu_cores:
+            return True
+        return bool(set(drafter.cpu_cores) & set(verifier.cpu_cores))
+    if drafter.device == "cpu" or verifier.device == "cpu":
+        return False
+    index = lambda device: device.partition(":")[2] or "0"  # noqa: E731  cuda == cuda:0
+    return index(drafter.device) == index(verifier.device)
+
+
 def core_splits(pool: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """How auto's plans place the workers on a pool of cores (runtime/plans.py; the workers time
     their linears at the same thread counts): the drafter's half, the verifier's half (the whole

@@ -200,6 +200,8 @@ def cmd_stop(args) -> int:
 
 def format_predraft(predraft: dict | None) -> str:
     """status's pre-drafting counters in one line ("" before any pre-draft)."""
+    if predraft and predraft.get("off_reason") and predraft["off_reason"] != "no drafter (ar)":
+        return f"off: {predraft['off_reason']}"
     if not predraft or not (predraft["num_jobs"] or predraft["branches"]["full"]["checked"]):
         return ""
     full = predraft["branches"]["full"]

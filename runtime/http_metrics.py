@@ -46,6 +46,15 @@ class RuntimeCollector:
         yield _counter("minedraft_spec_accepted_tokens", "draft tokens accepted", s.get("num_accepted"))
         yield _counter("minedraft_spec_verify_rows", "request rows verified (steps x requests)",
                        s.get("num_verify_rows"))
+        predraft = s.get("predraft")
+        if predraft:
+            full = predraft["branches"]["full"]
+            yield _counter("minedraft_spec_predraft_checked", "steps whose pre-drafted drafts were checked against the outcome",
+                           full["checked"])
+            yield _counter("minedraft_spec_predraft_hits", "steps whose drafts were ready (pre-drafted)", full["hits"])
+            yield _counter("minedraft_spec_predraft_drafts_served", "drafts served from pre-drafted chains",
+                           predraft["drafts_served"])
+            yield _counter("minedraft_spec_predraft_busy_seconds", "drafter time spent pre-drafting", predraft["busy_s"])
         requests = CounterMetricFamily("minedraft_requests", "finished requests (every front end) by finish reason",
                                        labels=["finish_reason"])
         for reason, count in sorted((s.get("finish_reasons") or {}).items()):

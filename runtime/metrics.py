@@ -118,6 +118,16 @@ class Metrics:
                 "busy_s": round(p["busy_s"], 6), "num_jobs": p["num_jobs"], "num_tokens": p["num_tokens"]}
 
 
+def merge_predraft(summaries: list[dict]) -> dict:
+    """Several replicas' `predraft` summaries as one: counters summed, the hit rate recomputed."""
+    fulls = [p["branches"]["full"] for p in summaries]
+    checked, hits = sum(f["checked"] for f in fulls), sum(f["hits"] for f in fulls)
+    merged = {key: sum(p[key] for p in summaries) for key in ("drafts_served", "saved_s", "busy_s", "num_jobs",
+                                                              "num_tokens")}
+    return {"branches": {"full": {"checked": checked, "hits": hits, "hit_rate": hits / checked if checked else None}},
+            **merged, "is_on": any(p.get("is_on") for p in summaries), "off_reason": summaries[0].get("off_reason")}
+
+
 def format_memory(memory: dict) -> str:
     """A worker's memory report (workers/process.memory_report) in one line, in GB."""
     gb = lambda key: f"{memory.get(key, 0) / 1e9:.2f}"  # noqa: E731

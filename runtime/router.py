@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minedraft.runtime.metrics import merge_predraft
 from minedraft.runtime.scheduler import SchedulerCore
 
 # States of a replica (starting -> serving -> restarting -> serving, or dead) and of the daemon
@@ -71,4 +72,6 @@ def merge_core_status(statuses: list[dict]) -> dict:
     merged["acceptance_rate"] = accepted / drafted if drafted else None
     merged["mean_accepted_length"] = 1 + accepted / rows if rows else None
     merged["tokens_per_verified_position"] = (accepted + rows) / (drafted + rows) if rows else None
+    if all("predraft" in s for s in statuses):
+        merged["predraft"] = merge_predraft([s["predraft"] for s in statuses])
     return merged

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from itertools import islice
 
-from minedraft.common.config import Config, cpu_pool
+from minedraft.common.config import Config, cpu_pool, workers_share_a_device
 from minedraft.common.protocol import (
     DRAFTER, VERIFIER, DraftJob, DraftResult, ErrorOutput, GenerateOutput, GenerateRequest, PrefillJob,
     PrefillResult, SamplingParams, VerifyJob, VerifyResult,
@@ -44,7 +44,16 @@ class SchedulerCore:
         self.chooser = make_planner(sc, cpu_pool(config), self.budget)  # the plan in force: chooser.current
         self.is_learning = self.budget is not None and self.budget.is_predicting
         self.prefill_ahead = sc.prefill_ahead and sc.speculates
-        self.predraft = sc.predraft and sc.speculates
+        # Pre-drafting needs hardware of the drafter's own beside the verifier's: auto on CPUs
+        # places each job (a split plan gives each worker its half; a wide one turns it off per
+        # job), a fixed mode has the configured cores or devices.
+        self.predraft_off_reason: str | None = None
+        if not sc.predraft or not sc.speculates:
+            self.predraft_off_reason = "off in the config" if sc.speculates else "no drafter (ar)"
+        elif not (sc.is_auto and cpu_pool(config) is not None) and workers_share_a_device(config):
+            self.predraft_off_reason = ("the drafter and the verifier share cores or a device: a pre-draft "
+                                        "would run on the verifier's")
+        self.predraft = self.predraft_off_reason is None
         self.verify_s: dict[int, float] = {}  # verify positions -> running mean of a steady verify's time (pre-drafting's window)
         self.max_batch = max_batch or sc.max_batch
         assert self.max_batch >= 1, "scheduler.max_batch = 0 is resolved by the workers (ReadyResult.max_batch)"
@@ -203,8 +212,8 @@ class SchedulerCore:
         self.metrics.add_draft_tokens(sum(len(s) for s in result.scores))
         if result.predraft_hits:
             self.metrics.add_predraft_rows(result.predraft_hits, result.num_served, result.saved_s)
-            for request, hit in zip(batch.rows, result.predraft_hits):
-                request.num_predraft_hits += hit == 1
+            for request, served in zip(batch.rows, result.num_served):
+                request.num_predraft_hits += served > 0
         if result.predraft_forwards:
             self.metrics.add_predraft_job(result.predraft_start_s, result.predraft_end_s, result.predraft_tokens, {
                 "kind": "predraft", "batch": batch.batch_id, "rows": None, "depth": result.predraft_forwards,
@@ -548,6 +557,7 @@ class SchedulerCore:
             "batch_states": [b.state for b in self.batches],
         }
         status.update(self.metrics.summary(is_detailed))
+        status["predraft"].update(is_on=self.predraft, off_reason=self.predraft_off_reason)
         if self.budget is not None:
             status["draft_budget"] = self.budget.to_dict(self.plan.fit_key)
         plan = self.chooser.to_dict()

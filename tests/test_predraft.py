@@ -281,3 +281,41 @@ def test_daemon_responses_count_their_predrafted_steps(tmp_path):
             done = client.generate(prompt_ids=PROMPT, max_tokens=40, ignore_eos=True)
     assert done.metrics["num_predrafted_steps"] >= 0 and done.metrics["num_steps"] > 0
     assert done.metrics["num_predrafted_steps"] <= done.metrics["num_steps"]
+
+
+# ------------------------------------------------------------------ where it is on
+
+@pytest.mark.parametrize("mode, overrides, is_on", [
+    ("sd", [], True),  # tiny: drafter on core 0, verifier on core 1
+    ("psd", [], True),
+    ("sd", ["drafter.cpu_cores=[0,1]", "verifier.cpu_cores=[0,1]"], False),  # shared cores
+    ("sd", ["drafter.cpu_cores=[]"], False),  # an unpinned drafter may run on the verifier's core
+    ("sd", ["scheduler.predraft=false"], False),
+    ("ar", [], False),
+    ("auto", ["drafter.cpu_cores=[0,1]", "verifier.cpu_cores=[0,1]"], True),  # auto places each job
+])
+def test_predrafting_is_on_only_where_the_drafter_has_hardware_of_its_own(mode, overrides, is_on):
+    from minedraft.common.protocol import GenerateRequest
+    from tests.test_plans import core
+
+    s = core(mode, *overrides)
+    status = s.status()["predraft"]
+    assert status["is_on"] == is_on and (status["off_reason"] is None) == is_on, status
+    from minedraft.runtime.cli import format_predraft
+    assert format_predraft(status).startswith("off: ") == (not is_on and mode != "ar")  # the status line says why
+    if mode == "sd":  # the draft job says whether to keep chains and draft on
+        s.add_request(b"c", GenerateRequest(request_id="r", prompt_ids=list(range(1, 13)), max_tokens=20))
+        (role, job), = [j for j in s.next_jobs() if j[0] == "drafter"]
+        assert (job.predraft_s is not None) == is_on
+
+
+def test_workers_share_a_device():
+    from minedraft.common.config import load_config, workers_share_a_device
+
+    def shares(*overrides):
+        return workers_share_a_device(load_config("tiny", list(overrides)))
+
+    assert not shares() and shares("drafter.cpu_cores=[1]") and shares("verifier.cpu_cores=[]")
+    assert not shares("drafter.device=cuda:0", "drafter.cpu_cores=[1]")  # a GPU beside the CPU
+    assert shares("drafter.device=cuda", "verifier.device=cuda:0")
+    assert not shares("drafter.device=cuda:0", "verifier.device=cuda:1")

@@ -38,7 +38,10 @@ def _core_status(drafted: int, accepted: int, rows: int, tokens: int) -> dict:
             "busy_s": {"drafter": 1.0, "verifier": 2.0}, "busy_fraction": {"drafter": 1 / 3, "verifier": 2 / 3},
             "num_jobs": {"drafter": 5, "verifier": 5}, "finish_reasons": {"length": 2},
             "acceptance_rate": accepted / drafted, "mean_accepted_length": 1 + accepted / rows,
-            "tokens_per_verified_position": (accepted + rows) / (drafted + rows), "plan": {"x": 1}}
+            "tokens_per_verified_position": (accepted + rows) / (drafted + rows), "plan": {"x": 1},
+            "predraft": {"branches": {"full": {"checked": rows, "hits": accepted // 10,
+                                               "hit_rate": (accepted // 10) / rows}},
+                         "drafts_served": accepted // 5, "saved_s": 0.5, "busy_s": 1.0, "num_jobs": rows, "num_tokens": 4}}
 
 
 def test_merged_status_sums_counters_and_recomputes_rates():
@@ -50,6 +53,9 @@ def test_merged_status_sums_counters_and_recomputes_rates():
     assert merged["busy_s"] == {"drafter": 2.0, "verifier": 4.0} and merged["finish_reasons"] == {"length": 4}
     assert merged["batch_sizes"] == [1, 1, 1, 1] and merged["num_waiting"] == 2
     assert "plan" not in merged  # a plan is per replica: in each replica's entry
+    full = merged["predraft"]["branches"]["full"]
+    assert (full["checked"], full["hits"], full["hit_rate"]) == (15, 3, 3 / 15)
+    assert merged["predraft"]["drafts_served"] == 7 and merged["predraft"]["busy_s"] == 2.0
 
 
 def test_two_local_replicas_share_requests_exactly(tmp_path):
