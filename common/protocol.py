@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 7  # 7: pre-drafting (DraftJob.predraft_s, DraftResult's predraft fields); 6: min_tokens, num_prompt_tokens, max_batch, memory
+PROTOCOL_VERSION = 8  # 8: predraft_hits 2 (a branch); 7: pre-drafting (DraftJob.predraft_s, DraftResult's predraft fields); 6: min_tokens, num_prompt_tokens, max_batch, memory
 MAX_NESTING = 8  # deepest container nesting any message needs (handles are the deepest)
 
 
@@ -252,7 +252,7 @@ class DraftResult:
     cpu_cores: list[int] = field(default_factory=list)
     switch_s: float = 0.0  # time spent changing threads / cores before the job (0 when unchanged)
     # Pre-drafting, per row in job order: -1 no pre-drafted chain, 0 a miss, 1 a hit (the chain
-    # was the outcome); drafts served from the chain without a forward.
+    # was the outcome), 2 a hit on a shorter branch; drafts served without a forward.
     predraft_hits: list[int] = field(default_factory=list)
     num_served: list[int] = field(default_factory=list)
     saved_s: float = 0.0  # the draft forwards this job did not run, at the drafter's measured time per forward

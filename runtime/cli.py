@@ -204,10 +204,11 @@ def format_predraft(predraft: dict | None) -> str:
         return f"off: {predraft['off_reason']}"
     if not predraft or not (predraft["num_jobs"] or predraft["branches"]["full"]["checked"]):
         return ""
-    full = predraft["branches"]["full"]
-    rate = "-" if full["hit_rate"] is None else f"{full['hit_rate']:.3f}"
-    return (f"{full['hits']} of {full['checked']} steps found their drafts ready (hit rate {rate}, all accepted + "
-            f"the likeliest bonus); {predraft['drafts_served']} drafts served, {predraft['saved_s']:.2f} s of drafting "
+    full, short = predraft["branches"]["full"], predraft["branches"].get("short", {"hits": 0})
+    hits = full["hits"] + short["hits"]
+    rate = "-" if not full["checked"] else f"{hits / full['checked']:.3f}"
+    return (f"{hits} of {full['checked']} steps found their drafts ready (hit rate {rate}: {full['hits']} all accepted + "
+            f"the likeliest bonus, {short['hits']} a shorter branch); {predraft['drafts_served']} drafts served, {predraft['saved_s']:.2f} s of drafting "
             f"saved, {predraft['busy_s']:.2f} s spent pre-drafting ({predraft['num_jobs']} jobs)")
 
 

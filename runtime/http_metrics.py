@@ -51,7 +51,11 @@ class RuntimeCollector:
             full = predraft["branches"]["full"]
             yield _counter("minedraft_spec_predraft_checked", "steps whose pre-drafted drafts were checked against the outcome",
                            full["checked"])
-            yield _counter("minedraft_spec_predraft_hits", "steps whose drafts were ready (pre-drafted)", full["hits"])
+            hits = CounterMetricFamily("minedraft_spec_predraft_hits", "steps whose drafts were ready (pre-drafted), by "
+                                       "branch kind (full: the chain; short: a shorter outcome's branch)", labels=["branch"])
+            for kind, branch in sorted(predraft["branches"].items()):
+                hits.add_metric([kind], branch["hits"])
+            yield hits
             yield _counter("minedraft_spec_predraft_drafts_served", "drafts served from pre-drafted chains",
                            predraft["drafts_served"])
             yield _counter("minedraft_spec_predraft_busy_seconds", "drafter time spent pre-drafting", predraft["busy_s"])

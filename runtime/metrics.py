@@ -29,7 +29,7 @@ class Metrics:
         self.finish_reasons: Counter[str] = Counter()
         # pre-drafting (docs/design.md section 5): rows whose pre-drafted chain was checked
         # against the outcome, hits, drafts served without a forward, and the drafter's work
-        self.predraft = {"checked": 0, "hits": 0, "drafts_served": 0, "saved_s": 0.0, "busy_s": 0.0,
+        self.predraft = {"checked": 0, "hits": 0, "branch_hits": 0, "drafts_served": 0, "saved_s": 0.0, "busy_s": 0.0,
                          "num_jobs": 0, "num_tokens": 0}
 
     def add_busy(self, role: str, start_s: float, end_s: float, is_step: bool = True, job: dict | None = None) -> None:
@@ -43,10 +43,11 @@ class Metrics:
             self.jobs.append({"role": role, "start_s": start_s, "end_s": end_s, **job})
 
     def add_predraft_rows(self, hits: list[int], served: list[int], saved_s: float) -> None:
-        """A draft job's rows: per row -1 (no pre-drafted chain), 0 (a miss) or 1 (a hit), and
-        the drafts each took from its chain."""
+        """A draft job's rows: per row -1 (no pre-drafted chain), 0 (a miss), 1 (its chain was
+        the outcome) or 2 (a branch was), and the drafts each took from its chain or branch."""
         self.predraft["checked"] += sum(h >= 0 for h in hits)
         self.predraft["hits"] += sum(h == 1 for h in hits)
+        self.predraft["branch_hits"] += sum(h == 2 for h in hits)
         self.predraft["drafts_served"] += sum(served)
         self.predraft["saved_s"] += saved_s
 
@@ -111,21 +112,27 @@ class Metrics:
 
     def predraft_summary(self) -> dict:
         p = self.predraft
-        # one branch kind: every kept draft accepted and the bonus token the draft's own next one
-        return {"branches": {"full": {"checked": p["checked"], "hits": p["hits"],
-                                      "hit_rate": p["hits"] / p["checked"] if p["checked"] else None}},
+        # per branch kind, of the steps checked against a pre-draft: "full" every kept draft
+        # accepted and the bonus token the draft's own next one (the chain); "short" fewer
+        # accepted and the correction the draft's likeliest other token (a branch, greedy rows)
+        rate = lambda hits: hits / p["checked"] if p["checked"] else None  # noqa: E731
+        return {"branches": {"full": {"checked": p["checked"], "hits": p["hits"], "hit_rate": rate(p["hits"])},
+                             "short": {"checked": p["checked"], "hits": p["branch_hits"],
+                                       "hit_rate": rate(p["branch_hits"])}},
                 "drafts_served": p["drafts_served"], "saved_s": round(p["saved_s"], 6),
                 "busy_s": round(p["busy_s"], 6), "num_jobs": p["num_jobs"], "num_tokens": p["num_tokens"]}
 
 
 def merge_predraft(summaries: list[dict]) -> dict:
     """Several replicas' `predraft` summaries as one: counters summed, the hit rate recomputed."""
-    fulls = [p["branches"]["full"] for p in summaries]
-    checked, hits = sum(f["checked"] for f in fulls), sum(f["hits"] for f in fulls)
+    branches = {}
+    for kind in summaries[0]["branches"]:
+        each = [p["branches"][kind] for p in summaries if kind in p["branches"]]
+        checked, hits = sum(b["checked"] for b in each), sum(b["hits"] for b in each)
+        branches[kind] = {"checked": checked, "hits": hits, "hit_rate": hits / checked if checked else None}
     merged = {key: sum(p[key] for p in summaries) for key in ("drafts_served", "saved_s", "busy_s", "num_jobs",
                                                               "num_tokens")}
-    return {"branches": {"full": {"checked": checked, "hits": hits, "hit_rate": hits / checked if checked else None}},
-            **merged, "is_on": any(p.get("is_on") for p in summaries), "off_reason": summaries[0].get("off_reason")}
+    return {"branches": branches, **merged, "is_on": any(p.get("is_on") for p in summaries), "off_reason": summaries[0].get("off_reason")}
 
 
 def format_memory(memory: dict) -> str:

@@ -409,8 +409,9 @@ def test_metrics_parse_with_prometheus_client(daemon):
     assert samples[("minedraft_requests_total", (("finish_reason", "length"),))] >= 1
     assert 0 < samples[("minedraft_spec_acceptance_rate", ())] <= 1
     assert 1 < samples[("minedraft_spec_mean_accepted_length", ())] <= 5
-    checked, hits = samples[("minedraft_spec_predraft_checked_total", ())], samples[("minedraft_spec_predraft_hits_total", ())]
-    assert checked >= hits >= 0 and samples[("minedraft_spec_predraft_busy_seconds_total", ())] >= 0
+    checked = samples[("minedraft_spec_predraft_checked_total", ())]
+    hits = [samples[("minedraft_spec_predraft_hits_total", (("branch", kind),))] for kind in ("full", "short")]
+    assert checked >= sum(hits) and min(hits) >= 0 and samples[("minedraft_spec_predraft_busy_seconds_total", ())] >= 0
     for role in ("drafter", "verifier"):
         assert 0 < samples[("minedraft_worker_busy_fraction", (("role", role),))] <= 1
     assert ("minedraft_num_requests_running", ()) in samples and ("minedraft_num_requests_waiting", ()) in samples

@@ -49,18 +49,20 @@ def test_greedy_output_equals_plain_decoding_with_predrafting(target, kind):
     assert {k: r.output_ids for k, r in got.items()} == expected
     if kind == "same":  # the draft is the target: every chain is the outcome
         assert engine.predraft_hits["hits"] >= 0.9 * engine.predraft_hits["checked"] > 10
-    if kind == "noisy":
-        assert 0 < engine.predraft_hits["hits"] < engine.predraft_hits["checked"]
-        assert engine.predraft_hits["drafts_served"] >= 2 * engine.predraft_hits["hits"]
+    if kind == "noisy":  # chains and branches both serve some steps
+        hits = engine.predraft_hits
+        assert 0 < hits["hits"] and 0 < hits["branch_hits"] and hits["hits"] + hits["branch_hits"] < hits["checked"]
+        assert hits["drafts_served"] >= 2 * (hits["hits"] + hits["branch_hits"])
 
 
 def test_greedy_proposals_are_the_ones_drafted_without_predrafting(target):
-    """On a hit the served drafts are what the drafter would have drafted after the outcome:
-    every request takes as many steps and accepts as many drafts as without pre-drafting."""
+    """On a hit (a chain's or a branch's) the served drafts are what the drafter would have
+    drafted after the outcome: every request takes as many steps and accepts as many drafts as
+    without pre-drafting."""
     draft = draft_model("noisy")
     without, _ = run(target, draft, make_requests(), False)
     with_predraft, engine = run(target, draft, make_requests(), True)
-    assert engine.predraft_hits["hits"] > 0
+    assert engine.predraft_hits["hits"] > 0 and engine.predraft_hits["branch_hits"] > 0
     for request_id, r in without.items():
         other = with_predraft[request_id]
         assert other.output_ids == r.output_ids
@@ -153,6 +155,7 @@ def test_predraft_stops_when_a_job_waits_and_at_its_window(target):
     row = Request("r", PROMPT, max_tokens=30)
     row.num_draft = 4
     job_row = row.row("drafter")
+    drafter.max_predraft_rows = 1  # the chain alone (branches: below)
     drafter.draft([job_row], tokens, probs, keep_chains=True)
     polls = []
     assert drafter.predraft([job_row], [4], float("inf"), lambda: polls.append(1) or len(polls) > 2) == (2, 2)
@@ -261,14 +264,15 @@ def test_daemon_greedy_output_is_the_targets_with_predrafting_and_status_counts_
         st = status(endpoint, is_detailed=True)
     assert outputs == reference_outputs(requests)
     predraft = st["predraft"]
-    full = predraft["branches"]["full"]
+    full, short = predraft["branches"]["full"], predraft["branches"]["short"]
     assert predraft["num_jobs"] > 0 and predraft["num_tokens"] > 0 and predraft["busy_s"] > 0
-    assert full["checked"] > 0 and full["hits"] <= full["checked"]
+    assert full["checked"] > 0 and full["hits"] + short["hits"] <= full["checked"] == short["checked"]
     assert any(j["kind"] == "predraft" and j["role"] == "drafter" for j in st["recent_jobs"])
     from minedraft.runtime.cli import format_predraft
 
     line = format_predraft(predraft)
-    assert f"{full['hits']} of {full['checked']} steps found their drafts ready" in line
+    assert f"{full['hits'] + short['hits']} of {full['checked']} steps found their drafts ready" in line
+    assert f"{full['hits']} all accepted + the likeliest bonus, {short['hits']} a shorter branch" in line
     assert format_predraft({**predraft, "num_jobs": 0, "branches": {"full": {**full, "checked": 0}}}) == ""
 
 
@@ -319,3 +323,80 @@ def test_workers_share_a_device():
     assert not shares("drafter.device=cuda:0", "drafter.cpu_cores=[1]")  # a GPU beside the CPU
     assert shares("drafter.device=cuda", "verifier.device=cuda:0")
     assert not shares("drafter.device=cuda:0", "verifier.device=cuda:1")
+
+
+# ------------------------------------------------------------------ branches (shorter outcomes)
+
+def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(target):
+    """Beside the chain, a greedy row gets one branch per kept draft j: drafts before j
+    accepted, the correction guessed as the draft's likeliest other token. When that is the
+    outcome, the branch's drafts are served with no model call, they are what plain drafting
+    drafts after the same outcome, its scratch slot becomes the row's, and every other scratch
+    slot is given back; drafting on from those cells matches plain drafting."""
+    drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
+    plain = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    expected = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    a, b = Request("r", PROMPT, max_tokens=40), Request("r", PROMPT, max_tokens=40)
+    a.num_draft = b.num_draft = 4
+    drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    plain.draft([b.row("drafter")], expected, probs)
+    assert drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False) == (5, 5 + 4 * 4)
+    chain = drafter.chains["r"]
+    assert [br.at for br in sorted(chain.branches, key=lambda br: br.at)] == [0, 1, 2, 3]
+    assert drafter.cache.num_free == 8 - 1 - 4
+    branch = next(br for br in chain.branches if br.at == 2)
+    assert branch.tokens[0] != chain.tokens[2] and len(branch.tokens) == 5
+    outcome = chain.tokens[:2] + [branch.tokens[0]]  # drafts 1-2 accepted, the correction the guess
+    a.commit(outcome)
+    b.commit(outcome)
+    calls = []
+    original = target.forward
+    target.forward = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+    try:
+        second = drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    finally:
+        target.forward = original
+    plain.draft([b.row("drafter")], expected, probs)
+    assert not calls and second.predraft_hits == [2] and second.num_served == [4]
+    assert tokens[0].tolist() == branch.tokens[1:] == expected[0].tolist()
+    state = drafter.table.requests["r"]
+    assert state.slot == branch.state.slot and state.cached == state.known + branch.tokens[1:4]
+    assert drafter.cache.num_free == 7  # the row's old slot and the other branches' given back
+    outcome = tokens[0, :2].tolist() + [(tokens[0, 2].item() + 1) % target.config.vocab_size]  # rejected at 3
+    a.commit(outcome)
+    b.commit(outcome)
+    third = drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    plain.draft([b.row("drafter")], expected, probs)
+    assert third.predraft_hits == [-1] and tokens[0].tolist() == expected[0].tolist()
+
+
+def test_a_new_request_takes_a_branch_slot_and_the_branch_is_dropped(target):
+    drafter = Drafter(target, max_slots=3, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    a = Request("r", PROMPT, max_tokens=40)
+    a.num_draft = 4
+    drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
+    chain = drafter.chains["r"]
+    assert len(chain.branches) == 2 and drafter.cache.num_free == 0
+    branch = chain.branches[0]
+    other = Request("s", PROMPT[:5], max_tokens=10)
+    other.num_draft = 4
+    drafter.draft([other.row("drafter")], tokens, probs, keep_chains=True)  # needs a slot: the branches give theirs
+    assert not chain.branches and drafter.cache.num_free == 1
+    a.commit(chain.tokens[:branch.at] + [branch.tokens[0]])
+    assert drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True).predraft_hits == [0]
+
+
+def test_sampled_rows_get_no_branches(target):
+    drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    probs = torch.zeros(2, 4, target.config.vocab_size)
+    a = Request("r", PROMPT, max_tokens=40, params=SamplingParams(0.8, 0, 1.0, 7))
+    a.num_draft = 4
+    drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
+    drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
+    assert not drafter.chains["r"].branches and drafter.cache.num_free == 7

@@ -6,8 +6,9 @@ workers/process.py wraps it with sockets. It never decides what is committed: th
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,8 +17,31 @@ from minedraft.workers.model.kv_cache import KVCache
 from minedraft.workers.sampling import (
     DRAFT_SALT, batch_params, draw_uniforms, probs_from_logits, sample,
 )
-from minedraft.workers.slots import SlotTable, feed_batch
+from minedraft.workers.slots import RequestState, SlotTable, feed_batch
 from minedraft.workers.model.transfer import index_tensor, to_device_packed
+
+
+# Rows in one pre-draft forward, chains and branches together: the chains always, branches
+# while the count stays within this. On the 2-core development machine a drafter forward of
+# the Qwen 0.5B draft took ~47 ms at 1 row and ~52 ms at 4 (docs/performance.md): the rows
+# beside a chain cost little next to reading the weights, and 8 still fits a verify's window.
+MAX_PREDRAFT_ROWS = 8
+
+
+@dataclass
+class Branch:
+    """A shorter outcome pre-drafted beside a greedy row's chain: its first `at` tokens accepted,
+    then the verify's correction guessed as `tokens[0]` (the draft's likeliest token other than
+    chain.tokens[at], which the correction never is), then drafts from it. Its K/V lives in a
+    scratch slot of its own (`state`): a copy of the row's cells up to the chain's position
+    `at`, then its tokens but the last. A hit swaps the scratch slot in as the row's slot; any
+    other outcome frees it."""
+
+    at: int
+    state: RequestState
+    tokens: list[int]
+    scores: list[float]  # cumulative draft log-probability from tokens[1] (scores[0] = 0: the guess)
+    alts: list[int]
 
 
 @dataclass
@@ -47,10 +71,16 @@ class Chain:
     # per token: the request's draft generator state before the pre-draft drew it (None: not
     # drawn by a pre-draft), so that dropping pre-drafted tokens rewinds the stream
     draw_states: list = None
+    # per token: the draft's likeliest token other than it there (where a branch guesses the
+    # correction; -1 unknown), and the branches pre-drafted beside the chain (greedy rows)
+    alts: list[int] = None
+    branches: list[Branch] = field(default_factory=list)
 
     def __post_init__(self):
         if self.draw_states is None:
             self.draw_states = [None] * len(self.tokens or [])
+        if self.alts is None:
+            self.alts = [-1] * len(self.tokens or [])
 
     @property
     def num_normal(self) -> int:
@@ -63,14 +93,28 @@ class Drafter:
         self.model = model
         self.max_draft = max_draft
         self.cache = KVCache(model.config, max_slots, max_len, dtype, device)
-        self.table = SlotTable(self.cache, DRAFT_SALT)
+        self.table = SlotTable(self.cache, DRAFT_SALT, reclaim=self._drop_all_branches)
         self.chains: dict[str, Chain] = {}  # pre-drafting: request_id -> its chain
         self.forward_s: float | None = None  # running mean of a pre-draft forward's time
+        self.max_predraft_rows = MAX_PREDRAFT_ROWS
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
         for request_id in request_ids:
-            self.chains.pop(request_id, None)
+            chain = self.chains.pop(request_id, None)
+            if chain is not None:
+                self._drop_branches(chain)
+
+    def _drop_branches(self, chain: Chain, keep: Branch | None = None) -> None:
+        for branch in chain.branches:
+            if branch is not keep:
+                self.cache.free(branch.state.slot)
+        chain.branches = []
+
+    def _drop_all_branches(self) -> None:
+        """A new request needs a slot: branches are a bet, so they give theirs up first."""
+        for chain in self.chains.values():
+            self._drop_branches(chain)
 
     @torch.inference_mode()
     def draft(self, rows: list[JobRow], out_tokens: torch.Tensor, out_probs: torch.Tensor,
@@ -87,6 +131,7 @@ class Drafter:
         out_tokens [max_batch, max_draft] int64; out_probs [max_batch, max_draft, V] float32.
         """
         scores: list[list[float]] = [[] for _ in rows]
+        alts: list[list[int]] = [[] for _ in rows]
         # 1. Apply committed tokens; rows with nothing to draft only record them.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         is_sampled = [not s.params.is_greedy for s in states]
@@ -96,19 +141,21 @@ class Drafter:
         active = [i for i, r in enumerate(rows) if r.num_draft > 0]
         if active:
             self._draft([rows[i] for i in active], [states[i] for i in active], [is_sampled[i] for i in active],
-                        out_tokens, out_probs, [scores[i] for i in active], [chains[i] for i in active])
+                        out_tokens, out_probs, [scores[i] for i in active], [chains[i] for i in active],
+                        [alts[i] for i in active])
         if keep_chains:
             for i, row in enumerate(rows):
                 if row.num_draft > 0:
-                    self.chains[row.request_id] = self._new_chain(row, states[i], scores[i], chains[i], out_tokens,
-                                                                  out_probs if is_sampled[i] else None)
+                    self.chains[row.request_id] = self._new_chain(row, states[i], scores[i], alts[i], chains[i],
+                                                                  out_tokens, out_probs if is_sampled[i] else None)
                 elif chains[i] is not None:  # nothing to draft this step: the chain waits
                     self.chains[row.request_id] = chains[i]
         return DraftOutcome(select_positions(scores, capacity), scores, is_sampled, hits, num_served)
 
     def _take_chain(self, row: JobRow, state, keep_chains: bool) -> tuple[Chain | None, int]:
         """A row's chain with its newly committed tokens consumed, and whether it was a
-        pre-draft hit (1), a miss (0) or no pre-drafted chain at all (-1). The chain is None
+        pre-draft hit (1: the chain's own outcome; 2: a branch's, whose scratch slot becomes the
+        row's), a miss (0) or no pre-drafted chain at all (-1). The chain is None
         when nothing of it can be served (its cells are then rolled back as usual, and its
         pre-drafted draws given back to the stream); else the rest of it, scores counted from
         its new first token. Served are only pre-drafted tokens (a TETRIS tail drafted by the
@@ -117,6 +164,7 @@ class Drafter:
         if chain is None:
             return None, -1
         if not keep_chains:
+            self._drop_branches(chain)
             self._rewind(chain, state, 0)
             return None, -1
         new = state.known[chain.base:]
@@ -126,13 +174,28 @@ class Drafter:
         code = -1 if not chain.num_predrafted else int(is_match)
         if not is_match:
             self._rewind(chain, state, 0)
-            return None, code
+            return self._take_branch(chain, state, new)
+        self._drop_branches(chain)
         if n == len(chain.tokens):
             return None, code
         base_score = chain.scores[n - 1]
         return Chain(len(state.known), chain.tokens[n:], [s - base_score for s in chain.scores[n:]],
                      None if chain.probs is None else chain.probs[n:], len(chain.tokens) - n,
-                     draw_states=chain.draw_states[n:]), code
+                     draw_states=chain.draw_states[n:], alts=chain.alts[n:]), code
+
+    def _take_branch(self, chain: Chain, state, new: list[int]) -> tuple[Chain | None, int]:
+        """The branch whose outcome the committed tokens `new` are, swapped in as the row's slot
+        and turned into its chain (code 2); else every branch freed and (None, 0)."""
+        found = next((b for b in chain.branches if len(b.tokens) > 1 and len(new) == b.at + 1
+                      and new[b.at] == b.tokens[0] and new[:b.at] == chain.tokens[:b.at]), None)
+        self._drop_branches(chain, keep=found)
+        if found is None:
+            return None, 0 if chain.num_predrafted else -1
+        self.cache.free(state.slot)
+        state.slot, state.cached = found.state.slot, found.state.cached
+        state.num_stable = min(state.num_stable, chain.base + found.at)
+        return Chain(len(state.known), found.tokens[1:], found.scores[1:], None, len(found.tokens) - 1,
+                     alts=found.alts[1:]), 2
 
     @staticmethod
     def _rewind(chain: Chain, state, start: int) -> None:
@@ -142,7 +205,7 @@ class Drafter:
                 state.generator.set_state(draw_state)
                 return
 
-    def _new_chain(self, row: JobRow, state, scores: list[float], served: Chain | None,
+    def _new_chain(self, row: JobRow, state, scores: list[float], alts: list[int], served: Chain | None,
                    out_tokens: torch.Tensor, out_probs: torch.Tensor | None) -> Chain:
         """The row's chain after its job: this step's drafts (or, served entirely from its
         chain, that chain, whose cells beyond this step's drafts stay valid)."""
@@ -156,35 +219,39 @@ class Drafter:
         tokens = state.cached[len(state.known):] + [int(out_tokens[row.buffer_row, n - 1])]
         assert len(tokens) == n, (len(tokens), n)
         probs = None if out_probs is None else out_probs[row.buffer_row, :n].clone()
-        return Chain(len(state.known), tokens, list(scores), probs, 0)
+        return Chain(len(state.known), tokens, list(scores), probs, 0, alts=list(alts))
 
     @torch.inference_mode()
     def predraft(self, rows: list[JobRow], num_kept: list[int], window_s: float, should_stop) -> tuple[int, int]:
         """Draft on along the chains of `rows` (the job just answered, num_kept[i] of row i's
         drafts verified) while the verifier checks their drafts: one forward per round over
-        every row whose chain is shorter than one whole next step (kept + 1 + max_draft), until
-        window_s has passed (a forward is not started that would end after it) or
-        should_stop() says a job waits. The token at the bonus position is the draft's
-        likeliest (the outcome's likeliest bonus, on sampled rows too); every other is drawn as
-        a draft is. -> (forwards run, tokens drafted)."""
+        every row whose chain is shorter than one whole next step (kept + 1 + max_draft), and
+        every branch shorter than 1 + max_draft (see _open_branches), until window_s has passed
+        (a forward is not started that would end after it) or should_stop() says a job waits.
+        The token at the bonus position is the draft's likeliest (the outcome's likeliest
+        bonus, on sampled rows too); every other is drawn as a draft is. -> (forwards run,
+        tokens drafted)."""
         limits = [kept + 1 + self.max_draft for kept in num_kept]
         start = time.perf_counter()
         chains = [self.chains.get(r.request_id) for r in rows]
         states = [self.table.requests.get(r.request_id) for r in rows]
+        branches = self._open_branches(chains, states, num_kept)
         num_forwards = num_tokens = 0
         while True:
             live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
                     and c.num_normal <= num_kept[i] <= len(c.tokens) < limits[i]
                     and len(s.known) + len(c.tokens) + 1 < self.cache.max_len]
-            if not live or should_stop():
+            growing = [b for b in branches if len(b.tokens) < 1 + self.max_draft
+                       and len(b.state.cached) + 2 < self.cache.max_len]
+            if not (live or growing) or should_stop():
                 break
             elapsed = time.perf_counter() - start
             if elapsed + (self.forward_s or 0.0) > window_s:
                 break
             begin = time.perf_counter()
-            feeds = [[chains[i].tokens[-1]] for i in live]
-            logits = feed_batch(self.model, self.cache, [states[i] for i in live], feeds, [[0]] * len(live),
-                                self.max_draft + 1)[:, 0].float()  # [b, V]
+            feeds = [[chains[i].tokens[-1]] for i in live] + [[b.tokens[-1]] for b in growing]
+            logits = feed_batch(self.model, self.cache, [states[i] for i in live] + [b.state for b in growing], feeds,
+                                [[0]] * len(feeds), self.max_draft + 1)[:, 0].float()  # [b, V]
             tokens = logits.argmax(-1)  # [b]
             logp = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)  # [b]
             guessing = [len(chains[i].tokens) == num_kept[i] for i in live]  # this token is the bonus's guess
@@ -204,28 +271,68 @@ class Drafter:
                                                                  logits.device)[:, 0])
                 tokens[sampled] = picked
                 logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-            host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
+            alts = other_likeliest(logits, tokens)
+            host_tokens, host_logp, host_alts = tokens.tolist(), logp.double().clamp(max=0.0).tolist(), alts.tolist()
             prob_row = {n: m for m, n in enumerate(sampled)}
             for n, i in enumerate(live):
                 chain = chains[i]
                 chain.scores.append(chain.scores[-1] + host_logp[n])
                 chain.tokens.append(host_tokens[n])
+                chain.alts.append(host_alts[n])
                 chain.draw_states.append(draw_states.get(n))
                 chain.num_predrafted += 1
                 if guessing[n]:
                     chain.guess = len(chain.tokens) - 1
                 if chain.probs is not None:
                     chain.probs = torch.cat((chain.probs, probs[prob_row[n]][None]))
+            for n, branch in enumerate(growing, len(live)):
+                branch.scores.append(branch.scores[-1] + host_logp[n])
+                branch.tokens.append(host_tokens[n])
+                branch.alts.append(host_alts[n])
             num_forwards += 1
-            num_tokens += len(live)
+            num_tokens += len(feeds)
             took = time.perf_counter() - begin
             self.forward_s = took if self.forward_s is None else 0.8 * self.forward_s + 0.2 * took
         return num_forwards, num_tokens
 
+    def _open_branches(self, chains: list[Chain | None], states, num_kept: list[int]) -> list[Branch]:
+        """Branches beside the greedy rows' chains, the likeliest outcomes first, while a forward
+        holds at most max_predraft_rows rows and the cache has free slots: one per kept draft j,
+        for "drafts before j accepted, draft j rejected, the correction the draft's likeliest
+        other token there". Its likelihood as the draft sees it: P(reach j) x (1 - P(draft j))."""
+        candidates = []
+        live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
+                and c.num_normal <= num_kept[i] <= len(c.tokens)]
+        for i in live:
+            chain, state = chains[i], states[i]
+            if chain.probs is not None or not state.params.is_greedy or chain.branches:
+                continue  # sampled rows: one chain (a branch's drafts would need the chain's draws)
+            for j in range(num_kept[i]):
+                if chain.alts[j] < 0:
+                    continue
+                reach = chain.scores[j - 1] if j else 0.0
+                weight = math.exp(reach) * -math.expm1(chain.scores[j] - reach)
+                candidates.append((-weight, i, j))
+        opened = []
+        for _, i, j in sorted(candidates)[:max(0, self.max_predraft_rows - len(live))]:
+            if not self.cache.num_free:
+                break
+            chain, state = chains[i], states[i]
+            slot = self.cache.alloc()
+            length = chain.base + j  # the row's cells for its committed tokens and the chain's first j
+            self.cache.copy_prefix(state.slot, slot, length)
+            branch = Branch(j, RequestState(slot, state.params, state.generator, cached=state.cached[:length]),
+                            [chain.alts[j]], [0.0], [-1])
+            chain.branches.append(branch)
+            opened.append(branch)
+        return opened
+
     def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
-               out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None]) -> None:
+               out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None],
+               alts: list[list[int]]) -> None:
         """The buffers live on the drafter's device (out_tokens, out_probs as in draft()). A row
-        with a chain takes its first drafts from it and drafts the rest on from its end."""
+        with a chain takes its first drafts from it and drafts the rest on from its end. Each
+        row's scores and alts (other_likeliest at each drafted position) are extended."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
         num_draft = [r.num_draft for r in rows]
         preset = [0 if c is None else min(len(c.tokens), d) for c, d in zip(chains, num_draft)]
@@ -251,9 +358,11 @@ class Drafter:
         all_rows = on_device.pop()
         total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
         score_grid = torch.zeros(len(rows), max(depth, 1), dtype=torch.float64, device=device)  # [B, depth]
+        alt_grid = torch.full((len(rows), max(depth, 1)), -1, dtype=torch.long, device=device)  # [B, depth]
         for j, (chain, p) in enumerate(zip(chains, preset)):
             if p:
                 score_grid[j, :p] = torch.tensor(chain.scores[:p], dtype=torch.float64)
+                alt_grid[j, :p] = torch.tensor(chain.alts[:p], dtype=torch.long)
                 total[j] = chain.scores[p - 1]
         if new_depth:
             # 2. Catch up on committed tokens (a chain row: its last chain token); logits after
@@ -283,6 +392,7 @@ class Drafter:
                 logp[step_sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
                 out_probs[sampled_buffer, sampled_cols] = probs
             out_tokens[step_buffer, step_cols] = tokens
+            alt_grid[step_live, step_cols] = other_likeliest(step_logits, tokens)
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
             score_grid[step_live, step_cols] = total[step_live]
             if i + 1 == new_depth:
@@ -291,11 +401,19 @@ class Drafter:
                                 [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
         drafted = out_tokens[all_rows, :depth]  # [B, depth]
-        host = torch.cat((score_grid[:, :depth], drafted.double()), 1).tolist()
+        host = torch.cat((score_grid[:, :depth], drafted.double(), alt_grid[:, :depth].double()), 1).tolist()
         for j, (state, d, p) in enumerate(zip(states, num_draft, preset)):
             scores[j].extend(host[j][:d])
+            alts[j].extend(int(a) for a in host[j][2 * depth: 2 * depth + d])
             if num_new[j]:  # fed: the chain's last served token (by feed_batch), the new drafts but the last
                 state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
+
+
+def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, V] logits, [b] chosen tokens -> [b] the likeliest token other than the chosen one
+    (a branch's guess of the verify's correction where the chosen draft is rejected)."""
+    top = logits.topk(2, -1).indices  # [b, 2]
+    return torch.where(top[:, 0] == tokens, top[:, 1], top[:, 0])
 
 
 @dataclass(frozen=True)
@@ -303,7 +421,7 @@ class DraftOutcome:
     num_kept: list[int]  # per row, in job order: the leading drafts to verify
     scores: list[list[float]]  # per row: cumulative draft log-probability at each drafted position
     is_sampled: list[bool]  # per row: its draft distributions were written (sampled rows only)
-    predraft_hits: list[int] = None  # per row: -1 no pre-drafted chain, 0 a miss, 1 its chain was the outcome
+    predraft_hits: list[int] = None  # per row: -1 no pre-drafted chain, 0 a miss, 1 its chain was the outcome, 2 a branch was
     num_served: list[int] = None  # per row: drafts taken from its chain (no forward for them)
 
 

@@ -50,7 +50,7 @@ class Engine:
         self.finished: dict[str, Request] = {}
         self.to_release: list[str] = []
         self.predraft = predraft and self.drafter is not None
-        self.predraft_hits = {"checked": 0, "hits": 0, "drafts_served": 0}
+        self.predraft_hits = {"checked": 0, "hits": 0, "branch_hits": 0, "drafts_served": 0}
 
     def add_request(self, request: Request) -> None:
         """A new request; its stop_token_ids gain the model's EOS ids."""
@@ -84,6 +84,7 @@ class Engine:
             if self.predraft:
                 self.predraft_hits["checked"] += sum(h >= 0 for h in outcome.predraft_hits)
                 self.predraft_hits["hits"] += sum(h == 1 for h in outcome.predraft_hits)
+                self.predraft_hits["branch_hits"] += sum(h == 2 for h in outcome.predraft_hits)
                 self.predraft_hits["drafts_served"] += sum(outcome.num_served)
                 self.drafter.predraft(rows, outcome.num_kept, float("inf"), lambda: False)
         emitted = self.verifier.verify([r.row(VERIFIER) for r in self.running], self.draft_tokens, self.draft_probs)

@@ -39,10 +39,11 @@ class RequestState:
 class SlotTable:
     """request_id -> RequestState over one KVCache."""
 
-    def __init__(self, cache: KVCache, salt: int):
+    def __init__(self, cache: KVCache, salt: int, reclaim=None):
         self.cache = cache
         self.salt = salt  # separates the drafter's and the verifier's random streams
         self.requests: dict[str, RequestState] = {}
+        self.reclaim = reclaim  # called when a new request finds no free slot: frees scratch slots (the drafter's branches)
 
     def get(self, request_id: str, params: SamplingParams | None) -> RequestState:
         state = self.requests.get(request_id)
@@ -50,6 +51,8 @@ class SlotTable:
             if params is None:
                 raise KeyError(f"request_id={request_id} is unknown to this worker and came without params")
             generator = make_generator(params.seed, self.salt, self.cache.data.device)
+            if not self.cache.num_free and self.reclaim is not None:
+                self.reclaim()
             state = RequestState(self.cache.alloc(), params, generator)
             self.requests[request_id] = state
         return state

@@ -1,5 +1,6 @@
 """KVCache: one preallocated tensor of K/V slots indexed by absolute position, plus per-slot
-lengths. Rollback is a length decrement; this module never copies or reallocates K/V."""
+lengths. Rollback is a length decrement; K/V is never reallocated, and copied only by
+copy_prefix (the drafter's scratch slots for pre-drafted branches)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ class KVCache:
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(f"cannot truncate slot {slot} to {length}: it holds {self.lengths[slot]} tokens")
         self.lengths[slot] = length
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Make slot dst hold the first `length` tokens of slot src (a branch's shared prefix)."""
+        self.check_slot(src)
+        self.check_slot(dst)
+        if not 0 <= length <= self.lengths[src]:
+            raise ValueError(f"cannot copy {length} tokens of slot {src}: it holds {self.lengths[src]}")
+        self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
+        self.lengths[dst] = length
 
     def check_slot(self, slot: int) -> None:
         """Raise ValueError unless `slot` is allocated."""
