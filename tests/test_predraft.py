@@ -400,3 +400,25 @@ def test_sampled_rows_get_no_branches(target):
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
     assert not drafter.chains["r"].branches and drafter.cache.num_free == 7
+
+
+def test_branches_are_budgeted_by_the_timed_forwards_and_the_window(target):
+    """Branches ride along only where the chain's forwards, at the estimated time of a forward
+    with them beside it, fit the window; none before a forward has been timed."""
+    def opened(window_s: float, times: dict[int, float]) -> int:
+        drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
+        drafter.forward_times = dict(times)
+        tokens = torch.zeros(2, 4, dtype=torch.long)
+        row = Request("r", PROMPT, max_tokens=40)
+        row.num_draft = 4
+        drafter.draft([row.row("drafter")], tokens, torch.zeros(2, 4, target.config.vocab_size), keep_chains=True)
+        drafter.predraft([row.row("drafter")], [4], window_s, lambda: True)  # opens branches, runs no forward
+        return len(drafter.chains["r"].branches)
+
+    # the chain needs 5 forwards; one timed count: each row beside it adds PRIOR_ROW_SHARE (0.25)
+    assert opened(10.0, {}) == 0 and opened(float("inf"), {}) == 4
+    assert opened(10.0, {1: 1.0}) == 4 and opened(7.0, {1: 1.0}) == 1 and opened(6.0, {1: 1.0}) == 0
+    assert opened(6.0, {1: 1.0, 2: 1.0}) == 4  # timed: a row costs nothing here
+    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    drafter.forward_times = {1: 0.05, 5: 0.09}
+    assert drafter.forward_estimate(3) == pytest.approx(0.07) and drafter.forward_estimate(5) == 0.09

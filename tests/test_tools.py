@@ -63,6 +63,10 @@ def test_bench_modes_agree_and_report(tmp_path):
         assert 0 < r["acceptance_rate"] <= 1 and 1 < r["mean_accepted_length"] <= 5
         assert r["busy_fraction"]["drafter"] > 0 and r["busy_fraction"]["verifier"] > 0
     assert report["runs"][0]["result"]["acceptance_rate"] is None  # ar drafts nothing
+    assert report["runs"][0]["result"]["predraft"] is None  # nor pre-drafts
+    pre = sd["predraft"]  # this load's own counters (the daemon's status after it less before)
+    assert pre["checked"] > 0 and pre["full"] + pre["short"] <= pre["checked"] and pre["drafts_served"] >= 0
+    assert f"  sd: {pre['checked']} checked, {pre['full']} chain + {pre['short']} branch hits" in done.stdout
     for label in ("ar", "sd", "psd", "out tok/s", "TTFT p50", "overlap"):
         assert label in done.stdout
 

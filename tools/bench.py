@@ -184,6 +184,20 @@ def format_best_fixed(best: dict) -> str:
                      for mode, b in best.items())
 
 
+def predraft_delta(before: dict | None, after: dict | None) -> dict | None:
+    """One load's pre-drafting counters: the daemon's status after it less before it (None: off
+    or nothing checked)."""
+    if not after or not after.get("is_on", True):
+        return None
+    count = lambda p, kind: p["branches"].get(kind, {"hits": 0})["hits"] if p else 0  # noqa: E731
+    checked = after["branches"]["full"]["checked"] - (before["branches"]["full"]["checked"] if before else 0)
+    if checked <= 0:
+        return None
+    return {"checked": checked, "full": count(after, "full") - count(before, "full"),
+            "short": count(after, "short") - count(before, "short"),
+            "drafts_served": after["drafts_served"] - (before["drafts_served"] if before else 0)}
+
+
 def detailed_status(endpoint: str) -> dict:
     """status(True) of a running daemon: its recent jobs and its last draft budget."""
     with Client(endpoint, timeout_s=STATUS_TIMEOUT_S) as client:
@@ -486,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup:
                     run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
                                  max_tokens=WARMUP_MAX_TOKENS, seed=args.seed, show_progress=False)
+                before = detailed_status(endpoint).get("predraft")
                 for run in group:
                     start_s = time.monotonic()  # the workers' clock too (one host)
                     run["result"] = run_loadtest(endpoint, prompts, requests=args.requests,
@@ -495,12 +510,21 @@ def main(argv: list[str] | None = None) -> int:
                     after = detailed_status(endpoint)
                     after["recent_jobs"] = [j for j in after.get("recent_jobs", []) if j["start_s"] >= start_s]
                     add_status_fields(run["result"], after, args.timeline_s)
+                    run["result"]["predraft"] = predraft_delta(before, after.get("predraft"))
+                    before = after.get("predraft")
                     run["timeline"] = after["recent_jobs"]
         except (RuntimeError, TimeoutError) as exc:
             print(f"error: {group[0]['daemon_label']}: {exc}", file=sys.stderr)
             return 1
 
     print(format_table(runs))
+    predrafted = [run for run in runs if run["result"].get("predraft")]
+    if predrafted:
+        print("pre-drafting (steps checked against a pre-draft; ready from the chain, from a branch; drafts served):")
+        for run in predrafted:
+            d = run["result"]["predraft"]
+            print(f"  {run['label']}: {d['checked']} checked, {d['full']} chain + {d['short']} branch hits "
+                  f"({(d['full'] + d['short']) / d['checked']:.0%}), {d['drafts_served']} drafts served")
     if len(linear_paths) > 1:
         print(path_speedups(runs, linear_paths))
     best = best_fixed(runs)

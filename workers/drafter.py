@@ -22,10 +22,12 @@ from minedraft.workers.model.transfer import index_tensor, to_device_packed
 
 
 # Rows in one pre-draft forward, chains and branches together: the chains always, branches
-# while the count stays within this. On the 2-core development machine a drafter forward of
-# the Qwen 0.5B draft took ~47 ms at 1 row and ~52 ms at 4 (docs/performance.md): the rows
-# beside a chain cost little next to reading the weights, and 8 still fits a verify's window.
+# while the count stays within this and the window (below).
 MAX_PREDRAFT_ROWS = 8
+# Until the drafter has timed forwards of two row counts, what one more row is taken to add to
+# a forward, as a share of the one measured (on the 2-core development machine the Qwen 0.5B
+# draft's forward took 49 ms at 1 row and 87 ms at 5 on one core: 0.19 a row).
+PRIOR_ROW_SHARE = 0.25
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Drafter:
         self.cache = KVCache(model.config, max_slots, max_len, dtype, device)
         self.table = SlotTable(self.cache, DRAFT_SALT, reclaim=self._drop_all_branches)
         self.chains: dict[str, Chain] = {}  # pre-drafting: request_id -> its chain
-        self.forward_s: float | None = None  # running mean of a pre-draft forward's time
+        self.forward_times: dict[int, float] = {}  # rows -> running mean of a pre-draft forward's seconds
         self.max_predraft_rows = MAX_PREDRAFT_ROWS
 
     def release(self, request_ids: list[str]) -> None:
@@ -110,6 +112,23 @@ class Drafter:
             if branch is not keep:
                 self.cache.free(branch.state.slot)
         chain.branches = []
+
+    def forward_estimate(self, rows: int) -> float | None:
+        """Seconds of a pre-draft forward of `rows` rows, from the ones timed (None: none yet):
+        the running mean where that count was timed, else the least-squares line through the
+        counts timed (one count: PRIOR_ROW_SHARE of it a row)."""
+        times = self.forward_times
+        if not times:
+            return None
+        if rows in times:
+            return times[rows]
+        if len(times) == 1:
+            (count, t), = times.items()
+            return max(0.0, t * (1 + PRIOR_ROW_SHARE * (rows - count)))
+        mean_r, mean_t = sum(times) / len(times), sum(times.values()) / len(times)
+        slope = (sum((r - mean_r) * (t - mean_t) for r, t in times.items())
+                 / sum((r - mean_r) ** 2 for r in times))
+        return max(0.0, mean_t + max(0.0, slope) * (rows - mean_r))
 
     def _drop_all_branches(self) -> None:
         """A new request needs a slot: branches are a bet, so they give theirs up first."""
@@ -227,7 +246,9 @@ class Drafter:
         drafts verified) while the verifier checks their drafts: one forward per round over
         every row whose chain is shorter than one whole next step (kept + 1 + max_draft), and
         every branch shorter than 1 + max_draft (see _open_branches), until window_s has passed
-        (a forward is not started that would end after it) or should_stop() says a job waits.
+        (a forward is not started that would end after it, and branches ride along only where
+        the chains' forwards still fit: they never cost a chain a forward) or should_stop() says
+        a job waits.
         The token at the bonus position is the draft's likeliest (the outcome's likeliest
         bonus, on sampled rows too); every other is drawn as a draft is. -> (forwards run,
         tokens drafted)."""
@@ -235,7 +256,7 @@ class Drafter:
         start = time.perf_counter()
         chains = [self.chains.get(r.request_id) for r in rows]
         states = [self.table.requests.get(r.request_id) for r in rows]
-        branches = self._open_branches(chains, states, num_kept)
+        branches = self._open_branches(chains, states, num_kept, limits, window_s)
         num_forwards = num_tokens = 0
         while True:
             live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
@@ -245,8 +266,11 @@ class Drafter:
                        and len(b.state.cached) + 2 < self.cache.max_len]
             if not (live or growing) or should_stop():
                 break
-            elapsed = time.perf_counter() - start
-            if elapsed + (self.forward_s or 0.0) > window_s:
+            left = window_s - (time.perf_counter() - start)
+            chain_forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
+            if growing and (self.forward_estimate(len(live) + len(growing)) or 0.0) * max(1, chain_forwards) > left:
+                growing = []  # the chains' remaining forwards first
+            if not (live or growing) or (self.forward_estimate(len(live) + len(growing)) or 0.0) > left:
                 break
             begin = time.perf_counter()
             feeds = [[chains[i].tokens[-1]] for i in live] + [[b.tokens[-1]] for b in growing]
@@ -291,15 +315,19 @@ class Drafter:
                 branch.alts.append(host_alts[n])
             num_forwards += 1
             num_tokens += len(feeds)
-            took = time.perf_counter() - begin
-            self.forward_s = took if self.forward_s is None else 0.8 * self.forward_s + 0.2 * took
+            took, count = time.perf_counter() - begin, len(feeds)
+            before = self.forward_times.get(count)
+            self.forward_times[count] = took if before is None else 0.8 * before + 0.2 * took
         return num_forwards, num_tokens
 
-    def _open_branches(self, chains: list[Chain | None], states, num_kept: list[int]) -> list[Branch]:
-        """Branches beside the greedy rows' chains, the likeliest outcomes first, while a forward
-        holds at most max_predraft_rows rows and the cache has free slots: one per kept draft j,
-        for "drafts before j accepted, draft j rejected, the correction the draft's likeliest
-        other token there". Its likelihood as the draft sees it: P(reach j) x (1 - P(draft j))."""
+    def _open_branches(self, chains: list[Chain | None], states, num_kept: list[int], limits: list[int],
+                       window_s: float) -> list[Branch]:
+        """Branches beside the greedy rows' chains, the likeliest outcomes first: one per kept
+        draft j, for "drafts before j accepted, draft j rejected, the correction the draft's
+        likeliest other token there", its likelihood as the draft sees it P(reach j) x (1 -
+        P(draft j)). As many as keep a forward within max_predraft_rows rows, the cache's free
+        slots, and the window: the chains' forwards at the estimated time of a forward with the
+        branches beside them must fit it (no branch before a forward has been timed)."""
         candidates = []
         live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
                 and c.num_normal <= num_kept[i] <= len(c.tokens)]
@@ -313,8 +341,12 @@ class Drafter:
                 reach = chain.scores[j - 1] if j else 0.0
                 weight = math.exp(reach) * -math.expm1(chain.scores[j] - reach)
                 candidates.append((-weight, i, j))
+        forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
+        room = max(0, self.max_predraft_rows - len(live))
+        while room and (self.forward_estimate(len(live) + room) or float("inf")) * max(1, forwards) > window_s:
+            room -= 1
         opened = []
-        for _, i, j in sorted(candidates)[:max(0, self.max_predraft_rows - len(live))]:
+        for _, i, j in sorted(candidates)[:room]:
             if not self.cache.num_free:
                 break
             chain, state = chains[i], states[i]

@@ -248,7 +248,8 @@ class WorkerLoop:
             self._send(p.DraftResult(job.batch_id, len(rows), start_s, time.monotonic(),
                                      outcome.num_kept, outcome.scores, **placed,
                                      predraft_hits=outcome.predraft_hits, num_served=outcome.num_served,
-                                     saved_s=forwards_saved * (self.core.forward_s or 0.0) if is_predrafting else 0.0,
+                                     saved_s=forwards_saved * (self.core.forward_estimate(len(rows)) or 0.0)
+                                     if is_predrafting else 0.0,
                                      predraft_start_s=pre_start, predraft_end_s=pre_end,
                                      predraft_forwards=pre_forwards, predraft_tokens=pre_tokens))
             if is_predrafting and job.predraft_s > 0:  # the verifier checks these drafts now: draft on
