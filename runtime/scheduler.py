@@ -44,13 +44,13 @@ class SchedulerCore:
         self.chooser = make_planner(sc, cpu_pool(config), self.budget)  # the plan in force: chooser.current
         self.is_learning = self.budget is not None and self.budget.is_predicting
         self.prefill_ahead = sc.prefill_ahead and sc.speculates
-        # Pre-drafting needs hardware of the drafter's own beside the verifier's: auto on CPUs
-        # places each job (a split plan gives each worker its half; a wide one turns it off per
-        # job), a fixed mode has the configured cores or devices.
+        # Pre-drafting needs hardware of the drafter's own beside the verifier's: plans that
+        # place each job (auto's on CPUs: a split plan gives each worker its half, a wide one
+        # turns it off per job) have it; else the configured cores or devices say.
         self.predraft_off_reason: str | None = None
         if not sc.predraft or not sc.speculates:
             self.predraft_off_reason = "off in the config" if sc.speculates else "no drafter (ar)"
-        elif not (sc.is_auto and cpu_pool(config) is not None) and workers_share_a_device(config):
+        elif not self.chooser.current.verifier.is_set and workers_share_a_device(config):
             self.predraft_off_reason = ("the drafter and the verifier share cores or a device: a pre-draft "
                                         "would run on the verifier's")
         self.predraft = self.predraft_off_reason is None

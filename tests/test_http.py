@@ -100,7 +100,11 @@ def test_streamed_deltas_concatenate_to_the_completion(daemon):
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
         finished = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
         assert len(finished) == 1 and finished[0].choices[0].finish_reason == "length"
-        assert finished[0].model_extra["speculative"] == whole.model_extra["speculative"]
+        # the same greedy drafts and steps; how many steps found their drafts pre-drafted is a
+        # matter of timing (how far the drafter got during each verify)
+        streamed, plain = dict(finished[0].model_extra["speculative"]), dict(whole.model_extra["speculative"])
+        assert streamed.pop("predrafted_steps") <= streamed["steps"] and plain.pop("predrafted_steps") <= plain["steps"]
+        assert streamed == plain
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
         assert all(c.usage is None for c in chunks[:-1])
 
