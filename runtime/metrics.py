@@ -109,7 +109,6 @@ class Metrics:
             summary["recent_jobs"] = list(self.jobs)
         return summary
 
-
     def predraft_summary(self) -> dict:
         p = self.predraft
         # per branch kind, of the steps checked against a pre-draft: "full" every kept draft

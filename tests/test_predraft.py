@@ -24,6 +24,22 @@ from tests.test_sampling import chi_square_ok
 NUM_SAMPLES = 20_000
 
 
+def new_drafter(target, max_slots: int = 2) -> Drafter:
+    return Drafter(target, max_slots=max_slots, max_len=64, max_draft=4, dtype=torch.float32)
+
+
+def draft_buffers(target) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draft job's token and distribution buffers (2 rows, depth 4)."""
+    return torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, target.config.vocab_size)
+
+
+def drafting(request_id: str = "r", prompt: list[int] = PROMPT, max_tokens: int = 30, **params) -> Request:
+    """A request drafting 4 tokens a step (params: its SamplingParams, if not greedy)."""
+    request = Request(request_id, prompt, max_tokens=max_tokens, **params)
+    request.num_draft = 4
+    return request
+
+
 @pytest.fixture(scope="module")
 def target():
     return decoder_from_hf(tiny_hf_model("tiny-llama", TinySpec(seed=0)))
@@ -102,11 +118,9 @@ def test_seeded_sampled_output_is_the_same_with_and_without_predrafting(target, 
 def test_a_served_chain_needs_no_forward_and_its_cells_stay(target):
     """The draft is the target: after a pre-draft the next step's drafts come from the chain,
     no model call is made for them, and the slot already holds their K/V."""
-    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    row = Request("r", PROMPT, max_tokens=30)
-    row.num_draft = 4
+    drafter = new_drafter(target)
+    tokens, probs = draft_buffers(target)
+    row = drafting()
     first = drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
     drafts = tokens[0].tolist()
     drafter.predraft([row.row("drafter")], [4], float("inf"), lambda: False)
@@ -128,12 +142,10 @@ def test_a_served_chain_needs_no_forward_and_its_cells_stay(target):
 
 
 def test_a_missed_chain_is_rolled_back_and_drafting_goes_on_as_usual(target):
-    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
-    plain = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    a, b = Request("r", PROMPT, max_tokens=30), Request("r", PROMPT, max_tokens=30)
-    a.num_draft = b.num_draft = 4
+    drafter = new_drafter(target)
+    plain = new_drafter(target)
+    tokens, probs = draft_buffers(target)
+    a, b = drafting(), drafting()
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     plain.draft([b.row("drafter")], tokens, probs)
     drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
@@ -149,11 +161,9 @@ def test_a_missed_chain_is_rolled_back_and_drafting_goes_on_as_usual(target):
 
 
 def test_predraft_stops_when_a_job_waits_and_at_its_window(target):
-    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    row = Request("r", PROMPT, max_tokens=30)
-    row.num_draft = 4
+    drafter = new_drafter(target)
+    tokens, probs = draft_buffers(target)
+    row = drafting()
     job_row = row.row("drafter")
     drafter.max_predraft_rows = 1  # the chain alone (branches: below)
     drafter.draft([job_row], tokens, probs, keep_chains=True)
@@ -333,13 +343,11 @@ def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(ta
     outcome, the branch's drafts are served with no model call, they are what plain drafting
     drafts after the same outcome, its scratch slot becomes the row's, and every other scratch
     slot is given back; drafting on from those cells matches plain drafting."""
-    drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
-    plain = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    expected = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    a, b = Request("r", PROMPT, max_tokens=40), Request("r", PROMPT, max_tokens=40)
-    a.num_draft = b.num_draft = 4
+    drafter = new_drafter(target, 8)
+    plain = new_drafter(target, 8)
+    tokens, probs = draft_buffers(target)
+    expected = torch.zeros_like(tokens)
+    a, b = drafting(max_tokens=40), drafting(max_tokens=40)
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     plain.draft([b.row("drafter")], expected, probs)
     assert drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False) == (5, 5 + 4 * 4)
@@ -373,18 +381,15 @@ def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(ta
 
 
 def test_a_new_request_takes_a_branch_slot_and_the_branch_is_dropped(target):
-    drafter = Drafter(target, max_slots=3, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    a = Request("r", PROMPT, max_tokens=40)
-    a.num_draft = 4
+    drafter = new_drafter(target, 3)
+    tokens, probs = draft_buffers(target)
+    a = drafting(max_tokens=40)
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
     chain = drafter.chains["r"]
     assert len(chain.branches) == 2 and drafter.cache.num_free == 0
     branch = chain.branches[0]
-    other = Request("s", PROMPT[:5], max_tokens=10)
-    other.num_draft = 4
+    other = drafting("s", PROMPT[:5], max_tokens=10)
     drafter.draft([other.row("drafter")], tokens, probs, keep_chains=True)  # needs a slot: the branches give theirs
     assert not chain.branches and drafter.cache.num_free == 1
     a.commit(chain.tokens[:branch.at] + [branch.tokens[0]])
@@ -392,11 +397,9 @@ def test_a_new_request_takes_a_branch_slot_and_the_branch_is_dropped(target):
 
 
 def test_sampled_rows_get_no_branches(target):
-    drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
-    tokens = torch.zeros(2, 4, dtype=torch.long)
-    probs = torch.zeros(2, 4, target.config.vocab_size)
-    a = Request("r", PROMPT, max_tokens=40, params=SamplingParams(0.8, 0, 1.0, 7))
-    a.num_draft = 4
+    drafter = new_drafter(target, 8)
+    tokens, probs = draft_buffers(target)
+    a = drafting(max_tokens=40, params=SamplingParams(0.8, 0, 1.0, 7))
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False)
     assert not drafter.chains["r"].branches and drafter.cache.num_free == 7
@@ -406,12 +409,10 @@ def test_branches_are_budgeted_by_the_timed_forwards_and_the_window(target):
     """Branches ride along only where the chain's forwards, at the estimated time of a forward
     with them beside it, fit the window; none before a forward has been timed."""
     def opened(window_s: float, times: dict[int, float]) -> int:
-        drafter = Drafter(target, max_slots=8, max_len=64, max_draft=4, dtype=torch.float32)
+        drafter = new_drafter(target, 8)
         drafter.forward_times = dict(times)
-        tokens = torch.zeros(2, 4, dtype=torch.long)
-        row = Request("r", PROMPT, max_tokens=40)
-        row.num_draft = 4
-        drafter.draft([row.row("drafter")], tokens, torch.zeros(2, 4, target.config.vocab_size), keep_chains=True)
+        row = drafting(max_tokens=40)
+        drafter.draft([row.row("drafter")], *draft_buffers(target), keep_chains=True)
         drafter.predraft([row.row("drafter")], [4], window_s, lambda: True)  # opens branches, runs no forward
         return len(drafter.chains["r"].branches)
 
@@ -419,6 +420,6 @@ def test_branches_are_budgeted_by_the_timed_forwards_and_the_window(target):
     assert opened(10.0, {}) == 0 and opened(float("inf"), {}) == 4
     assert opened(10.0, {1: 1.0}) == 4 and opened(7.0, {1: 1.0}) == 1 and opened(6.0, {1: 1.0}) == 0
     assert opened(6.0, {1: 1.0, 2: 1.0}) == 4  # timed: a row costs nothing here
-    drafter = Drafter(target, max_slots=2, max_len=64, max_draft=4, dtype=torch.float32)
+    drafter = new_drafter(target)
     drafter.forward_times = {1: 0.05, 5: 0.09}
     assert drafter.forward_estimate(3) == pytest.approx(0.07) and drafter.forward_estimate(5) == 0.09

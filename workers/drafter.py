@@ -26,7 +26,8 @@ from minedraft.workers.model.transfer import index_tensor, to_device_packed
 MAX_PREDRAFT_ROWS = 8
 # Until the drafter has timed forwards of two row counts, what one more row is taken to add to
 # a forward, as a share of the one measured (on the 2-core development machine the Qwen 0.5B
-# draft's forward took 49 ms at 1 row and 87 ms at 5 on one core: 0.19 a row).
+# draft's forward took 48 ms at 1 row and 86 ms at 5 on one core, tools/step_profile.py: 0.2 a
+# row).
 PRIOR_ROW_SHARE = 0.25
 
 
@@ -150,7 +151,7 @@ class Drafter:
         out_tokens [max_batch, max_draft] int64; out_probs [max_batch, max_draft, V] float32.
         """
         scores: list[list[float]] = [[] for _ in rows]
-        alts: list[list[int]] = [[] for _ in rows]
+        alts = [[] for _ in rows] if keep_chains else None  # a branch's guesses: only chains need them
         # 1. Apply committed tokens; rows with nothing to draft only record them.
         states = [self.table.commit(r.request_id, r.params, r.new_tokens) for r in rows]
         is_sampled = [not s.params.is_greedy for s in states]
@@ -161,7 +162,7 @@ class Drafter:
         if active:
             self._draft([rows[i] for i in active], [states[i] for i in active], [is_sampled[i] for i in active],
                         out_tokens, out_probs, [scores[i] for i in active], [chains[i] for i in active],
-                        [alts[i] for i in active])
+                        None if alts is None else [alts[i] for i in active])
         if keep_chains:
             for i, row in enumerate(rows):
                 if row.num_draft > 0:
@@ -328,9 +329,15 @@ class Drafter:
         P(draft j)). As many as keep a forward within max_predraft_rows rows, the cache's free
         slots, and the window: the chains' forwards at the estimated time of a forward with the
         branches beside them must fit it (no branch before a forward has been timed)."""
-        candidates = []
         live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
                 and c.num_normal <= num_kept[i] <= len(c.tokens)]
+        forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
+        room = max(0, self.max_predraft_rows - len(live))
+        while room and (self.forward_estimate(len(live) + room) or float("inf")) * max(1, forwards) > window_s:
+            room -= 1
+        if not room:
+            return []
+        candidates = []
         for i in live:
             chain, state = chains[i], states[i]
             if chain.probs is not None or not state.params.is_greedy or chain.branches:
@@ -341,10 +348,6 @@ class Drafter:
                 reach = chain.scores[j - 1] if j else 0.0
                 weight = math.exp(reach) * -math.expm1(chain.scores[j] - reach)
                 candidates.append((-weight, i, j))
-        forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
-        room = max(0, self.max_predraft_rows - len(live))
-        while room and (self.forward_estimate(len(live) + room) or float("inf")) * max(1, forwards) > window_s:
-            room -= 1
         opened = []
         for _, i, j in sorted(candidates)[:room]:
             if not self.cache.num_free:
@@ -361,10 +364,11 @@ class Drafter:
 
     def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
                out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None],
-               alts: list[list[int]]) -> None:
+               alts: list[list[int]] | None) -> None:
         """The buffers live on the drafter's device (out_tokens, out_probs as in draft()). A row
         with a chain takes its first drafts from it and drafts the rest on from its end. Each
-        row's scores and alts (other_likeliest at each drafted position) are extended."""
+        row's scores and, unless None, alts (other_likeliest at each drafted position) are
+        extended."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
         num_draft = [r.num_draft for r in rows]
         preset = [0 if c is None else min(len(c.tokens), d) for c, d in zip(chains, num_draft)]
@@ -390,11 +394,13 @@ class Drafter:
         all_rows = on_device.pop()
         total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
         score_grid = torch.zeros(len(rows), max(depth, 1), dtype=torch.float64, device=device)  # [B, depth]
-        alt_grid = torch.full((len(rows), max(depth, 1)), -1, dtype=torch.long, device=device)  # [B, depth]
+        alt_grid = None if alts is None else torch.full((len(rows), max(depth, 1)), -1, dtype=torch.long,
+                                                        device=device)  # [B, depth]
         for j, (chain, p) in enumerate(zip(chains, preset)):
             if p:
                 score_grid[j, :p] = torch.tensor(chain.scores[:p], dtype=torch.float64)
-                alt_grid[j, :p] = torch.tensor(chain.alts[:p], dtype=torch.long)
+                if alt_grid is not None:
+                    alt_grid[j, :p] = torch.tensor(chain.alts[:p], dtype=torch.long)
                 total[j] = chain.scores[p - 1]
         if new_depth:
             # 2. Catch up on committed tokens (a chain row: its last chain token); logits after
@@ -424,7 +430,8 @@ class Drafter:
                 logp[step_sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
                 out_probs[sampled_buffer, sampled_cols] = probs
             out_tokens[step_buffer, step_cols] = tokens
-            alt_grid[step_live, step_cols] = other_likeliest(step_logits, tokens)
+            if alt_grid is not None:
+                alt_grid[step_live, step_cols] = other_likeliest(step_logits, tokens)
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
             score_grid[step_live, step_cols] = total[step_live]
             if i + 1 == new_depth:
@@ -433,10 +440,12 @@ class Drafter:
                                 [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
         drafted = out_tokens[all_rows, :depth]  # [B, depth]
-        host = torch.cat((score_grid[:, :depth], drafted.double(), alt_grid[:, :depth].double()), 1).tolist()
+        grids = [score_grid[:, :depth], drafted.double()] + ([] if alt_grid is None else [alt_grid[:, :depth].double()])
+        host = torch.cat(grids, 1).tolist()
         for j, (state, d, p) in enumerate(zip(states, num_draft, preset)):
             scores[j].extend(host[j][:d])
-            alts[j].extend(int(a) for a in host[j][2 * depth: 2 * depth + d])
+            if alts is not None:
+                alts[j].extend(int(a) for a in host[j][2 * depth: 2 * depth + d])
             if num_new[j]:  # fed: the chain's last served token (by feed_batch), the new drafts but the last
                 state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
 
