@@ -491,3 +491,13 @@ def test_bench_sweep_fresh_gives_every_plan_a_fresh_daemon_per_load_in_turn(tmp_
     served = [re.match(r"\s+(.+) c=(\d+):", line) for line in done.stderr.splitlines()]
     order = [(m.group(1), int(m.group(2))) for m in served if m]
     assert order == [("auto", 1), ("ar x1", 1), ("auto", 3), ("ar x1", 3)]  # the plans take turns at each load
+
+
+def test_correction_guess_counts_the_drafts_second_choices(tmp_path):
+    out = tmp_path / "guess.json"
+    done = tool("correction_guess.py", "--config", TINY, "--num-prompts", "3", "--max-tokens", "8", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["positions"] == 3 * 8 and 0 < result["draft_wrong"] <= result["positions"]  # the tiny draft is noisy
+    assert result["second_right"] + result["third_right"] <= result["draft_wrong"]
+    assert result["second_rate"] == result["second_right"] / result["draft_wrong"]
+    assert f"its second choice is at {result['second_right']}" in done.stdout
