@@ -34,6 +34,8 @@ POLL_MS = 50
 LOG_NAME = "daemon.log"
 CLIENT_HWM = 10000  # queued frames per client before sends would block (then backlogged)
 MAX_FRAMES_PER_LOOP = 1000  # client frames handled before worker results get a turn
+BURST_GAP_MS = 3.0  # an idle runtime given requests reads on while more arrive this close together ...
+BURST_MAX_MS = 25.0  # ... for at most this long, so a burst is admitted, planned and prefilled as one load
 
 
 def make_pool(config: Config, run_dir: str, context: zmq.Context, index: int):
@@ -189,7 +191,8 @@ class Server:
                 self.begin_shutdown()
             for replica in self.replicas:
                 self._step_replica(replica)
-            self._on_client_frames()
+            if self._on_client_frames() and self._is_idle():
+                self._admit_burst()
             for replica in self.replicas:
                 if replica.is_live and self.state in (SERVING, STOPPING):
                     for role, job in replica.core.next_jobs():
@@ -260,12 +263,31 @@ class Server:
             self.state, self.dead_since_s = DEAD, time.monotonic()
             self.dead_reason = "; ".join(r.dead_reason for r in self.replicas)
 
-    def _on_client_frames(self) -> None:
+    def _is_idle(self) -> bool:
+        """No worker of a live replica has a job: the next step has not started anywhere."""
+        return self.state == SERVING and all(not any(r.core.is_busy.values()) for r in self.replicas if r.is_live)
+
+    def _admit_burst(self) -> None:
+        """Requests that arrive together (a client's burst, a wave of users) reach the socket a
+        few milliseconds apart. Started on the first of them, a step would prefill them in two
+        or more passes and auto would plan it for a fraction of the load (issue 26: at c = 8 the
+        first step ran sd x2 for 5 of the 8 requests, seconds long with their prompts, before
+        ar x2). So an idle runtime that has just admitted requests reads on while more arrive
+        within BURST_GAP_MS of each other, for at most BURST_MAX_MS: a lone request waits
+        BURST_GAP_MS, a step in progress never waits."""
+        deadline = time.monotonic() + BURST_MAX_MS / 1000
+        while (left_ms := 1000 * (deadline - time.monotonic())) > 0:
+            if not self.frontend.poll(min(BURST_GAP_MS, left_ms)) or not self._on_client_frames():
+                return
+
+    def _on_client_frames(self) -> int:
+        """Read what clients sent (at most MAX_FRAMES_PER_LOOP frames); the number of new requests."""
+        num_requests = 0
         for _ in range(MAX_FRAMES_PER_LOOP):
             try:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return num_requests
             if len(frames) != 2:
                 continue  # not a DEALER frame pair: nothing to answer
             client_id, frame = frames
@@ -281,6 +303,8 @@ class Server:
             except Exception as exc:  # a bug must fail one request, not the runtime
                 log.exception("request handling failed: %r", message)
                 self._reply(client_id, p.ErrorOutput(getattr(message, "request_id", None), "internal_error", repr(exc)))
+            num_requests += isinstance(message, p.GenerateRequest)
+        return num_requests
 
     def _reply(self, client_id: bytes, message) -> None:
         self.outputs.append((client_id, message))

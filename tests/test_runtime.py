@@ -278,3 +278,15 @@ def test_max_batch_from_kv_cache_memory(tmp_path, greedy_reference):
     with running_daemon(tmp_path, "psd", "scheduler.max_batch=0", f"scheduler.kv_cache_memory={share}") as (endpoint, _):
         assert status(endpoint)["max_batch"] == expected
         assert asyncio.run(run_load(endpoint, workload())) == greedy_reference
+
+
+def test_a_burst_of_requests_is_admitted_as_one_load(tmp_path):
+    """Requests sent together reach the socket a few milliseconds apart; an idle runtime reads
+    on while they arrive (runtime/server.py BURST_GAP_MS), so the first step prefills them all
+    at once instead of starting on the first few (and auto plans it for the whole load)."""
+    requests = workload(12)
+    with running_daemon(tmp_path, "ar", "scheduler.max_batch=16") as (endpoint, _):
+        asyncio.run(run_load(endpoint, requests, stagger_s=0.0))
+        st = status(endpoint, is_detailed=True)
+    first = min((j for j in st["recent_jobs"] if j["role"] == "verifier"), key=lambda j: j["start_s"])
+    assert first["rows"] == len(requests), first
