@@ -484,13 +484,46 @@ def test_auto_forecast_reads_the_calibration_cache_and_names_the_plan_per_load(t
 def test_bench_sweep_fresh_gives_every_plan_a_fresh_daemon_per_load_in_turn(tmp_path):
     out = tmp_path / "sweep"
     done = tool("bench.py", "--config", TINY, "--sweep-concurrency", "1,3", "--sweep-plans", "auto,ar x1",
-                "--requests", "3", "--max-tokens", "8", "--warmup", "0", "--sweep-fresh", "--out", str(out))
+                "--requests", "3", "--max-tokens", "8", "--warmup", "0", "--sweep-fresh", "--sweep-rounds", "2",
+                "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "sweep.json").read_text())
-    assert report["fresh_daemons"] and report["greedy_identical"] == {"1": True, "3": True}
-    served = [re.match(r"\s+(.+) c=(\d+):", line) for line in done.stderr.splitlines()]
-    order = [(m.group(1), int(m.group(2))) for m in served if m]
-    assert order == [("auto", 1), ("ar x1", 1), ("auto", 3), ("ar x1", 3)]  # the plans take turns at each load
+    assert report["fresh_daemons"] and report["rounds"] == 2 and report["greedy_identical"] == {"1": True, "3": True}
+    served = [m for line in done.stderr.splitlines() if (m := re.match(r"\s+(.+) c=(\d+): ([\d.]+) tok/s", line))]
+    order = [(m.group(1), int(m.group(2))) for m in served]
+    # The plans take turns at each load, two rounds, the first plan rotating.
+    assert order == [("auto", 1), ("ar x1", 1), ("ar x1", 1), ("auto", 1),
+                     ("auto", 3), ("ar x1", 3), ("ar x1", 3), ("auto", 3)]
+    printed = {}
+    for m in served:
+        printed.setdefault((m.group(1), m.group(2)), []).append(float(m.group(3)))
+    for name, by_c in report["results"].items():
+        for c, r in by_c.items():  # each plan's rate pools its two rounds
+            assert r["round_tok_s"] == pytest.approx(printed[name, c], abs=0.006)
+            assert r["num_requests"] == 2 * 3 and r["output_throughput"] == pytest.approx(r["num_output_tokens"] / r["wall_s"])
+            assert min(r["round_tok_s"]) <= r["output_throughput"] <= max(r["round_tok_s"])
+    assert "rounds: " in done.stdout
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--config", TINY,
+                              "--sweep-concurrency", "1", "--sweep-rounds", "2"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--sweep-rounds" in refused.stderr  # rounds take turns on fresh daemons only
+
+
+def test_sweep_rounds_merge_pools_counts_and_flags_differing_outputs():
+    plan_sweep = load_tool("plan_sweep")
+    first = {"wall_s": 2.0, "num_requests": 2, "num_ok": 2, "num_failed": 0, "num_output_tokens": 20,
+             "num_prompt_tokens": 10, "server_num_output_tokens": 20, "num_drafted": 8, "num_accepted": 4,
+             "num_verify_rows": 4, "output_throughput": 10.0, "output_token_ids": {"0": [1, 2]},
+             "plan_steps": {"ar x2": 3}, "tpot_ms": {"p50": 5.0}}
+    second = {**first, "wall_s": 1.0, "num_accepted": 8, "output_throughput": 20.0, "plan_steps": {"ar x2": 2, "sd x2": 1}}
+    merged = plan_sweep.merge_rounds([first, second])
+    assert merged["output_throughput"] == pytest.approx(40 / 3) and merged["round_tok_s"] == [10.0, 20.0]
+    assert merged["num_prompt_tokens"] == 20 and merged["acceptance_rate"] == pytest.approx(12 / 16)
+    assert merged["mean_accepted_length"] == pytest.approx(1 + 12 / 8) and merged["plan_steps"] == {"ar x2": 5, "sd x2": 1}
+    assert merged["rounds_identical"] and merged["tpot_ms"] == first["tpot_ms"]
+    differing = plan_sweep.merge_rounds([first, {**second, "output_token_ids": {"0": [1, 3]}}])
+    results = {"a": {1: differing}, "b": {1: first}}
+    assert not differing["rounds_identical"] and plan_sweep.greedy_identical(results, [1]) == {"1": False}
+    assert plan_sweep.merge_rounds([first]) == first
 
 
 def test_correction_guess_counts_the_drafts_second_choices(tmp_path):

@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --sweep-concurrency: a fresh daemon per plan and load, the plans taking turns at "
                              "each load, so the machine's drift falls on every plan alike (auto then starts each "
                              "load from its calibration alone)")
+    parser.add_argument("--sweep-rounds", type=int, default=1,
+                        help="with --sweep-fresh: the plans take turns this many times at each load (each round "
+                             "on fresh daemons, the first plan rotating); a plan's rate is its rounds' tokens over "
+                             "their time, each round's rate in sweep.json")
     parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
     parser.add_argument("--transports", default="",
                         help="e.g. frames,shared: run every mode with each cluster.draft_transport")
@@ -463,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes + sweep_modes if m not in MODES]
     if unknown or not modes and not (args.sweep_k or args.sweep_e or args.sweep_batch):
         print(f"error: --modes / --sweep-modes: unknown {unknown}; choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    if args.sweep_rounds < 1 or args.sweep_rounds > 1 and not args.sweep_fresh:
+        print("error: --sweep-rounds must be >= 1, and above 1 only with --sweep-fresh", file=sys.stderr)
         return 2
     if args.extra_draft < 0:
         print("error: --extra-draft must be >= 0", file=sys.stderr)

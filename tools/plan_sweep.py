@@ -101,6 +101,7 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
     print("measuring the machine's limits (tools/kernel_bench.py)", file=sys.stderr, flush=True)
     measured = [plan_bounds.measure(args.config, num_cores)]
     results: dict[str, dict[int, dict]] = {}
+    runs: dict[str, dict[int, list[dict]]] = {}  # --sweep-rounds: every round's result
 
     def serve(plan: dict, endpoint: str, concurrency: int) -> None:
         before = plan_steps(endpoint)
@@ -122,13 +123,19 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
             run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
                          max_tokens=warmup_tokens, seed=args.seed, show_progress=False)
 
+    rounds = max(1, getattr(args, "sweep_rounds", 1))
     if getattr(args, "sweep_fresh", False):  # plans take turns at each load, each on a fresh daemon
         for concurrency in concurrencies:
-            print(f"concurrency {concurrency}: {len(plans)} plans in turn", file=sys.stderr, flush=True)
-            for plan in plans:
-                with running_daemon(args.config, args.set + plan["overrides"]) as endpoint:
-                    warm(endpoint)
-                    serve(plan, endpoint, concurrency)
+            print(f"concurrency {concurrency}: {len(plans)} plans in turn, {rounds} round(s)", file=sys.stderr,
+                  flush=True)
+            for number in range(rounds):
+                for plan in plans[number % len(plans):] + plans[:number % len(plans)]:  # no plan always first
+                    with running_daemon(args.config, args.set + plan["overrides"]) as endpoint:
+                        warm(endpoint)
+                        serve(plan, endpoint, concurrency)
+                        runs.setdefault(plan["name"], {}).setdefault(concurrency, []).append(
+                            results[plan["name"]][concurrency])
+        results = {name: {c: merge_rounds(each) for c, each in by_c.items()} for name, by_c in runs.items()}
     else:
         for number, plan in enumerate(plans, 1):
             print(f"[{number}/{len(plans)}] {plan['name']}: starting a daemon", file=sys.stderr, flush=True)
@@ -140,10 +147,41 @@ def run_sweep(args, running_daemon, warmup_tokens: int) -> dict:
     machine = plan_bounds.merge(measured)
     report = analyse(results, concurrencies, machine)
     report.update({"config": args.config, "overrides": args.set, "requests": args.requests,
-                   "fresh_daemons": bool(getattr(args, "sweep_fresh", False)),
+                   "fresh_daemons": bool(getattr(args, "sweep_fresh", False)), "rounds": rounds,
                    "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
                    "plans": plans})
     return report
+
+
+SUMMED = ("wall_s", "num_requests", "num_ok", "num_failed", "num_output_tokens", "num_prompt_tokens",
+          "server_num_output_tokens", "num_drafted", "num_accepted", "num_verify_rows")
+
+
+def merge_rounds(each: list[dict]) -> dict:
+    """One plan's rounds at one load (--sweep-rounds) as one result: counts and wall time summed,
+    so its rate is every round's tokens over every round's time (the rounds ran on fresh daemons
+    at different times: pooling them averages the machine's drift out of the comparison);
+    latencies and the rest from the first round; each round's rate kept in "round_tok_s" and
+    whether every round produced the same output ids in "rounds_identical"."""
+    merged = dict(each[0])
+    if len(each) == 1:
+        return merged
+    for key in SUMMED:
+        values = [r.get(key) for r in each]
+        merged[key] = None if any(v is None for v in values) else sum(values)
+    merged["output_throughput"] = merged["num_output_tokens"] / merged["wall_s"]
+    drafted, accepted, rows = merged["num_drafted"], merged["num_accepted"], merged["num_verify_rows"]
+    merged["acceptance_rate"] = accepted / drafted if drafted else None
+    merged["mean_accepted_length"] = 1 + accepted / rows if rows else None
+    merged["round_tok_s"] = [r["output_throughput"] for r in each]
+    merged["rounds_identical"] = all(r["output_token_ids"] == each[0]["output_token_ids"] for r in each[1:])
+    if "plan_steps" in each[0]:
+        steps: dict[str, int] = {}
+        for r in each:
+            for name, n in (r.get("plan_steps") or {}).items():
+                steps[name] = steps.get(name, 0) + n
+        merged["plan_steps"] = steps
+    return merged
 
 
 def analyse(results: dict[str, dict[int, dict]], concurrencies: list[int], machine: dict | None = None) -> dict:
@@ -192,7 +230,8 @@ def greedy_identical(results: dict[str, dict[int, dict]], concurrencies: list[in
     out = {}
     for c in concurrencies:
         outputs = [results[name][c]["output_token_ids"] for name in results]
-        out[str(c)] = all(o == outputs[0] for o in outputs[1:])
+        out[str(c)] = all(o == outputs[0] for o in outputs[1:]) and all(
+            results[name][c].get("rounds_identical", True) for name in results)
     return out
 
 
@@ -212,7 +251,9 @@ def format_report(report: dict) -> str:
             bound, share = r.get("bound_tok_s"), r.get("share_of_bound")
             lines.append(f"  {name:<10} {r['output_throughput']:>10.2f} {r['output_throughput'] / best:>7.2f}x "
                          f"{'-' if tpot is None else f'{tpot:.1f}':>9} {accept:>7} "
-                         f"{'-' if bound is None else f'{bound:.1f}':>7} {'-' if share is None else f'{share:.2f}':>6}")
+                         f"{'-' if bound is None else f'{bound:.1f}':>7} {'-' if share is None else f'{share:.2f}':>6}"
+                         + ("  rounds: " + " / ".join(f"{v:.2f}" for v in r["round_tok_s"]) if r.get("round_tok_s")
+                            else ""))
         if "auto_plan_steps" in entry:
             steps = ", ".join(f"{name} {n}" for name, n in sorted((entry["auto_plan_steps"] or {}).items(),
                                                                     key=lambda kv: -kv[1]))
