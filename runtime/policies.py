@@ -17,6 +17,7 @@ from minedraft.common.request import Request
 
 # A batch's states: ready -> drafting -> drafted -> verifying -> ready (ar: ready -> verifying -> ready)
 READY, DRAFTING, DRAFTED, VERIFYING = "ready", "drafting", "drafted", "verifying"
+ONE_BATCH_LIVE = 2  # psd with pre-drafting holds this many live requests or fewer in one batch
 
 
 @dataclass(eq=False)
@@ -43,6 +44,7 @@ class Core(Protocol):
     max_rows: int  # requests in the one batch of a one-batch mode
     max_live: int
     last_drafted: int
+    predraft: bool  # the drafter drafts ahead while the verifier checks its batch
 
 
 class StepPolicy:
@@ -51,9 +53,9 @@ class StepPolicy:
     paces_at_draft: ClassVar[bool] = False  # a step is timed from one draft dispatch to the next (sd) ...
     paces_at_verify: ClassVar[bool] = False  # ... or from one verify of drafts to the next (psd); ar: plain verifies
 
-    def active(self, batches: list[Batch]) -> list[Batch]:
-        """The batches this mode steps (one; psd both)."""
-        return batches[:1]
+    def active(self, core: Core) -> list[Batch]:
+        """The batches this mode steps (one; psd both, unless its load is light)."""
+        return core.batches[:1]
 
     def batch_limit(self, core: Core) -> int:
         return core.max_rows
@@ -73,7 +75,7 @@ class StepPolicy:
     def admit(self, core: Core, batch: Batch) -> None:
         """Waiting requests join the batch stepped next, keeping the active batches balanced."""
         num_live = sum(len(b.requests) for b in core.batches)
-        target = -(-(num_live + len(core.waiting)) // len(self.active(core.batches)))  # ceil: this batch's share
+        target = -(-(num_live + len(core.waiting)) // len(self.active(core)))  # ceil: this batch's share
         limit = min(target, self.batch_limit(core))
         while core.waiting and len(batch.requests) < limit and num_live < core.max_live:
             batch.requests.append(core.waiting.popleft())
@@ -81,7 +83,7 @@ class StepPolicy:
 
     def batch_to_draft(self, core: Core) -> Batch | None:
         self.settle(core)
-        candidates = [b for b in self.active(core.batches) if b.state == READY and (b.requests or core.waiting)]
+        candidates = [b for b in self.active(core) if b.state == READY and (b.requests or core.waiting)]
         if not candidates:
             return None
         # Alternate: prefer the batch not drafted last (two ready batches only at start-up).
@@ -98,7 +100,7 @@ class StepPolicy:
     def is_step_start(self, core: Core) -> bool:
         """Whether the worker that paces this mode is about to start a step."""
         return not core.is_busy[DRAFTER] and any(
-            b.state == READY and (b.requests or core.waiting) for b in self.active(core.batches))
+            b.state == READY and (b.requests or core.waiting) for b in self.active(core))
 
 
 class ArPolicy(StepPolicy):
@@ -134,24 +136,44 @@ class SdPolicy(StepPolicy):
 
 
 class PsdPolicy(StepPolicy):
-    """Parallel speculative decoding: two batches, one drafted while the other is verified."""
+    """Parallel speculative decoding: two batches, one drafted while the other is verified.
+
+    At a light load (ONE_BATCH_LIVE live requests or fewer) with pre-drafting on, psd steps one
+    batch instead: one verify checks every request (a verify of a few rows reads the target's
+    weights once, as one of a single row does), and the drafter's wait during it is filled by
+    pre-drafting the batch's next step. Split into batches of one, each verify would check one
+    request and pre-drafting would have nothing to do (each batch is drafted while the other is
+    verified): at c = 2 one batch with pre-drafting measured 1.12x and 1.17x two batches without
+    it (docs/performance.md), where two batches with it measured 0.95x to 1.08x."""
 
     mode = "psd"
     paces_at_verify = True
 
-    def active(self, batches: list[Batch]) -> list[Batch]:
-        return batches
+    def is_one_batch(self, core: Core) -> bool:
+        num_live = sum(len(b.requests) for b in core.batches) + len(core.waiting)
+        return core.predraft and num_live <= min(ONE_BATCH_LIVE, core.max_batch)
+
+    def active(self, core: Core) -> list[Batch]:
+        return core.batches[:1] if self.is_one_batch(core) else core.batches
 
     def batch_limit(self, core: Core) -> int:
         return core.max_batch
 
     def settle(self, core: Core) -> None:
-        pass
+        if self.is_one_batch(core):
+            super().settle(core)
+
+    def batch_to_draft(self, core: Core) -> Batch | None:
+        if self.is_one_batch(core) and any(b.state != READY and b.requests for b in core.batches[1:]):
+            return None  # the second batch joins the first once its step is done (settle)
+        return super().batch_to_draft(core)
 
     def rebalance(self, core: Core, batch: Batch) -> None:
         """After aborts and finishes, move requests from this batch (between steps, holding no
         drafts) to the other one so the two stay within one request of each other. Slots belong
-        to requests, not batches, so a move costs nothing."""
+        to requests, not batches, so a move costs nothing. Not at a light load: one batch then."""
+        if self.is_one_batch(core):
+            return
         other = core.batches[1 - batch.batch_id]
         while len(batch.requests) > len(other.requests) + 1 and len(other.requests) < core.max_batch:
             other.requests.append(batch.requests.pop())

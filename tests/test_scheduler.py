@@ -45,7 +45,7 @@ def test_idle_verifier_prefills_while_the_drafter_drafts():
 
 
 def test_psd_verify_comes_before_prefill():
-    s = core("psd")
+    s = core("psd", "scheduler.predraft=false")  # two live requests in two batches (see the test below)
     s.add_request(b"c", request("first", 30))
     jobs = dict(s.next_jobs())
     assert [r.request_id for r in jobs[VERIFIER].rows] == ["first"]
@@ -81,3 +81,35 @@ def test_request_aborted_after_its_prefill_is_released_by_the_next_verifier_job(
     s.on_draft_result(DraftResult(jobs[DRAFTER].batch_id, 2, 0.0, 0.2))
     ((_, verify),) = s.next_jobs()
     assert [r.request_id for r in verify.rows] == ["b"] and verify.release == ["a"]
+
+
+def test_psd_with_predrafting_steps_one_batch_at_a_light_load():
+    """psd holds two live requests or fewer in one batch while pre-drafting is on (the drafter
+    drafts ahead during its verify), two batches from the third request on, and one batch again
+    once the load is light and both batches are between steps."""
+    off = core("psd", "scheduler.predraft=false")
+    for name in ("a", "b"):
+        off.add_request(b"c", request(name, 3))
+    ((role, draft),) = [j for j in off.next_jobs() if j[0] == DRAFTER]
+    assert [r.request_id for r in draft.rows] == ["a"] and draft.predraft_s is None  # two batches of one
+
+    s = core("psd")
+    for name in ("a", "b"):
+        s.add_request(b"c", request(name, 3))
+    ((role, draft),) = [j for j in s.next_jobs() if j[0] == DRAFTER]
+    assert draft.batch_id == 0 and [r.request_id for r in draft.rows] == ["a", "b"] and draft.predraft_s is not None
+    s.add_request(b"c", request("c", 3))  # a third request: two batches
+    s.on_draft_result(DraftResult(0, 2, 0.0, 0.1))
+    jobs = dict(s.next_jobs())
+    assert isinstance(jobs[VERIFIER], VerifyJob) and jobs[VERIFIER].batch_id == 0
+    assert jobs[DRAFTER].batch_id == 1 and [r.request_id for r in jobs[DRAFTER].rows] == ["c"]
+    assert jobs[DRAFTER].predraft_s is None  # the drafter has another batch to draft
+    s.on_verify_result(VerifyResult(0, [list(range(10, 18)), [20]], 0.1, 0.3))  # "a" ends (max_tokens 8)
+    assert "a" not in s.requests  # done: its 8 tokens (max_tokens)
+    assert s.next_jobs() == []  # the drafter still drafts batch 1
+    s.on_draft_result(DraftResult(1, 1, 0.1, 0.2))
+    ((role, verify),) = s.next_jobs()  # two live: batch 0 waits for batch 1 to end its step, then they join
+    assert role == VERIFIER and verify.batch_id == 1
+    s.on_verify_result(VerifyResult(1, [[30]], 0.3, 0.4))
+    ((role, draft),) = [j for j in s.next_jobs() if j[0] == DRAFTER]
+    assert draft.batch_id == 0 and [r.request_id for r in draft.rows] == ["b", "c"] and draft.predraft_s is not None
