@@ -99,6 +99,7 @@ class FixedPlan:
         self.plans = [self.current]
         self.configured_mode = mode
         self.can_calibrate = False  # one plan: nothing to choose between
+        self.one_batch_rows = 1  # read by forecasts only: a fixed plan makes none
 
     def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
         return self.current
@@ -170,6 +171,7 @@ class PlanChooser:
         self.switches: deque[dict] = deque(maxlen=32)  # recent switches: step, load, plan, reason, forecast
         self.configured_mode = "auto"
         self.can_calibrate = True
+        self.one_batch_rows = 1  # psd steps one batch at this many live requests or fewer (more with pre-drafting)
 
     def note_positions(self, key: FitKey, positions: int) -> None:
         """A steady verify's size, so forecasts far beyond what its fit has seen can be re-probed."""
@@ -284,8 +286,8 @@ class PlanChooser:
         batch = rooms
         if mode == "psd":
             batch = rooms[: (len(rooms) + 1) // 2]
-            if len(rooms) < 2:  # one request: one batch, drafting and verifying in turn
-                mode = "sd"
+            if len(rooms) <= self.one_batch_rows:  # one batch (runtime/policies.py PsdPolicy): as sd
+                mode, batch = "sd", rooms
         return self.budget.predict(batch, FitKey(mode, *plan.threads)), mode, len(batch)
 
     def _is_extrapolated(self, plan: ExecPlan, rooms: list[int]) -> bool:

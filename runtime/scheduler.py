@@ -26,7 +26,9 @@ from minedraft.runtime.budget import FitKey, make_budget
 from minedraft.runtime import calibration as cal
 from minedraft.runtime.metrics import Metrics
 from minedraft.runtime.plans import ExecPlan, make_planner
-from minedraft.runtime.policies import DRAFTED, DRAFTING, POLICIES, READY, VERIFYING, Batch, StepPolicy
+from minedraft.runtime.policies import (
+    DRAFTED, DRAFTING, ONE_BATCH_LIVE, POLICIES, READY, VERIFYING, Batch, StepPolicy,
+)
 from minedraft.runtime.tokenizer import Detokenizer
 
 MIN_PREFILL_TOKENS = 8  # shorter prompts are not worth a separate verifier job
@@ -54,6 +56,8 @@ class SchedulerCore:
             self.predraft_off_reason = ("the drafter and the verifier share cores or a device: a pre-draft "
                                         "would run on the verifier's")
         self.predraft = self.predraft_off_reason is None
+        if self.predraft:  # psd's light loads run one batch (runtime/policies.py): auto forecasts them so
+            self.chooser.one_batch_rows = ONE_BATCH_LIVE
         self.verify_s: dict[int, float] = {}  # verify positions -> running mean of a steady verify's time (pre-drafting's window)
         self.max_batch = max_batch or sc.max_batch
         assert self.max_batch >= 1, "scheduler.max_batch = 0 is resolved by the workers (ReadyResult.max_batch)"

@@ -329,3 +329,17 @@ def test_apply_placement_pins_every_thread_of_the_process():
         pytest.skip("core 0 is not available")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_psd_at_a_light_load_is_forecast_as_the_one_batch_it_steps():
+    """With pre-drafting on, psd holds two live requests in one batch (runtime/policies.py), so
+    auto forecasts it there as that batch, drafted and verified in turn (sd's fits); from three
+    live requests on, as two batches."""
+    workers = FakeWorkers(HIDDEN_DRAFT)
+    workers.add(4, max_tokens=2000, prefix="r")
+    workers.run(80)  # uncalibrated: every plan runs a few steps, so each has fits
+    chooser = workers.s.chooser
+    assert workers.s.predraft and chooser.one_batch_rows == 2
+    psd, sd = (next(p for p in chooser.plans if p.name == name) for name in ("psd 1+1", "sd x1"))
+    assert chooser.rate(psd, [100, 100]) == chooser.rate(sd, [100, 100]) > 0
+    assert chooser.rate(psd, [100] * 3) != chooser.rate(sd, [100] * 3)
