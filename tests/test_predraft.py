@@ -46,9 +46,10 @@ def target():
 
 
 def run(target, draft, requests: list[Request], predraft: bool, num_draft: int = 4, max_batch: int = 6,
-        max_len: int = 128) -> tuple[dict, Engine]:
+        max_len: int = 128, serve_ready: bool = True) -> tuple[dict, Engine]:
     engine = Engine(target, draft, mode="sd", num_draft=num_draft, max_batch=max_batch, max_len=max_len,
                     predraft=predraft)
+    engine.drafter.serve_ready = serve_ready
     for r in requests:
         engine.add_request(r)
     return engine.run(), engine
@@ -65,10 +66,11 @@ def test_greedy_output_equals_plain_decoding_with_predrafting(target, kind):
     assert {k: r.output_ids for k, r in got.items()} == expected
     if kind == "same":  # the draft is the target: every chain is the outcome
         assert engine.predraft_hits["hits"] >= 0.9 * engine.predraft_hits["checked"] > 10
-    if kind == "noisy":  # chains and branches both serve some steps
+    if kind == "noisy":  # chains and branches both serve some steps, and rows wait for the rest's verify
         hits = engine.predraft_hits
         assert 0 < hits["hits"] and 0 < hits["branch_hits"] and hits["hits"] + hits["branch_hits"] < hits["checked"]
         assert hits["drafts_served"] >= 2 * (hits["hits"] + hits["branch_hits"])
+        assert engine.drafter.num_rows_waited > 0
 
 
 def test_greedy_proposals_are_the_ones_drafted_without_predrafting(target):
@@ -77,7 +79,8 @@ def test_greedy_proposals_are_the_ones_drafted_without_predrafting(target):
     without pre-drafting."""
     draft = draft_model("noisy")
     without, _ = run(target, draft, make_requests(), False)
-    with_predraft, engine = run(target, draft, make_requests(), True)
+    # Rows that wait for a mostly pre-drafted step's verify (serve_ready) get other proposals: off here.
+    with_predraft, engine = run(target, draft, make_requests(), True, serve_ready=False)
     assert engine.predraft_hits["hits"] > 0 and engine.predraft_hits["branch_hits"] > 0
     for request_id, r in without.items():
         other = with_predraft[request_id]
@@ -158,6 +161,51 @@ def test_a_missed_chain_is_rolled_back_and_drafting_goes_on_as_usual(target):
     assert missed.predraft_hits == [0] and missed.num_served == [0]
     assert tokens[0].tolist() == expected[0].tolist()
     assert drafter.table.requests["r"].cached == plain.table.requests["r"].cached
+
+
+def test_a_row_that_missed_beside_a_served_one_waits_for_the_verify_and_is_predrafted(target):
+    """Two rows, one served whole from its chain and one that missed: the step needs no forward
+    (the missed row keeps no drafts, so the verify starts at once), the missed row is pre-drafted
+    from the guess of its next token while the verify runs, and when the guess is the outcome
+    its next drafts are served: the ones a drafter without pre-drafting drafts there."""
+    drafter, plain = new_drafter(target), new_drafter(target)
+    tokens, probs = draft_buffers(target)
+    a, b = drafting("a"), drafting("b", prompt=[7, 3, 9, 4, 1])
+    b_plain = drafting("b", prompt=[7, 3, 9, 4, 1])
+    b.buffer_row = 1
+    drafter.draft([a.row("drafter"), b.row("drafter")], tokens, probs, keep_chains=True)
+    plain.draft([b_plain.row("drafter")], torch.zeros_like(tokens), probs)
+    drafter.predraft([a.row("drafter"), b.row("drafter")], [4, 4], float("inf"), lambda: False)
+    chain_a, chain_b = drafter.chains["a"], drafter.chains["b"]
+    a.commit(chain_a.tokens[:5])  # every draft accepted, the bonus the chain's: a hit
+    missed = [chain_b.tokens[0], (chain_b.tokens[1] + 1) % target.config.vocab_size]  # rejected at 2
+    b.commit(missed)
+    b_plain.commit(missed)
+    calls = []
+    original = target.forward
+    target.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        step = drafter.draft([a.row("drafter"), b.row("drafter")], tokens, probs, keep_chains=True)
+    finally:
+        target.forward = original
+    assert not calls and step.predraft_hits == [1, 0] and step.num_kept == [4, 0] and drafter.num_rows_waited == 1
+    assert drafter.chains["b"].tokens == []
+    b.num_draft = 0  # as the scheduler records the kept drafts
+    drafter.predraft([a.row("drafter"), b.row("drafter")], step.num_kept, float("inf"), lambda: False)
+    chain_b = drafter.chains["b"]
+    assert len(chain_b.tokens) == 5 and chain_b.guess == 0  # the next token's guess, then a whole step
+    b.commit(chain_b.tokens[:1])  # the verify's one token for b: the guess
+    b_plain.commit(chain_b.tokens[:1])
+    b.num_draft = 4
+    served = drafter.draft([b.row("drafter")], tokens, probs, keep_chains=True)
+    expected = torch.zeros_like(tokens)
+    plain.draft([b_plain.row("drafter")], expected, probs)
+    assert served.predraft_hits == [1] and served.num_served == [4]
+    assert tokens[1].tolist() == expected[0].tolist() == chain_b.tokens[1:5]
+    # Off (serve_ready False) the missed row drafts as before.
+    drafter.serve_ready = False
+    assert drafter._rows_to_wait([a.row("drafter"), b.row("drafter")], [chain_a, None], [1, 0], [4, 0],
+                                 [False, False]) == set()
 
 
 def test_predraft_stops_when_a_job_waits_and_at_its_window(target):

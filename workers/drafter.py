@@ -100,6 +100,8 @@ class Drafter:
         self.chains: dict[str, Chain] = {}  # pre-drafting: request_id -> its chain
         self.forward_times: dict[int, float] = {}  # rows -> running mean of a pre-draft forward's seconds
         self.max_predraft_rows = MAX_PREDRAFT_ROWS
+        self.serve_ready = True  # pre-drafting: a step most of whose rows were pre-drafted does not wait for the rest
+        self.num_rows_waited = 0  # rows given no drafts by serve_ready (tests, status)
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
@@ -158,19 +160,44 @@ class Drafter:
         taken = [self._take_chain(r, s, keep_chains) for r, s in zip(rows, states)]
         chains, hits = [c for c, _ in taken], [h for _, h in taken]
         num_served = [min(len(c.tokens), r.num_draft) if c is not None else 0 for r, c in zip(rows, chains)]
-        active = [i for i, r in enumerate(rows) if r.num_draft > 0]
+        waiting = self._rows_to_wait(rows, chains, hits, num_served, is_sampled) if keep_chains else set()
+        active = [i for i, r in enumerate(rows) if r.num_draft > 0 and i not in waiting]
         if active:
             self._draft([rows[i] for i in active], [states[i] for i in active], [is_sampled[i] for i in active],
                         out_tokens, out_probs, [scores[i] for i in active], [chains[i] for i in active],
                         None if alts is None else [alts[i] for i in active])
         if keep_chains:
             for i, row in enumerate(rows):
-                if row.num_draft > 0:
+                if i in waiting:  # pre-drafted from its next token's guess on, while the others' drafts are verified
+                    states[i].tokens_to_feed(self.cache)  # its slot rolled back to the committed tokens
+                    self.chains[row.request_id] = Chain(len(states[i].known), [], [], None)
+                elif row.num_draft > 0:
                     self.chains[row.request_id] = self._new_chain(row, states[i], scores[i], alts[i], chains[i],
                                                                   out_tokens, out_probs if is_sampled[i] else None)
                 elif chains[i] is not None:  # nothing to draft this step: the chain waits
                     self.chains[row.request_id] = chains[i]
         return DraftOutcome(select_positions(scores, capacity), scores, is_sampled, hits, num_served)
+
+    def _rows_to_wait(self, rows: list[JobRow], chains: list[Chain | None], hits: list[int],
+                      num_served: list[int], is_sampled: list[bool]) -> set[int]:
+        """Pre-drafting, a step whose rows were mostly pre-drafted does not wait for the others'
+        drafting: where every row to draft is either served whole from its chain or a greedy
+        row with nothing pre-drafted, and the first are at least as many, the second get no
+        drafts this step (the verify gives each one token) and are pre-drafted from that
+        token's guess while it runs, so the verify starts at once, with no forward before it.
+        Two live requests, one of which missed: the step costs one verify instead of a draft
+        job's forwards plus a verify (docs/design.md section 8). Sampled rows always draft:
+        their draws must be the ones drafting without pre-drafting would make. -> the rows
+        that wait (indices)."""
+        if not self.serve_ready:
+            return set()
+        drafting = [i for i, r in enumerate(rows) if r.num_draft > 0]
+        ready = [i for i in drafting if hits[i] > 0 and chains[i] is not None and num_served[i] >= rows[i].num_draft]
+        missed = [i for i in drafting if chains[i] is None and not is_sampled[i]]
+        if ready and len(ready) >= len(missed) and len(ready) + len(missed) == len(drafting):
+            self.num_rows_waited += len(missed)
+            return set(missed)
+        return set()
 
     def _take_chain(self, row: JobRow, state, keep_chains: bool) -> tuple[Chain | None, int]:
         """A row's chain with its newly committed tokens consumed, and whether it was a
@@ -274,9 +301,12 @@ class Drafter:
             if not (live or growing) or (self.forward_estimate(len(live) + len(growing)) or 0.0) > left:
                 break
             begin = time.perf_counter()
-            feeds = [[chains[i].tokens[-1]] for i in live] + [[b.tokens[-1]] for b in growing]
+            # A chain's last token; an empty chain (its row waited, _rows_to_wait): the tokens
+            # committed since its slot was fed, the last of which is followed by the bonus's guess.
+            feeds = [[chains[i].tokens[-1]] if chains[i].tokens else states[i].tokens_to_feed(self.cache)
+                     for i in live] + [[b.tokens[-1]] for b in growing]
             logits = feed_batch(self.model, self.cache, [states[i] for i in live] + [b.state for b in growing], feeds,
-                                [[0]] * len(feeds), self.max_draft + 1)[:, 0].float()  # [b, V]
+                                [[len(f) - 1] for f in feeds], self.max_draft + 1)[:, 0].float()  # [b, V]
             tokens = logits.argmax(-1)  # [b]
             logp = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)  # [b]
             guessing = [len(chains[i].tokens) == num_kept[i] for i in live]  # this token is the bonus's guess
@@ -301,7 +331,7 @@ class Drafter:
             prob_row = {n: m for m, n in enumerate(sampled)}
             for n, i in enumerate(live):
                 chain = chains[i]
-                chain.scores.append(chain.scores[-1] + host_logp[n])
+                chain.scores.append((chain.scores[-1] if chain.scores else 0.0) + host_logp[n])
                 chain.tokens.append(host_tokens[n])
                 chain.alts.append(host_alts[n])
                 chain.draw_states.append(draw_states.get(n))

@@ -87,6 +87,8 @@ class Engine:
                 self.predraft_hits["branch_hits"] += sum(h == 2 for h in outcome.predraft_hits)
                 self.predraft_hits["drafts_served"] += sum(outcome.num_served)
                 self.drafter.predraft(rows, outcome.num_kept, float("inf"), lambda: False)
+            for request, kept in zip(self.running, outcome.num_kept):
+                request.num_draft = kept  # fewer where a row waits for its pre-draft (Drafter._rows_to_wait)
         emitted = self.verifier.verify([r.row(VERIFIER) for r in self.running], self.draft_tokens, self.draft_probs)
         # 3. Commit the emitted tokens up to each request's stop condition.
         for request, tokens in zip(self.running, emitted):
