@@ -519,6 +519,7 @@ def test_sweep_rounds_merge_pools_counts_and_flags_differing_outputs():
     assert merged["output_throughput"] == pytest.approx(40 / 3) and merged["round_tok_s"] == [10.0, 20.0]
     assert merged["num_prompt_tokens"] == 20 and merged["acceptance_rate"] == pytest.approx(12 / 16)
     assert merged["mean_accepted_length"] == pytest.approx(1 + 12 / 8) and merged["plan_steps"] == {"ar x2": 5, "sd x2": 1}
+    assert merged["round_plan_steps"] == [{"ar x2": 3}, {"ar x2": 2, "sd x2": 1}]
     assert merged["rounds_identical"] and merged["tpot_ms"] == first["tpot_ms"]
     differing = plan_sweep.merge_rounds([first, {**second, "output_token_ids": {"0": [1, 3]}}])
     results = {"a": {1: differing}, "b": {1: first}}

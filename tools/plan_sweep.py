@@ -181,6 +181,7 @@ def merge_rounds(each: list[dict]) -> dict:
             for name, n in (r.get("plan_steps") or {}).items():
                 steps[name] = steps.get(name, 0) + n
         merged["plan_steps"] = steps
+        merged["round_plan_steps"] = [r.get("plan_steps") for r in each]
     return merged
 
 
