@@ -535,3 +535,15 @@ def test_correction_guess_counts_the_drafts_second_choices(tmp_path):
     assert result["second_right"] + result["third_right"] <= result["draft_wrong"]
     assert result["second_rate"] == result["second_right"] / result["draft_wrong"]
     assert f"its second choice is at {result['second_right']}" in done.stdout
+
+
+def test_plan_trace_prints_auto_plans_and_switches(tmp_path):
+    out = tmp_path / "trace.json"
+    done = tool("plan_trace.py", "--config", TINY, "--concurrency", "3", "--requests", "6", "--max-tokens", "32",
+                "--set", "scheduler.calibrate=false", "--json", str(out))
+    trace = json.loads(out.read_text())
+    assert trace["tok_s"] > 0 and trace["changes"] and sum(trace["steps_by_plan"].values()) > 0
+    assert all(c["plan"] for c in trace["changes"])
+    assert "tok/s; steps by plan" in done.stdout
+    for switch in trace["switches"]:  # uncalibrated, auto explores: every switch is printed with its reason
+        assert f"-> {switch['to']} ({switch['reason']})" in done.stdout
