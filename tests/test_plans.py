@@ -12,6 +12,7 @@ import pytest
 
 from minedraft.common.config import load_config
 from minedraft.runtime.plans import ExecPlan, Placement, candidate_plans
+from minedraft.runtime.policies import ONE_BATCH_LIVE
 from minedraft.common.protocol import (
     DraftJob, DraftResult, GenerateRequest, PrefillJob, PrefillResult, VerifyJob, VerifyResult,
 )
@@ -100,7 +101,7 @@ class Machine:
         d, v = plan.threads
         if plan.mode == "ar":
             return rows / self.verify(rows, v)
-        if plan.mode == "sd" or rows < 2:
+        if plan.mode == "sd" or rows <= ONE_BATCH_LIVE:  # psd at a light load: one batch (pre-drafting is on)
             return rows * (1 + gain) / (self.draft(rows, k, d) + self.verify(rows * (1 + k), v))
         half = (rows + 1) // 2
         tax = 1 + self.contention
