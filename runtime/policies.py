@@ -143,8 +143,8 @@ class PsdPolicy(StepPolicy):
     weights once, as one of a single row does), and the drafter's wait during it is filled by
     pre-drafting the batch's next step. Split into batches of one, each verify would check one
     request and pre-drafting would have nothing to do (each batch is drafted while the other is
-    verified): at c = 2 one batch with pre-drafting measured 1.12x and 1.17x two batches without
-    it (docs/performance.md), where two batches with it measured 0.95x to 1.08x."""
+    verified): at c = 2 it measured 1.08x and 1.09x psd without pre-drafting (two batches), where
+    two batches with pre-drafting had measured 0.95x to 1.08x (docs/performance.md)."""
 
     mode = "psd"
     paces_at_verify = True
