@@ -9,6 +9,8 @@ token, the first one a pre-drafted chain proposes (k = 1), and a chain served wi
 distributions one position off fails the same test (the negative control). Through the
 daemon: greedy output is the target's, status counts hits, responses count pre-drafted steps."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -38,6 +40,18 @@ def drafting(request_id: str = "r", prompt: list[int] = PROMPT, max_tokens: int 
     request = Request(request_id, prompt, max_tokens=max_tokens, **params)
     request.num_draft = 4
     return request
+
+
+@contextlib.contextmanager
+def counting_forwards(model):
+    """Count the model's forwards inside the block: yields the list each call appends to."""
+    calls = []
+    original = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    try:
+        yield calls
+    finally:
+        model.forward = original
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +145,8 @@ def test_a_served_chain_needs_no_forward_and_its_cells_stay(target):
     assert chain.tokens[:4] == drafts and len(chain.tokens) == 9 and chain.num_predrafted == 5
     assert first.predraft_hits == [-1]
     row.commit(chain.tokens[:5])  # every draft accepted, the bonus the chain's fifth token
-    calls = []
-    original = target.forward
-    target.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
+    with counting_forwards(target) as calls:
         second = drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
-    finally:
-        target.forward = original
     assert not calls and second.predraft_hits == [1] and second.num_served == [4]
     assert tokens[0].tolist() == chain.tokens[5:9]
     state = drafter.table.requests["r"]
@@ -181,13 +190,8 @@ def test_a_row_that_missed_beside_a_served_one_waits_for_the_verify_and_is_predr
     missed = [chain_b.tokens[0], (chain_b.tokens[1] + 1) % target.config.vocab_size]  # rejected at 2
     b.commit(missed)
     b_plain.commit(missed)
-    calls = []
-    original = target.forward
-    target.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
+    with counting_forwards(target) as calls:
         step = drafter.draft([a.row("drafter"), b.row("drafter")], tokens, probs, keep_chains=True)
-    finally:
-        target.forward = original
     assert not calls and step.predraft_hits == [1, 0] and step.num_kept == [4, 0] and drafter.num_rows_waited == 1
     assert drafter.chains["b"].tokens == []
     b.num_draft = 0  # as the scheduler records the kept drafts
@@ -407,13 +411,8 @@ def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(ta
     outcome = chain.tokens[:2] + [branch.tokens[0]]  # drafts 1-2 accepted, the correction the guess
     a.commit(outcome)
     b.commit(outcome)
-    calls = []
-    original = target.forward
-    target.forward = lambda *args, **kw: calls.append(1) or original(*args, **kw)
-    try:
+    with counting_forwards(target) as calls:
         second = drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
-    finally:
-        target.forward = original
     plain.draft([b.row("drafter")], expected, probs)
     assert not calls and second.predraft_hits == [2] and second.num_served == [4]
     assert tokens[0].tolist() == branch.tokens[1:] == expected[0].tolist()
