@@ -99,7 +99,6 @@ class FixedPlan:
         self.plans = [self.current]
         self.configured_mode = mode
         self.can_calibrate = False  # one plan: nothing to choose between
-        self.one_batch_rows = 1  # read by forecasts only: a fixed plan makes none
 
     def choose(self, live_rooms: Callable[[], list[int]]) -> ExecPlan:
         return self.current

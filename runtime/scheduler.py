@@ -56,13 +56,13 @@ class SchedulerCore:
             self.predraft_off_reason = ("the drafter and the verifier share cores or a device: a pre-draft "
                                         "would run on the verifier's")
         self.predraft = self.predraft_off_reason is None
-        if self.predraft:  # psd's light loads run one batch (runtime/policies.py): auto forecasts them so
-            self.chooser.one_batch_rows = ONE_BATCH_LIVE
         self.verify_s: dict[int, float] = {}  # verify positions -> running mean of a steady verify's time (pre-drafting's window)
         self.max_batch = max_batch or sc.max_batch
         assert self.max_batch >= 1, "scheduler.max_batch = 0 is resolved by the workers (ReadyResult.max_batch)"
         self.max_rows = sc.max_rows(self.max_batch)  # one batch's limit in one-batch plans (auto: both of psd's batches)
         self.max_live = self.max_batch * sc.num_batches
+        if self.predraft:  # psd's light loads run one batch (PsdPolicy.is_one_batch): auto forecasts them so
+            self.chooser.one_batch_rows = min(ONE_BATCH_LIVE, self.max_batch)
         self.wide_role: str | None = None  # the worker running a job on every core: the other waits
         self.placement_changes = {"num_switches": 0, "total_s": 0.0, "max_s": 0.0}  # workers' thread/core changes
         self.max_queued = sc.max_queued_requests

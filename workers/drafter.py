@@ -101,7 +101,7 @@ class Drafter:
         self.forward_times: dict[int, float] = {}  # rows -> running mean of a pre-draft forward's seconds
         self.max_predraft_rows = MAX_PREDRAFT_ROWS
         self.serve_ready = True  # pre-drafting: a step most of whose rows were pre-drafted does not wait for the rest
-        self.num_rows_waited = 0  # rows given no drafts by serve_ready (tests, status)
+        self.num_rows_waited = 0  # rows given no drafts by serve_ready (tests)
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
@@ -168,8 +168,7 @@ class Drafter:
                         None if alts is None else [alts[i] for i in active])
         if keep_chains:
             for i, row in enumerate(rows):
-                if i in waiting:  # pre-drafted from its next token's guess on, while the others' drafts are verified
-                    states[i].tokens_to_feed(self.cache)  # its slot rolled back to the committed tokens
+                if i in waiting:  # pre-drafted from its next token's guess on (predraft feeds it), while the others' drafts are verified
                     self.chains[row.request_id] = Chain(len(states[i].known), [], [], None)
                 elif row.num_draft > 0:
                     self.chains[row.request_id] = self._new_chain(row, states[i], scores[i], alts[i], chains[i],
