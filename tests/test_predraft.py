@@ -10,6 +10,7 @@ distributions one position off fails the same test (the negative control). Throu
 daemon: greedy output is the target's, status counts hits, responses count pre-drafted steps."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -213,11 +214,10 @@ def test_a_row_that_missed_beside_a_served_one_waits_for_the_verify_and_is_predr
 
 
 def test_predraft_stops_when_a_job_waits_and_at_its_window(target):
-    drafter = new_drafter(target)
+    drafter = new_drafter(target, 1)  # no free slot for a branch: the chain alone (branches: below)
     tokens, probs = draft_buffers(target)
     row = drafting()
     job_row = row.row("drafter")
-    drafter.max_predraft_rows = 1  # the chain alone (branches: below)
     drafter.draft([job_row], tokens, probs, keep_chains=True)
     polls = []
     assert drafter.predraft([job_row], [4], float("inf"), lambda: polls.append(1) or len(polls) > 2) == (2, 2)
@@ -452,21 +452,88 @@ def test_sampled_rows_get_no_branches(target):
     assert not drafter.chains["r"].branches and drafter.cache.num_free == 7
 
 
-def test_branches_are_budgeted_by_the_timed_forwards_and_the_window(target):
-    """Branches ride along only where the chain's forwards, at the estimated time of a forward
-    with them beside it, fit the window; none before a forward has been timed."""
-    def opened(window_s: float, times: dict[int, float]) -> int:
-        drafter = new_drafter(target, 8)
-        drafter.forward_times = dict(times)
-        row = drafting(max_tokens=40)
-        drafter.draft([row.row("drafter")], *draft_buffers(target), keep_chains=True)
-        drafter.predraft([row.row("drafter")], [4], window_s, lambda: True)  # opens branches, runs no forward
-        return len(drafter.chains["r"].branches)
+def weighed_chain(target, alt_probs: list[float], slots: int = 8, times: dict[int, float] | None = None):
+    """A drafter and a greedy row's job of 4 drafts whose likelihoods, as the drafter weighs
+    outcomes, are set by hand: drafts 1-4 at 0.9, 0.8, 0.7, 0.6 cumulative (all kept drafts
+    accepted: 0.6, times the guess's prior rate 0.9 = 0.54 for the chain) and the draft's
+    likeliest other token at j at alt_probs[j] (branch j: P(drafts before j) x alt_probs[j])."""
+    drafter = new_drafter(target, slots)
+    drafter.forward_times = dict(times or {})
+    row = drafting(max_tokens=40)
+    drafter.draft([row.row("drafter")], *draft_buffers(target), keep_chains=True)
+    chain = drafter.chains["r"]
+    chain.scores = [math.log(p) for p in (0.9, 0.8, 0.7, 0.6)]
+    chain.alts = [(alt, math.log(p)) for (alt, _), p in zip(chain.alts, alt_probs)]
+    return drafter, row, chain
 
-    # the chain needs 5 forwards; one timed count: each row beside it adds PRIOR_ROW_SHARE (0.25)
-    assert opened(10.0, {}) == 0 and opened(float("inf"), {}) == 4
-    assert opened(10.0, {1: 1.0}) == 4 and opened(7.0, {1: 1.0}) == 1 and opened(6.0, {1: 1.0}) == 0
-    assert opened(6.0, {1: 1.0, 2: 1.0}) == 4  # timed: a row costs nothing here
+
+def test_each_row_predrafts_its_likeliest_outcome_and_more_where_the_window_has_room(target):
+    """Outcomes are weighed by the draft's own likelihoods: the chain P(every kept draft) x
+    the guess's rate, branch j P(drafts before j) x P(the correction guess). A row always gets
+    its likeliest; more, the likeliest first, where their forwards (the chain 5, a branch 4, at
+    the timed forwards' estimates, a row beside one adding PRIOR_ROW_SHARE) fit the window, none
+    before a forward has been timed but for an unbounded window."""
+    alt_probs = [0.05, 0.1, 0.05, 0.3]  # branch weights 0.05, 0.09, 0.04, 0.21; the chain 0.54
+
+    def opened(window_s: float, times: dict[int, float], rows: int = 8) -> list[int]:
+        drafter, row, chain = weighed_chain(target, alt_probs, times=times)
+        drafter.max_predraft_rows = rows
+        drafter.predraft([row.row("drafter")], [4], window_s, lambda: True)  # chooses, runs no forward
+        return [b.at for b in chain.branches]
+
+    assert opened(10.0, {}) == [] and opened(float("inf"), {}) == [3, 1, 0, 2]
+    assert opened(5.0, {1: 1.0}) == []  # the chain's 5 forwards fill it
+    assert opened(6.0, {1: 1.0}) == [3]  # 4 forwards of 2 rows (1.25) + 1 of one
+    assert opened(7.0, {1: 1.0}) == [3, 1]
+    assert opened(7.0, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}) == [3, 1, 0, 2]  # timed: a row costs nothing
+    assert opened(float("inf"), {1: 1.0}, rows=2) == [3]
     drafter = new_drafter(target)
     drafter.forward_times = {1: 0.05, 5: 0.09}
     assert drafter.forward_estimate(3) == pytest.approx(0.07) and drafter.forward_estimate(5) == 0.09
+    assert drafter.schedule_estimate([5, 4]) == pytest.approx(4 * 0.06 + 0.05)
+    assert new_drafter(target).schedule_estimate([2]) == float("inf")
+
+
+def test_a_likelier_branch_is_predrafted_instead_of_the_chain(target):
+    """Where a shorter outcome is likelier than the chain's (0.7 x 0.95 against 0.54), a row
+    with room for one path grows that branch alone: the chain drafts nothing on, and when the
+    outcome is the branch's its drafts are served with no forward. Without a free slot for the
+    branch the row grows its chain."""
+    drafter, row, chain = weighed_chain(target, [0.05, 0.1, 0.05, 0.95], times={1: 1.0})
+    assert drafter.predraft([row.row("drafter")], [4], 4.5, lambda: False) == (4, 4)
+    assert chain.num_predrafted == 0 and [b.at for b in chain.branches] == [3]
+    branch = chain.branches[0]
+    assert len(branch.tokens) == 5
+    row.commit(chain.tokens[:3] + [branch.tokens[0]])
+    tokens, probs = draft_buffers(target)
+    with counting_forwards(target) as calls:
+        served = drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    assert not calls and served.predraft_hits == [2] and tokens[0].tolist() == branch.tokens[1:]
+    # A miss of a row that pre-drafted only a branch counts as a miss (0), not as nothing pre-drafted.
+    drafter, row, chain = weighed_chain(target, [0.05, 0.1, 0.05, 0.95], times={1: 1.0})
+    drafter.predraft([row.row("drafter")], [4], 4.5, lambda: False)
+    row.commit(chain.tokens[:1] + [(chain.tokens[1] + 1) % target.config.vocab_size])
+    assert drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True).predraft_hits == [0]
+    # One slot, the row's own: no branch, the chain grows.
+    drafter, row, chain = weighed_chain(target, [0.05, 0.1, 0.05, 0.95], slots=1, times={1: 1.0})
+    assert drafter.predraft([row.row("drafter")], [4], 5.5, lambda: False) == (5, 5)
+    assert chain.num_predrafted == 5 and not chain.branches
+
+
+def test_the_guess_rate_is_learned_from_outcomes_where_every_kept_draft_was_accepted(target):
+    drafter, row, chain = weighed_chain(target, [0.05] * 4, slots=1)
+    assert drafter.guess_rate == pytest.approx(0.9)
+    tokens, probs = draft_buffers(target)
+    drafter.predraft([row.row("drafter")], [4], float("inf"), lambda: False)
+    row.commit(drafter.chains["r"].tokens[:5])  # every draft accepted, the bonus the guess
+    drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    assert drafter.guess_outcomes == [1, 1]
+    drafter.predraft([row.row("drafter")], [4], float("inf"), lambda: False)
+    chain = drafter.chains["r"]
+    row.commit(chain.tokens[:4] + [(chain.tokens[4] + 1) % target.config.vocab_size])  # the bonus another token
+    drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    assert drafter.guess_outcomes == [1, 2]
+    assert drafter.guess_rate == pytest.approx((1 + 9) / (2 + 10))
+    row.commit(tokens[0, :1].tolist() + [(tokens[0, 1].item() + 1) % target.config.vocab_size])  # rejected at 2
+    drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
+    assert drafter.guess_outcomes == [1, 2]  # not an outcome of the guess

@@ -29,6 +29,12 @@ MAX_PREDRAFT_ROWS = 8
 # draft's forward took 48 ms at 1 row and 86 ms at 5 on one core, tools/step_profile.py: 0.2 a
 # row).
 PRIOR_ROW_SHARE = 0.25
+# Until the drafter has seen outcomes: how often the verify's bonus token, every kept draft
+# accepted, is the draft's own likeliest token (a chain's guess), as a prior worth
+# GUESS_PRIOR_WEIGHT outcomes. The Qwen pair: 47 of 48 (tools/correction_guess.py); SSD reports ~90%.
+GUESS_PRIOR = 0.9
+GUESS_PRIOR_WEIGHT = 10
+NO_ALT = (-1, float("-inf"))  # an alternative not known
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Branch:
     state: RequestState
     tokens: list[int]
     scores: list[float]  # cumulative draft log-probability from tokens[1] (scores[0] = 0: the guess)
-    alts: list[int]
+    alts: list[tuple[int, float]]
 
 
 @dataclass
@@ -75,20 +81,33 @@ class Chain:
     # drawn by a pre-draft), so that dropping pre-drafted tokens rewinds the stream
     draw_states: list = None
     # per token: the draft's likeliest token other than it there (where a branch guesses the
-    # correction; -1 unknown), and the branches pre-drafted beside the chain (greedy rows)
-    alts: list[int] = None
+    # correction; -1 unknown) and that token's draft log-probability, and the branches
+    # pre-drafted beside or instead of the chain (greedy rows)
+    alts: list[tuple[int, float]] = None
     branches: list[Branch] = field(default_factory=list)
 
     def __post_init__(self):
         if self.draw_states is None:
             self.draw_states = [None] * len(self.tokens or [])
         if self.alts is None:
-            self.alts = [-1] * len(self.tokens or [])
+            self.alts = [NO_ALT] * len(self.tokens or [])
 
     @property
     def num_normal(self) -> int:
         """Leading tokens drafted by a draft job (the rest were pre-drafted after its result)."""
         return len(self.tokens) - self.num_predrafted
+
+
+@dataclass
+class _Path:
+    """An outcome the drafter pre-drafts for row `row` of a job: its chain (`at` None) or the
+    branch at `at` (Branch, once its scratch slot is given)."""
+
+    weight: float  # its likelihood as the draft sees it
+    row: int
+    at: int | None = None
+    branch: Branch | None = None
+    is_extra: bool = False  # beyond the row's likeliest outcome: budgeted, and the first to stop
 
 
 class Drafter:
@@ -102,6 +121,7 @@ class Drafter:
         self.max_predraft_rows = MAX_PREDRAFT_ROWS
         self.serve_ready = True  # pre-drafting: a step most of whose rows were pre-drafted does not wait for the rest
         self.num_rows_waited = 0  # rows given no drafts by serve_ready (tests)
+        self.guess_outcomes = [0, 0]  # greedy rows whose kept drafts were all accepted: [bonus == the chain's guess, all]
 
     def release(self, request_ids: list[str]) -> None:
         self.table.release(request_ids)
@@ -201,7 +221,7 @@ class Drafter:
     def _take_chain(self, row: JobRow, state, keep_chains: bool) -> tuple[Chain | None, int]:
         """A row's chain with its newly committed tokens consumed, and whether it was a
         pre-draft hit (1: the chain's own outcome; 2: a branch's, whose scratch slot becomes the
-        row's), a miss (0) or no pre-drafted chain at all (-1). The chain is None
+        row's), a miss (0) or nothing pre-drafted for it at all (-1). The chain is None
         when nothing of it can be served (its cells are then rolled back as usual, and its
         pre-drafted draws given back to the stream); else the rest of it, scores counted from
         its new first token. Served are only pre-drafted tokens (a TETRIS tail drafted by the
@@ -215,12 +235,18 @@ class Drafter:
             return None, -1
         new = state.known[chain.base:]
         n = len(new)
+        if chain.guess >= 0 and state.params.is_greedy and n == chain.guess + 1 and \
+                new[:chain.guess] == chain.tokens[:chain.guess]:  # every kept draft accepted: was the bonus guessed?
+            self.guess_outcomes[0] += new[chain.guess] == chain.tokens[chain.guess]
+            self.guess_outcomes[1] += 1
         is_match = (0 < n <= len(chain.tokens) and chain.tokens[:n] == new and n > chain.guess
-                    and n >= chain.num_normal)
-        code = -1 if not chain.num_predrafted else int(is_match)
+                    and n >= chain.num_normal and chain.num_predrafted > 0)
+        was_predrafted = bool(chain.num_predrafted or chain.branches)
+        code = int(is_match) if was_predrafted else -1
         if not is_match:
             self._rewind(chain, state, 0)
-            return self._take_branch(chain, state, new)
+            found = self._take_branch(chain, state, new)
+            return found if found[0] is not None else (None, 0 if was_predrafted else -1)
         self._drop_branches(chain)
         if n == len(chain.tokens):
             return None, code
@@ -236,7 +262,7 @@ class Drafter:
                       and new[b.at] == b.tokens[0] and new[:b.at] == chain.tokens[:b.at]), None)
         self._drop_branches(chain, keep=found)
         if found is None:
-            return None, 0 if chain.num_predrafted else -1
+            return None, 0
         self.cache.free(state.slot)
         state.slot, state.cached = found.state.slot, found.state.cached
         state.num_stable = min(state.num_stable, chain.base + found.at)
@@ -251,7 +277,7 @@ class Drafter:
                 state.generator.set_state(draw_state)
                 return
 
-    def _new_chain(self, row: JobRow, state, scores: list[float], alts: list[int], served: Chain | None,
+    def _new_chain(self, row: JobRow, state, scores: list[float], alts: list[tuple[int, float]], served: Chain | None,
                    out_tokens: torch.Tensor, out_probs: torch.Tensor | None) -> Chain:
         """The row's chain after its job: this step's drafts (or, served entirely from its
         chain, that chain, whose cells beyond this step's drafts stay valid)."""
@@ -269,13 +295,13 @@ class Drafter:
 
     @torch.inference_mode()
     def predraft(self, rows: list[JobRow], num_kept: list[int], window_s: float, should_stop) -> tuple[int, int]:
-        """Draft on along the chains of `rows` (the job just answered, num_kept[i] of row i's
-        drafts verified) while the verifier checks their drafts: one forward per round over
-        every row whose chain is shorter than one whole next step (kept + 1 + max_draft), and
-        every branch shorter than 1 + max_draft (see _open_branches), until window_s has passed
-        (a forward is not started that would end after it, and branches ride along only where
-        the chains' forwards still fit: they never cost a chain a forward) or should_stop() says
-        a job waits.
+        """Draft on, while the verifier checks the drafts of `rows` (the job just answered,
+        num_kept[i] of row i's drafts verified), along the outcomes _choose_paths picks: a
+        row's chain (up to one whole next step past its kept drafts, kept + 1 + max_draft
+        tokens) and its branches (up to 1 + max_draft). One forward a round over every path
+        still growing, until window_s has passed (a forward is not started that would end
+        after it, and where forwards run slower than estimated the least likely extra paths
+        stop first) or should_stop() says a job waits.
         The token at the bonus position is the draft's likeliest (the outcome's likeliest
         bonus, on sampled rows too); every other is drawn as a draft is. -> (forwards run,
         tokens drafted)."""
@@ -283,22 +309,32 @@ class Drafter:
         start = time.perf_counter()
         chains = [self.chains.get(r.request_id) for r in rows]
         states = [self.table.requests.get(r.request_id) for r in rows]
-        branches = self._open_branches(chains, states, num_kept, limits, window_s)
+        paths = self._choose_paths(chains, states, num_kept, limits, window_s)
         num_forwards = num_tokens = 0
+
+        def forwards_left(path: _Path) -> int:
+            if path.branch is not None:
+                branch = path.branch
+                return max(0, min(1 + self.max_draft - len(branch.tokens),
+                                  self.cache.max_len - 2 - len(branch.state.cached)))
+            chain, state, kept = chains[path.row], states[path.row], num_kept[path.row]
+            if not chain.num_normal <= kept <= len(chain.tokens):
+                return 0
+            return max(0, min(limits[path.row] - len(chain.tokens),
+                              self.cache.max_len - 1 - len(state.known) - len(chain.tokens)))
+
         while True:
-            live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
-                    and c.num_normal <= num_kept[i] <= len(c.tokens) < limits[i]
-                    and len(s.known) + len(c.tokens) + 1 < self.cache.max_len]
-            growing = [b for b in branches if len(b.tokens) < 1 + self.max_draft
-                       and len(b.state.cached) + 2 < self.cache.max_len]
-            if not (live or growing) or should_stop():
+            paths = [p for p in paths if forwards_left(p) > 0]
+            if not paths or should_stop():
                 break
             left = window_s - (time.perf_counter() - start)
-            chain_forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
-            if growing and (self.forward_estimate(len(live) + len(growing)) or 0.0) * max(1, chain_forwards) > left:
-                growing = []  # the chains' remaining forwards first
-            if not (live or growing) or (self.forward_estimate(len(live) + len(growing)) or 0.0) > left:
+            while (any(p.is_extra for p in paths)
+                   and self.schedule_estimate([forwards_left(p) for p in paths]) > left):
+                paths.remove(min((p for p in paths if p.is_extra), key=lambda p: p.weight))
+            if (self.forward_estimate(len(paths)) or 0.0) > left:
                 break
+            live = [p.row for p in paths if p.branch is None]
+            growing = [p.branch for p in paths if p.branch is not None]
             begin = time.perf_counter()
             # A chain's last token; an empty chain (its row waited, _rows_to_wait): the tokens
             # committed since its slot was fed, the last of which is followed by the bonus's guess.
@@ -325,8 +361,9 @@ class Drafter:
                                                                  logits.device)[:, 0])
                 tokens[sampled] = picked
                 logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-            alts = other_likeliest(logits, tokens)
-            host_tokens, host_logp, host_alts = tokens.tolist(), logp.double().clamp(max=0.0).tolist(), alts.tolist()
+            alts, alt_logp = other_likeliest(logits, tokens)
+            host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
+            host_alts = list(zip(alts.tolist(), alt_logp.double().tolist()))
             prob_row = {n: m for m, n in enumerate(sampled)}
             for n, i in enumerate(live):
                 chain = chains[i]
@@ -350,54 +387,94 @@ class Drafter:
             self.forward_times[count] = took if before is None else 0.8 * before + 0.2 * took
         return num_forwards, num_tokens
 
-    def _open_branches(self, chains: list[Chain | None], states, num_kept: list[int], limits: list[int],
-                       window_s: float) -> list[Branch]:
-        """Branches beside the greedy rows' chains, the likeliest outcomes first: one per kept
-        draft j, for "drafts before j accepted, draft j rejected, the correction the draft's
-        likeliest other token there", its likelihood as the draft sees it P(reach j) x (1 -
-        P(draft j)). As many as keep a forward within max_predraft_rows rows, the cache's free
-        slots, and the window: the chains' forwards at the estimated time of a forward with the
-        branches beside them must fit it (no branch before a forward has been timed)."""
-        live = [i for i, (c, s) in enumerate(zip(chains, states)) if c is not None and s is not None
-                and c.num_normal <= num_kept[i] <= len(c.tokens)]
-        forwards = max((limits[i] - len(chains[i].tokens) for i in live), default=0)
-        room = max(0, self.max_predraft_rows - len(live))
-        while room and (self.forward_estimate(len(live) + room) or float("inf")) * max(1, forwards) > window_s:
-            room -= 1
-        if not room:
-            return []
-        candidates = []
-        for i in live:
-            chain, state = chains[i], states[i]
-            if chain.probs is not None or not state.params.is_greedy or chain.branches:
-                continue  # sampled rows: one chain (a branch's drafts would need the chain's draws)
-            for j in range(num_kept[i]):
-                if chain.alts[j] < 0:
-                    continue
-                reach = chain.scores[j - 1] if j else 0.0
-                weight = math.exp(reach) * -math.expm1(chain.scores[j] - reach)
-                candidates.append((-weight, i, j))
-        opened = []
-        for _, i, j in sorted(candidates)[:room]:
-            if not self.cache.num_free:
+    def schedule_estimate(self, forwards: list[int]) -> float:
+        """Seconds of pre-drafting paths that need forwards[p] forwards each, all growing in
+        the same forwards (each forward's rows: the paths not yet done), at the timed
+        forwards' estimates; inf before a forward has been timed."""
+        total = 0.0
+        for depth in range(max(forwards, default=0)):
+            estimate = self.forward_estimate(sum(f > depth for f in forwards))
+            if estimate is None:
+                return float("inf")
+            total += estimate
+        return total
+
+    @property
+    def guess_rate(self) -> float:
+        """How often a greedy row's bonus token, every kept draft accepted, was the draft's
+        likeliest (a chain's guess), with GUESS_PRIOR as GUESS_PRIOR_WEIGHT outcomes."""
+        hits, checked = self.guess_outcomes
+        return (hits + GUESS_PRIOR * GUESS_PRIOR_WEIGHT) / (checked + GUESS_PRIOR_WEIGHT)
+
+    def _choose_paths(self, chains: list[Chain | None], states, num_kept: list[int], limits: list[int],
+                      window_s: float) -> list[_Path]:
+        """The outcomes to pre-draft, each weighed by its likelihood as the draft sees it. A
+        greedy row's outcomes: its chain, every kept draft accepted and the bonus the draft's
+        likeliest token (P(the kept drafts) x guess_rate), and one branch per kept draft j,
+        the drafts before j accepted and the correction the draft's likeliest other token at
+        j (P(the drafts before j) x P(that token)). A sampled row has its chain only (a
+        branch's drafts would need the chain's draws).
+        Every row gets its likeliest outcome (a branch only where the cache has a free slot,
+        else its chain), and the window decides how far it grows. More outcomes, the likeliest
+        first, while a forward stays within max_predraft_rows rows, the cache has free slots,
+        and the forwards of all the paths chosen fit the window at the timed forwards'
+        estimates (so none before a forward has been timed, unless the window is unbounded).
+        A chosen branch gets its scratch slot here: a copy of the row's cells up to it."""
+        guess_rate = self.guess_rate
+        chosen: list[_Path] = []
+        extras: list[_Path] = []
+        for i, (chain, state) in enumerate(zip(chains, states)):
+            if chain is None or state is None or not chain.num_normal <= num_kept[i] <= len(chain.tokens):
+                continue
+            kept = num_kept[i]
+            outcomes = [_Path(math.exp(chain.scores[kept - 1] if kept else 0.0) * guess_rate, i)]
+            if chain.probs is None and state.params.is_greedy and not chain.branches:
+                for j in range(kept):
+                    alt, alt_logp = chain.alts[j]
+                    if alt >= 0:
+                        outcomes.append(_Path(math.exp((chain.scores[j - 1] if j else 0.0) + alt_logp), i, at=j))
+            outcomes.sort(key=lambda p: -p.weight)  # stable: the chain first on a tie
+            best = outcomes[0] if outcomes[0].at is None or self.cache.num_free > sum(
+                p.at is not None for p in chosen) else outcomes[[p.at for p in outcomes].index(None)]
+            chosen.append(best)
+            extras.extend(p for p in outcomes if p is not best)
+        free = self.cache.num_free - sum(p.at is not None for p in chosen)
+
+        def forwards(path: _Path) -> int:
+            if path.at is not None:
+                return max(0, min(self.max_draft, self.cache.max_len - 2 - chains[path.row].base - path.at))
+            chain, state = chains[path.row], states[path.row]
+            return max(0, min(limits[path.row] - len(chain.tokens),
+                              self.cache.max_len - 1 - len(state.known) - len(chain.tokens)))
+
+        for path in sorted(extras, key=lambda p: -p.weight):
+            if len(chosen) >= self.max_predraft_rows:
                 break
-            chain, state = chains[i], states[i]
-            slot = self.cache.alloc()
-            length = chain.base + j  # the row's cells for its committed tokens and the chain's first j
-            self.cache.copy_prefix(state.slot, slot, length)
-            branch = Branch(j, RequestState(slot, state.params, state.generator, cached=state.cached[:length]),
-                            [chain.alts[j]], [0.0], [-1])
-            chain.branches.append(branch)
-            opened.append(branch)
-        return opened
+            if (path.at is not None and not free) or \
+                    self.schedule_estimate([forwards(p) for p in chosen + [path]]) > window_s:
+                continue
+            path.is_extra = True
+            chosen.append(path)
+            free -= path.at is not None
+        for path in chosen:
+            if path.at is not None:
+                chain, state = chains[path.row], states[path.row]
+                slot = self.cache.alloc()
+                length = chain.base + path.at  # the row's cells for its committed tokens and the chain's first `at`
+                self.cache.copy_prefix(state.slot, slot, length)
+                path.branch = Branch(path.at, RequestState(slot, state.params, state.generator,
+                                                           cached=state.cached[:length]),
+                                     [chain.alts[path.at][0]], [0.0], [NO_ALT])
+                chain.branches.append(path.branch)
+        return chosen
 
     def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
                out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None],
                alts: list[list[int]] | None) -> None:
         """The buffers live on the drafter's device (out_tokens, out_probs as in draft()). A row
         with a chain takes its first drafts from it and drafts the rest on from its end. Each
-        row's scores and, unless None, alts (other_likeliest at each drafted position) are
-        extended."""
+        row's scores and, unless None, alts (other_likeliest at each drafted position: token and
+        log-probability) are extended."""
         temperature, top_k, top_p = batch_params([s.params for s in states])  # [B] each, host
         num_draft = [r.num_draft for r in rows]
         preset = [0 if c is None else min(len(c.tokens), d) for c, d in zip(chains, num_draft)]
@@ -425,11 +502,14 @@ class Drafter:
         score_grid = torch.zeros(len(rows), max(depth, 1), dtype=torch.float64, device=device)  # [B, depth]
         alt_grid = None if alts is None else torch.full((len(rows), max(depth, 1)), -1, dtype=torch.long,
                                                         device=device)  # [B, depth]
+        alt_score_grid = None if alts is None else torch.full((len(rows), max(depth, 1)), float("-inf"),
+                                                              dtype=torch.float64, device=device)  # [B, depth]
         for j, (chain, p) in enumerate(zip(chains, preset)):
             if p:
                 score_grid[j, :p] = torch.tensor(chain.scores[:p], dtype=torch.float64)
                 if alt_grid is not None:
-                    alt_grid[j, :p] = torch.tensor(chain.alts[:p], dtype=torch.long)
+                    alt_grid[j, :p] = torch.tensor([a for a, _ in chain.alts[:p]], dtype=torch.long)
+                    alt_score_grid[j, :p] = torch.tensor([lp for _, lp in chain.alts[:p]], dtype=torch.float64)
                 total[j] = chain.scores[p - 1]
         if new_depth:
             # 2. Catch up on committed tokens (a chain row: its last chain token); logits after
@@ -460,7 +540,8 @@ class Drafter:
                 out_probs[sampled_buffer, sampled_cols] = probs
             out_tokens[step_buffer, step_cols] = tokens
             if alt_grid is not None:
-                alt_grid[step_live, step_cols] = other_likeliest(step_logits, tokens)
+                alt_grid[step_live, step_cols], alt_logp = other_likeliest(step_logits, tokens)
+                alt_score_grid[step_live, step_cols] = alt_logp.double()
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
             score_grid[step_live, step_cols] = total[step_live]
             if i + 1 == new_depth:
@@ -469,21 +550,26 @@ class Drafter:
                                 [[0] for _ in live[i + 1]], 1, tail=tokens[step_next, None], num_tail=[1] * len(live[i + 1]))
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
         drafted = out_tokens[all_rows, :depth]  # [B, depth]
-        grids = [score_grid[:, :depth], drafted.double()] + ([] if alt_grid is None else [alt_grid[:, :depth].double()])
+        grids = [score_grid[:, :depth], drafted.double()] + ([] if alt_grid is None else [
+            alt_grid[:, :depth].double(), alt_score_grid[:, :depth]])
         host = torch.cat(grids, 1).tolist()
         for j, (state, d, p) in enumerate(zip(states, num_draft, preset)):
             scores[j].extend(host[j][:d])
             if alts is not None:
-                alts[j].extend(int(a) for a in host[j][2 * depth: 2 * depth + d])
+                alts[j].extend((int(a), lp) for a, lp in zip(host[j][2 * depth: 2 * depth + d],
+                                                             host[j][3 * depth: 3 * depth + d]))
             if num_new[j]:  # fed: the chain's last served token (by feed_batch), the new drafts but the last
                 state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
 
 
-def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, V] logits, [b] chosen tokens -> [b] the likeliest token other than the chosen one
-    (a branch's guess of the verify's correction where the chosen draft is rejected)."""
-    top = logits.topk(2, -1).indices  # [b, 2]
-    return torch.where(top[:, 0] == tokens, top[:, 1], top[:, 0])
+def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, V] logits, [b] chosen tokens -> ([b] the likeliest token other than the chosen one (a
+    branch's guess of the verify's correction where the chosen draft is rejected), [b] its
+    log-probability at temperature 1)."""
+    values, indices = logits.topk(2, -1)  # [b, 2] each
+    is_first = indices[:, 0] == tokens
+    other = torch.where(is_first, indices[:, 1], indices[:, 0])
+    return other, torch.where(is_first, values[:, 1], values[:, 0]) - torch.logsumexp(logits, -1)
 
 
 @dataclass(frozen=True)
