@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from minedraft.common.request import Request
-from minedraft.workers.drafter import Drafter
+from minedraft.workers.drafter import NO_ALT, Drafter, other_likeliest
 from minedraft.workers.engine import Engine
 from minedraft.workers.model.loader import TinySpec, decoder_from_hf, tiny_hf_model
 from minedraft.workers.sampling import SamplingParams
@@ -390,25 +390,28 @@ def test_workers_share_a_device():
 # ------------------------------------------------------------------ branches (shorter outcomes)
 
 def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(target):
-    """Beside the chain, a greedy row gets one branch per kept draft j: drafts before j
-    accepted, the correction guessed as the draft's likeliest other token. When that is the
+    """Beside the chain, a greedy row gets two branches per kept draft j: drafts before j
+    accepted, the correction guessed as the draft's second or third choice. When that is the
     outcome, the branch's drafts are served with no model call, they are what plain drafting
     drafts after the same outcome, its scratch slot becomes the row's, and every other scratch
     slot is given back; drafting on from those cells matches plain drafting."""
-    drafter = new_drafter(target, 8)
+    drafter = new_drafter(target, 10)
+    drafter.max_predraft_rows = 9  # the chain and a branch for each of the 2 likeliest other tokens at each draft
     plain = new_drafter(target, 8)
     tokens, probs = draft_buffers(target)
     expected = torch.zeros_like(tokens)
     a, b = drafting(max_tokens=40), drafting(max_tokens=40)
     drafter.draft([a.row("drafter")], tokens, probs, keep_chains=True)
     plain.draft([b.row("drafter")], expected, probs)
-    assert drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False) == (5, 5 + 4 * 4)
+    assert drafter.predraft([a.row("drafter")], [4], float("inf"), lambda: False) == (5, 5 + 8 * 4)
     chain = drafter.chains["r"]
-    assert [br.at for br in sorted(chain.branches, key=lambda br: br.at)] == [0, 1, 2, 3]
-    assert drafter.cache.num_free == 8 - 1 - 4
-    branch = next(br for br in chain.branches if br.at == 2)
-    assert branch.tokens[0] != chain.tokens[2] and len(branch.tokens) == 5
-    outcome = chain.tokens[:2] + [branch.tokens[0]]  # drafts 1-2 accepted, the correction the guess
+    assert sorted(br.at for br in chain.branches) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert drafter.cache.num_free == 10 - 1 - 8
+    second_choice, third_choice = (alt for alt, _ in chain.alts[2])
+    assert sorted(br.tokens[0] for br in chain.branches if br.at == 2) == sorted([second_choice, third_choice])
+    branch = next(br for br in chain.branches if br.at == 2 and br.tokens[0] == third_choice)
+    assert third_choice != chain.tokens[2] and len(branch.tokens) == 5
+    outcome = chain.tokens[:2] + [branch.tokens[0]]  # drafts 1-2 accepted, the correction the third choice
     a.commit(outcome)
     b.commit(outcome)
     with counting_forwards(target) as calls:
@@ -418,7 +421,7 @@ def test_a_served_branch_needs_no_forward_and_drafting_goes_on_from_its_cells(ta
     assert tokens[0].tolist() == branch.tokens[1:] == expected[0].tolist()
     state = drafter.table.requests["r"]
     assert state.slot == branch.state.slot and state.cached == state.known + branch.tokens[1:4]
-    assert drafter.cache.num_free == 7  # the row's old slot and the other branches' given back
+    assert drafter.cache.num_free == 9  # the row's old slot and the other branches' given back
     outcome = tokens[0, :2].tolist() + [(tokens[0, 2].item() + 1) % target.config.vocab_size]  # rejected at 3
     a.commit(outcome)
     b.commit(outcome)
@@ -463,7 +466,7 @@ def weighed_chain(target, alt_probs: list[float], slots: int = 8, times: dict[in
     drafter.draft([row.row("drafter")], *draft_buffers(target), keep_chains=True)
     chain = drafter.chains["r"]
     chain.scores = [math.log(p) for p in (0.9, 0.8, 0.7, 0.6)]
-    chain.alts = [(alt, math.log(p)) for (alt, _), p in zip(chain.alts, alt_probs)]
+    chain.alts = [((alts[0][0], math.log(p)), NO_ALT[1]) for alts, p in zip(chain.alts, alt_probs)]  # no third choice
     return drafter, row, chain
 
 
@@ -537,3 +540,10 @@ def test_the_guess_rate_is_learned_from_outcomes_where_every_kept_draft_was_acce
     row.commit(tokens[0, :1].tolist() + [(tokens[0, 1].item() + 1) % target.config.vocab_size])  # rejected at 2
     drafter.draft([row.row("drafter")], tokens, probs, keep_chains=True)
     assert drafter.guess_outcomes == [1, 2]  # not an outcome of the guess
+
+
+def test_other_likeliest_skips_the_chosen_token_wherever_it_ranks():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3)
+    tokens, logp = other_likeliest(logits, torch.tensor([0, 1, 3]), 2)
+    assert tokens.tolist() == [[1, 2], [0, 2], [0, 1]]  # chosen first, second, beyond the top 3
+    assert logp[0].tolist() == pytest.approx(torch.log_softmax(logits[0], -1)[[1, 2]].tolist())

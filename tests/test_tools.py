@@ -535,6 +535,11 @@ def test_correction_guess_counts_the_drafts_second_choices(tmp_path):
     assert result["second_right"] + result["third_right"] <= result["draft_wrong"]
     assert result["second_rate"] == result["second_right"] / result["draft_wrong"]
     assert f"its second choice is at {result['second_right']}" in done.stdout
+    steps = result["step_outcomes"]
+    assert 0 < steps["steps"] <= 3 * 8 and result["num_draft"] == 4
+    assert steps["chain"] <= steps["any"] and steps["likeliest"] <= steps["likeliest_two"] <= steps["likeliest_four"] <= steps["any"]
+    assert steps["guess_right"] == steps["chain"] <= steps["all_accepted"] <= steps["steps"]
+    assert f"steps with k = 4 drafts: {steps['steps']}" in done.stdout
 
 
 def test_plan_trace_prints_auto_plans_and_switches(tmp_path):

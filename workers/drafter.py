@@ -34,7 +34,11 @@ PRIOR_ROW_SHARE = 0.25
 # GUESS_PRIOR_WEIGHT outcomes. The Qwen pair: 47 of 48 (tools/correction_guess.py); SSD reports ~90%.
 GUESS_PRIOR = 0.9
 GUESS_PRIOR_WEIGHT = 10
-NO_ALT = (-1, float("-inf"))  # an alternative not known
+# Corrections a branch may guess at each kept draft: the draft's likeliest tokens other than that
+# draft (along the Qwen pair's greedy outputs, the second and third choices together are the
+# correction at more of the steps a pre-draft can serve: tools/correction_guess.py).
+NUM_ALTS = 2
+NO_ALT = ((-1, float("-inf")),) * NUM_ALTS  # alternatives not known
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Branch:
     state: RequestState
     tokens: list[int]
     scores: list[float]  # cumulative draft log-probability from tokens[1] (scores[0] = 0: the guess)
-    alts: list[tuple[int, float]]
+    alts: list[tuple[tuple[int, float], ...]]
 
 
 @dataclass
@@ -80,10 +84,10 @@ class Chain:
     # per token: the request's draft generator state before the pre-draft drew it (None: not
     # drawn by a pre-draft), so that dropping pre-drafted tokens rewinds the stream
     draw_states: list = None
-    # per token: the draft's likeliest token other than it there (where a branch guesses the
-    # correction; -1 unknown) and that token's draft log-probability, and the branches
-    # pre-drafted beside or instead of the chain (greedy rows)
-    alts: list[tuple[int, float]] = None
+    # per token: the draft's NUM_ALTS likeliest tokens other than it there (where a branch
+    # guesses the correction; -1 unknown), each with its draft log-probability, and the
+    # branches pre-drafted beside or instead of the chain (greedy rows)
+    alts: list[tuple[tuple[int, float], ...]] = None
     branches: list[Branch] = field(default_factory=list)
 
     def __post_init__(self):
@@ -106,6 +110,7 @@ class _Path:
     weight: float  # its likelihood as the draft sees it
     row: int
     at: int | None = None
+    correction: int = -1  # a branch's guess of the verify's correction at `at`
     branch: Branch | None = None
     is_extra: bool = False  # beyond the row's likeliest outcome: budgeted, and the first to stop
 
@@ -277,7 +282,7 @@ class Drafter:
                 state.generator.set_state(draw_state)
                 return
 
-    def _new_chain(self, row: JobRow, state, scores: list[float], alts: list[tuple[int, float]], served: Chain | None,
+    def _new_chain(self, row: JobRow, state, scores: list[float], alts: list[tuple], served: Chain | None,
                    out_tokens: torch.Tensor, out_probs: torch.Tensor | None) -> Chain:
         """The row's chain after its job: this step's drafts (or, served entirely from its
         chain, that chain, whose cells beyond this step's drafts stay valid)."""
@@ -361,9 +366,9 @@ class Drafter:
                                                                  logits.device)[:, 0])
                 tokens[sampled] = picked
                 logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-            alts, alt_logp = other_likeliest(logits, tokens)
+            alts, alt_logp = other_likeliest(logits, tokens)  # [b, NUM_ALTS] each
             host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
-            host_alts = list(zip(alts.tolist(), alt_logp.double().tolist()))
+            host_alts = [tuple(zip(a, lp)) for a, lp in zip(alts.tolist(), alt_logp.double().tolist())]
             prob_row = {n: m for m, n in enumerate(sampled)}
             for n, i in enumerate(live):
                 chain = chains[i]
@@ -430,9 +435,9 @@ class Drafter:
             outcomes = [_Path(math.exp(chain.scores[kept - 1] if kept else 0.0) * guess_rate, i)]
             if chain.probs is None and state.params.is_greedy and not chain.branches:
                 for j in range(kept):
-                    alt, alt_logp = chain.alts[j]
-                    if alt >= 0:
-                        outcomes.append(_Path(math.exp((chain.scores[j - 1] if j else 0.0) + alt_logp), i, at=j))
+                    for alt, alt_logp in chain.alts[j]:
+                        if alt >= 0:
+                            outcomes.append(_Path(math.exp((chain.scores[j - 1] if j else 0.0) + alt_logp), i, j, alt))
             outcomes.sort(key=lambda p: -p.weight)  # stable: the chain first on a tie
             best = outcomes[0] if outcomes[0].at is None or self.cache.num_free > sum(
                 p.at is not None for p in chosen) else outcomes[[p.at for p in outcomes].index(None)]
@@ -464,13 +469,13 @@ class Drafter:
                 self.cache.copy_prefix(state.slot, slot, length)
                 path.branch = Branch(path.at, RequestState(slot, state.params, state.generator,
                                                            cached=state.cached[:length]),
-                                     [chain.alts[path.at][0]], [0.0], [NO_ALT])
+                                     [path.correction], [0.0], [NO_ALT])
                 chain.branches.append(path.branch)
         return chosen
 
     def _draft(self, rows: list[JobRow], states, is_sampled: list[bool], out_tokens: torch.Tensor,
                out_probs: torch.Tensor, scores: list[list[float]], chains: list[Chain | None],
-               alts: list[list[int]] | None) -> None:
+               alts: list[list[tuple]] | None) -> None:
         """The buffers live on the drafter's device (out_tokens, out_probs as in draft()). A row
         with a chain takes its first drafts from it and drafts the rest on from its end. Each
         row's scores and, unless None, alts (other_likeliest at each drafted position: token and
@@ -500,16 +505,17 @@ class Drafter:
         all_rows = on_device.pop()
         total = torch.zeros(len(rows), dtype=torch.float64, device=device)  # [B] cumulative log-probability
         score_grid = torch.zeros(len(rows), max(depth, 1), dtype=torch.float64, device=device)  # [B, depth]
-        alt_grid = None if alts is None else torch.full((len(rows), max(depth, 1)), -1, dtype=torch.long,
-                                                        device=device)  # [B, depth]
-        alt_score_grid = None if alts is None else torch.full((len(rows), max(depth, 1)), float("-inf"),
-                                                              dtype=torch.float64, device=device)  # [B, depth]
+        alt_grid = None if alts is None else torch.full((len(rows), max(depth, 1), NUM_ALTS), -1, dtype=torch.long,
+                                                        device=device)  # [B, depth, NUM_ALTS]
+        alt_score_grid = None if alts is None else torch.full((len(rows), max(depth, 1), NUM_ALTS), float("-inf"),
+                                                              dtype=torch.float64, device=device)  # [B, depth, NUM_ALTS]
         for j, (chain, p) in enumerate(zip(chains, preset)):
             if p:
                 score_grid[j, :p] = torch.tensor(chain.scores[:p], dtype=torch.float64)
                 if alt_grid is not None:
-                    alt_grid[j, :p] = torch.tensor([a for a, _ in chain.alts[:p]], dtype=torch.long)
-                    alt_score_grid[j, :p] = torch.tensor([lp for _, lp in chain.alts[:p]], dtype=torch.float64)
+                    alt_grid[j, :p] = torch.tensor([[a for a, _ in at] for at in chain.alts[:p]], dtype=torch.long)
+                    alt_score_grid[j, :p] = torch.tensor([[lp for _, lp in at] for at in chain.alts[:p]],
+                                                         dtype=torch.float64)
                 total[j] = chain.scores[p - 1]
         if new_depth:
             # 2. Catch up on committed tokens (a chain row: its last chain token); logits after
@@ -551,25 +557,28 @@ class Drafter:
         # 4. The job's one device-to-host read: scores and drafted tokens (exact in float64).
         drafted = out_tokens[all_rows, :depth]  # [B, depth]
         grids = [score_grid[:, :depth], drafted.double()] + ([] if alt_grid is None else [
-            alt_grid[:, :depth].double(), alt_score_grid[:, :depth]])
+            alt_grid[:, :depth].flatten(1).double(), alt_score_grid[:, :depth].flatten(1)])
         host = torch.cat(grids, 1).tolist()
         for j, (state, d, p) in enumerate(zip(states, num_draft, preset)):
             scores[j].extend(host[j][:d])
             if alts is not None:
-                alts[j].extend((int(a), lp) for a, lp in zip(host[j][2 * depth: 2 * depth + d],
-                                                             host[j][3 * depth: 3 * depth + d]))
+                width = depth * NUM_ALTS
+                found, found_logp = host[j][2 * depth: 2 * depth + width], host[j][2 * depth + width:]
+                alts[j].extend(tuple((int(found[c * NUM_ALTS + r]), found_logp[c * NUM_ALTS + r]) for r in range(NUM_ALTS))
+                               for c in range(d))
             if num_new[j]:  # fed: the chain's last served token (by feed_batch), the new drafts but the last
                 state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
 
 
-def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, V] logits, [b] chosen tokens -> ([b] the likeliest token other than the chosen one (a
-    branch's guess of the verify's correction where the chosen draft is rejected), [b] its
-    log-probability at temperature 1)."""
-    values, indices = logits.topk(2, -1)  # [b, 2] each
-    is_first = indices[:, 0] == tokens
-    other = torch.where(is_first, indices[:, 1], indices[:, 0])
-    return other, torch.where(is_first, values[:, 1], values[:, 0]) - torch.logsumexp(logits, -1)
+def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor, n: int = NUM_ALTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, V] logits, [b] chosen tokens -> ([b, n] the n likeliest tokens other than the chosen
+    one, likeliest first (a branch's guesses of the verify's correction where the chosen draft
+    is rejected), [b, n] their log-probabilities at temperature 1)."""
+    values, indices = logits.topk(n + 1, -1)  # [b, n + 1] each
+    other = indices != tokens[:, None]
+    keep = other & (other.cumsum(-1) <= n)  # n per row: the chosen token is at most one of the n + 1
+    logp = values - torch.logsumexp(logits, -1, keepdim=True)
+    return indices[keep].view(-1, n), logp[keep].view(-1, n)
 
 
 @dataclass(frozen=True)
