@@ -113,7 +113,7 @@ class Metrics:
         p = self.predraft
         # per branch kind, of the steps checked against a pre-draft: "full" every kept draft
         # accepted and the bonus token the draft's own next one (the chain); "short" fewer
-        # accepted and the correction the draft's likeliest other token (a branch, greedy rows)
+        # accepted and the correction one the draft guessed (its second or third choice: a branch, greedy rows)
         rate = lambda hits: hits / p["checked"] if p["checked"] else None  # noqa: E731
         return {"branches": {"full": {"checked": p["checked"], "hits": p["hits"], "hit_rate": rate(p["hits"])},
                              "short": {"checked": p["checked"], "hits": p["branch_hits"],
