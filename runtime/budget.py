@@ -51,6 +51,8 @@ CALIBRATED_WEIGHT = 0.5  # a calibration observation's weight (the newest job's 
 PRIOR_POSITIONS = 64  # the calibration's acceptance evidence counts as this many positions: its own prompts
 #                       say little of a user's, whose first step or two outweigh it
 PRIOR_SCORE_ROWS = 16  # and its drafts' scores as this many rows
+DRIFT_WEIGHT = 0.1  # the newest steady job's share of the machine's drift (its time over the calibration's forecast)
+MAX_DRIFT = 2.0  # the drift is believed within [1 / MAX_DRIFT, MAX_DRIFT]
 
 
 class CostFit:
@@ -73,14 +75,14 @@ class CostFit:
         self.ridge = [intercept_weight] + [ridge] * (len(names) - 1)
         self.observations: deque[tuple[tuple[float, ...], float]] = deque(maxlen=MAX_OBSERVATIONS)
         self.calibrated: list[tuple[tuple[float, ...], float]] = []
-        self._coef_by_size: dict[int, list[float]] = {}  # size bucket -> coefficients, until a new observation
+        self._coef_by_size: dict[tuple[int, bool], list[float]] = {}  # (size bucket, calibrated only) -> coefficients
 
     def __len__(self) -> int:
         return len(self.observations) + len(self.calibrated)
 
     def add(self, x: tuple[float, ...], y: float) -> None:
         self.observations.append((tuple(x), y))
-        self._coef_by_size.clear()
+        self._coef_by_size = {key: coef for key, coef in self._coef_by_size.items() if key[1]}  # the calibration's stand
 
     def calibrate(self, observations: list[tuple[tuple[float, ...], float]]) -> None:
         """Take these as the calibration's: kept, at CALIBRATED_WEIGHT each, for every size."""
@@ -95,16 +97,23 @@ class CostFit:
     def predict(self, x: tuple[float, ...]) -> float:
         return sum(c * v for c, v in zip(self._coef(x[self.size_index]), x))
 
-    def _coef(self, size: float) -> list[float]:
-        bucket = round(SIZE_BUCKETS_PER_DOUBLING * math.log2(max(size, 0.5)))
-        if bucket not in self._coef_by_size:  # solved once per size bucket and new observation
-            self._coef_by_size[bucket] = self._solve(2.0 ** (bucket / SIZE_BUCKETS_PER_DOUBLING))
-        return self._coef_by_size[bucket]
+    def predict_calibrated(self, x: tuple[float, ...]) -> float | None:
+        """What the calibration's jobs alone say x costs (None: no calibration)."""
+        if not self.calibrated:
+            return None
+        return sum(c * v for c, v in zip(self._coef(x[self.size_index], True), x))
 
-    def _weighted(self, size: float) -> list[tuple[tuple[float, ...], float, float]]:
-        """(x, y, weight) of every observation for a query at `size`."""
+    def _coef(self, size: float, calibrated_only: bool = False) -> list[float]:
+        bucket = round(SIZE_BUCKETS_PER_DOUBLING * math.log2(max(size, 0.5)))
+        key = (bucket, calibrated_only)
+        if key not in self._coef_by_size:  # solved once per size bucket and new observation
+            self._coef_by_size[key] = self._solve(2.0 ** (bucket / SIZE_BUCKETS_PER_DOUBLING), calibrated_only)
+        return self._coef_by_size[key]
+
+    def _weighted(self, size: float, calibrated_only: bool = False) -> list[tuple[tuple[float, ...], float, float]]:
+        """(x, y, weight) of every observation (or the calibration's only) for a query at `size`."""
         weighted, weight = [], 1.0
-        for x, y in reversed(self.observations):
+        for x, y in ([] if calibrated_only else reversed(self.observations)):
             weighted.append((x, y, weight))
             weight *= RECENCY
         weighted += [(x, y, CALIBRATED_WEIGHT) for x, y in self.calibrated]
@@ -116,8 +125,8 @@ class CostFit:
         return [(x, y, w * math.exp(-((d - nearest) / SIZE_SCALE) ** 2))
                 for (x, y, w), d in zip(weighted, distances)]
 
-    def _solve(self, size: float) -> list[float]:
-        weighted = self._weighted(size)
+    def _solve(self, size: float, calibrated_only: bool = False) -> list[float]:
+        weighted = self._weighted(size, calibrated_only)
         active = list(range(len(self.names)))
         while True:
             coef = self._solve_on(active, weighted)
@@ -277,6 +286,9 @@ class DraftBudget:
         # per mode, measured: the running mean of the step period beyond what the job fits predict
         # (signed; forecasts use it floored at zero: overhead_s)
         self.overheads: dict[str, float] = {}
+        # the machine's drift since the calibration: a running mean of log(steady job time / what
+        # the calibration's jobs alone forecast for it), over the jobs of whatever plan runs
+        self.log_drift = 0.0
 
     def draft_fit(self, threads: int, mode: str) -> CostFit:
         key = (threads, mode == "psd")
@@ -347,7 +359,9 @@ class DraftBudget:
         count too: a step without speculation still pays their round trip."""
         key = key or self.default_key
         fit = self.draft_fit(key.drafter_threads, key.mode)
-        fit.add((1.0, float(depth), float(rows * depth)), duration_s)
+        x = (1.0, float(depth), float(rows * depth))
+        self._note_drift(fit, x, duration_s)
+        fit.add(x, duration_s)
 
     def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0,
                        key: FitKey | None = None) -> None:
@@ -355,7 +369,24 @@ class DraftBudget:
         during which the drafter was busy for drafter_overlap_s."""
         key = key or self.default_key
         fit = self.verify_fit(key.verifier_threads, key.mode)
-        fit.add((1.0, float(positions), float(drafter_overlap_s)), duration_s)
+        x = (1.0, float(positions), float(drafter_overlap_s))
+        self._note_drift(fit, x, duration_s)
+        fit.add(x, duration_s)
+
+    def _note_drift(self, fit: CostFit, x: tuple[float, ...], duration_s: float) -> None:
+        expected = fit.predict_calibrated(x)
+        if expected is not None and expected > 0 and duration_s > 0:
+            ratio = min(MAX_DRIFT, max(1 / MAX_DRIFT, duration_s / expected))
+            self.log_drift = (1 - DRIFT_WEIGHT) * self.log_drift + DRIFT_WEIGHT * math.log(ratio)
+
+    @property
+    def drift(self) -> float:
+        """How much slower (> 1) or faster the machine runs the jobs of late than the
+        calibration measured the same jobs: the plan in force's fits have learned it from its
+        own jobs; the other plans' fits, still the calibration's, are judged at this speed too
+        (PlanChooser), so that a slow stretch of a shared machine does not make every plan but
+        the one running look faster."""
+        return math.exp(self.log_drift)
 
     def observe_step(self, period_s: float, plan: StepBudget, mode: str) -> None:
         """The time one step of `plan` took, dispatch to dispatch (sd: the batch's drafts; psd

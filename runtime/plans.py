@@ -223,7 +223,10 @@ class PlanChooser:
         fitted = [p for p in self.plans if self.budget.is_fitted(p.fit_key)]
         if self.current not in fitted:
             return self.current
-        self.forecast = {p.name: self.rate(p, rooms) for p in fitted}
+        # The plan in force is forecast from fits its own jobs keep current; the others, calibrated,
+        # at the machine's speed of late (budget.drift): a slow stretch slows every plan alike.
+        drift = self.budget.drift if self.is_calibrated else 1.0
+        self.forecast = {p.name: self.rate(p, rooms) / (1.0 if p == self.current else drift) for p in fitted}
         best = max(fitted, key=lambda p: self.forecast[p.name])
         current_rate = self.forecast[self.current.name]
         if is_jump and best != self.current:  # a wave arrived: the plan for the new load now
@@ -318,6 +321,7 @@ class PlanChooser:
             "num_switches": self.num_switches,
             "predicted_tokens_per_s": {name: round(rate, 3) for name, rate in self.forecast.items()},
             "measured_tokens_per_s": None if (rate := self.measured_tokens_per_s) is None else round(rate, 3),
+            "drift": round(self.budget.drift, 3),
             "is_calibrated": self.is_calibrated,
             "steps_by_plan": dict(self.steps_by_plan),
             "recent_switches": list(self.switches),

@@ -230,3 +230,25 @@ def test_drain_share_matches_a_simulated_batch(rows, tokens, p):
     share = budget.drain_share([tokens - 1] * rows, forecast, "sd")
     assert tokens / per_step / share == pytest.approx(simulated, rel=0.06), (share, simulated)
     assert budget.drain_share([tokens - 1] * rows, StepBudget(0, 0, 10.0, "ar", 1.0), "ar") == 1.0
+
+
+SLOWER = 1.4  # the shared machine, later: every job takes this much longer than at the calibration
+DRIFTED = Machine(lambda rows, depth, t: SLOWER * roofline_draft(rows, depth, t),
+                  lambda positions, t: SLOWER * roofline_verify(positions, t), accept=0.7, contention=0.25)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_machine_slower_than_at_the_calibration_keeps_the_best_plan(rows):
+    """Every job runs 1.4x longer than the calibration measured (a slow stretch of a shared
+    VM): the plan in force learns it from its own jobs, and the others are judged at the same
+    speed (the budget's drift), so the ranking, unchanged, keeps the best plan. Judged on
+    their calibration alone, the others would all look faster than the one running."""
+    data = calibrated().s.budget.calibration()
+    workers = fresh_from_cache(data, DRIFTED)
+    best = DRIFTED.best(rows)[1]
+    assert best == ROOFLINE.best(rows)[1]
+    workers.add(rows, max_tokens=4000, prefix="r")
+    plans = workers.run(150)
+    assert set(plans) == {best}, (plans, workers.s.status()["plan"]["recent_switches"])
+    assert workers.s.budget.drift == pytest.approx(SLOWER, rel=0.1)
+    assert workers.s.status()["plan"]["drift"] == pytest.approx(SLOWER, rel=0.1)
