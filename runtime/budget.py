@@ -51,7 +51,7 @@ CALIBRATED_WEIGHT = 0.5  # a calibration observation's weight (the newest job's 
 PRIOR_POSITIONS = 64  # the calibration's acceptance evidence counts as this many positions: its own prompts
 #                       say little of a user's, whose first step or two outweigh it
 PRIOR_SCORE_ROWS = 16  # and its drafts' scores as this many rows
-DRIFT_WEIGHT = 0.1  # the newest steady job's share of the machine's drift (its time over the calibration's forecast)
+DRIFT_WEIGHT = 0.1  # the newest steady verify's share of the machine's drift (its time over the calibration's forecast)
 MAX_DRIFT = 2.0  # the drift is believed within [1 / MAX_DRIFT, MAX_DRIFT]
 
 
@@ -82,7 +82,7 @@ class CostFit:
 
     def add(self, x: tuple[float, ...], y: float) -> None:
         self.observations.append((tuple(x), y))
-        self._coef_by_size = {key: coef for key, coef in self._coef_by_size.items() if key[1]}  # the calibration's stand
+        self._coef_by_size = {key: coef for key, coef in self._coef_by_size.items() if key[1]}  # calibration-only solves stay valid
 
     def calibrate(self, observations: list[tuple[tuple[float, ...], float]]) -> None:
         """Take these as the calibration's: kept, at CALIBRATED_WEIGHT each, for every size."""
@@ -286,8 +286,10 @@ class DraftBudget:
         # per mode, measured: the running mean of the step period beyond what the job fits predict
         # (signed; forecasts use it floored at zero: overhead_s)
         self.overheads: dict[str, float] = {}
-        # the machine's drift since the calibration: a running mean of log(steady job time / what
-        # the calibration's jobs alone forecast for it), over the jobs of whatever plan runs
+        # the machine's drift since the calibration: a running mean of log(steady verify time /
+        # what the calibration's verifies alone forecast for it), over whatever plan runs. Verifies
+        # only: every plan runs them, and a draft job served from a pre-draft (no forward) says
+        # nothing of the machine's speed
         self.log_drift = 0.0
 
     def draft_fit(self, threads: int, mode: str) -> CostFit:
@@ -359,9 +361,7 @@ class DraftBudget:
         count too: a step without speculation still pays their round trip."""
         key = key or self.default_key
         fit = self.draft_fit(key.drafter_threads, key.mode)
-        x = (1.0, float(depth), float(rows * depth))
-        self._note_drift(fit, x, duration_s)
-        fit.add(x, duration_s)
+        fit.add((1.0, float(depth), float(rows * depth)), duration_s)
 
     def observe_verify(self, positions: int, duration_s: float, drafter_overlap_s: float = 0.0,
                        key: FitKey | None = None) -> None:
@@ -374,6 +374,8 @@ class DraftBudget:
         fit.add(x, duration_s)
 
     def _note_drift(self, fit: CostFit, x: tuple[float, ...], duration_s: float) -> None:
+        """A steady verify of features x took duration_s: fold its ratio to the calibration's
+        forecast into the drift (clipped to MAX_DRIFT either way: one stalled job is not a trend)."""
         expected = fit.predict_calibrated(x)
         if expected is not None and expected > 0 and duration_s > 0:
             ratio = min(MAX_DRIFT, max(1 / MAX_DRIFT, duration_s / expected))
@@ -381,8 +383,8 @@ class DraftBudget:
 
     @property
     def drift(self) -> float:
-        """How much slower (> 1) or faster the machine runs the jobs of late than the
-        calibration measured the same jobs: the plan in force's fits have learned it from its
+        """How much slower (> 1) or faster the machine runs the verifies of late than the
+        calibration measured the same verifies: the plan in force's fits have learned it from its
         own jobs; the other plans' fits, still the calibration's, are judged at this speed too
         (PlanChooser), so that a slow stretch of a shared machine does not make every plan but
         the one running look faster."""

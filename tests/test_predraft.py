@@ -544,6 +544,6 @@ def test_the_guess_rate_is_learned_from_outcomes_where_every_kept_draft_was_acce
 
 def test_other_likeliest_skips_the_chosen_token_wherever_it_ranks():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3)
-    tokens, logp = other_likeliest(logits, torch.tensor([0, 1, 3]), 2)
+    tokens, logp = other_likeliest(logits, torch.tensor([0, 1, 3]), torch.logsumexp(logits, -1), 2)
     assert tokens.tolist() == [[1, 2], [0, 2], [0, 1]]  # chosen first, second, beyond the top 3
     assert logp[0].tolist() == pytest.approx(torch.log_softmax(logits[0], -1)[[1, 2]].tolist())

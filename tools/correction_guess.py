@@ -60,18 +60,16 @@ def guess_rates(target, draft, prompt_ids: list[list[int]], max_tokens: int) -> 
 
 def step_outcomes(draft, prompt_ids: list[list[int]], outputs: list[list[int]], k: int) -> dict:
     """Counts over the steps of greedy speculative decoding with k drafts along each output."""
-    import math
-
     import torch
 
-    from minedraft.workers.drafter import GUESS_PRIOR
+    from minedraft.workers.drafter import GUESS_PRIOR, weigh_outcomes
 
     def next_logp(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return torch.log_softmax(draft(torch.tensor([ids])).logits[0, -1].float(), -1)
 
     counts = {"steps": 0, "chain": 0, "likeliest": 0, "likeliest_two": 0, "likeliest_four": 0, "any": 0,
-              "all_accepted": 0, "guess_right": 0}
+              "all_accepted": 0}
     for prompt, out in zip(prompt_ids, outputs):
         p = 0
         while p < len(out) - 1:
@@ -88,10 +86,8 @@ def step_outcomes(draft, prompt_ids: list[list[int]], outputs: list[list[int]], 
             if p + accepted >= len(out):
                 break
             token = out[p + accepted]  # the verify's bonus (every draft accepted) or correction
-            weighed = [(math.exp(scores[-1]) * GUESS_PRIOR, accepted == k and guess == token)]
-            weighed += [(math.exp((scores[j - 1] if j else 0.0) + alt_logp), accepted == j and alt == token)
-                        for j in range(k) for alt, alt_logp in alts[j]]
-            weighed.sort(key=lambda w: -w[0])
+            weighed = [(weight, (accepted == k and guess == token) if at is None else (accepted == at and alt == token))
+                       for weight, at, alt in weigh_outcomes(scores, alts, k, GUESS_PRIOR)]
             counts["steps"] += 1
             counts["chain"] += accepted == k and guess == token
             counts["likeliest"] += weighed[0][1]
@@ -99,7 +95,6 @@ def step_outcomes(draft, prompt_ids: list[list[int]], outputs: list[list[int]], 
             counts["likeliest_four"] += any(hit for _, hit in weighed[:4])
             counts["any"] += any(hit for _, hit in weighed)
             counts["all_accepted"] += accepted == k
-            counts["guess_right"] += accepted == k and guess == token
             p += accepted + 1
     return counts
 
@@ -136,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           f"of the likeliest outcome {share(steps['likeliest'])}, of the two likeliest "
           f"{share(steps['likeliest_two'])}, of the four likeliest {share(steps['likeliest_four'])}, of any of the "
           f"chain and the {k * NUM_ALTS} branches {share(steps['any'])}")
-    print(f"every draft accepted at {steps['all_accepted']} steps, the bonus the chain's guess at "
-          f"{steps['guess_right']}")
+    print(f"every draft accepted at {steps['all_accepted']} steps, the bonus the chain's guess at {steps['chain']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": args.config, "num_prompts": len(prompts), "max_tokens": args.max_tokens, **result,

@@ -310,24 +310,12 @@ class Drafter:
         The token at the bonus position is the draft's likeliest (the outcome's likeliest
         bonus, on sampled rows too); every other is drawn as a draft is. -> (forwards run,
         tokens drafted)."""
-        limits = [kept + 1 + self.max_draft for kept in num_kept]
         start = time.perf_counter()
         chains = [self.chains.get(r.request_id) for r in rows]
         states = [self.table.requests.get(r.request_id) for r in rows]
-        paths = self._choose_paths(chains, states, num_kept, limits, window_s)
+        paths = self._choose_paths(chains, states, num_kept, window_s)
         num_forwards = num_tokens = 0
-
-        def forwards_left(path: _Path) -> int:
-            if path.branch is not None:
-                branch = path.branch
-                return max(0, min(1 + self.max_draft - len(branch.tokens),
-                                  self.cache.max_len - 2 - len(branch.state.cached)))
-            chain, state, kept = chains[path.row], states[path.row], num_kept[path.row]
-            if not chain.num_normal <= kept <= len(chain.tokens):
-                return 0
-            return max(0, min(limits[path.row] - len(chain.tokens),
-                              self.cache.max_len - 1 - len(state.known) - len(chain.tokens)))
-
+        forwards_left = lambda path: self._forwards_left(path, chains, states, num_kept)  # noqa: E731
         while True:
             paths = [p for p in paths if forwards_left(p) > 0]
             if not paths or should_stop():
@@ -348,7 +336,8 @@ class Drafter:
             logits = feed_batch(self.model, self.cache, [states[i] for i in live] + [b.state for b in growing], feeds,
                                 [[len(f) - 1] for f in feeds], self.max_draft + 1)[:, 0].float()  # [b, V]
             tokens = logits.argmax(-1)  # [b]
-            logp = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, -1)  # [b]
+            log_norm = torch.logsumexp(logits, -1)  # [b]
+            logp = logits.gather(-1, tokens[:, None])[:, 0] - log_norm  # [b]
             guessing = [len(chains[i].tokens) == num_kept[i] for i in live]  # this token is the bonus's guess
             sampled = [n for n, i in enumerate(live) if chains[i].probs is not None]
             probs = None
@@ -366,7 +355,7 @@ class Drafter:
                                                                  logits.device)[:, 0])
                 tokens[sampled] = picked
                 logp[sampled] = probs.gather(-1, picked[:, None])[:, 0].log()
-            alts, alt_logp = other_likeliest(logits, tokens)  # [b, NUM_ALTS] each
+            alts, alt_logp = other_likeliest(logits, tokens, log_norm)  # [b, NUM_ALTS] each
             host_tokens, host_logp = tokens.tolist(), logp.double().clamp(max=0.0).tolist()
             host_alts = [tuple(zip(a, lp)) for a, lp in zip(alts.tolist(), alt_logp.double().tolist())]
             prob_row = {n: m for m, n in enumerate(sampled)}
@@ -411,8 +400,21 @@ class Drafter:
         hits, checked = self.guess_outcomes
         return (hits + GUESS_PRIOR * GUESS_PRIOR_WEIGHT) / (checked + GUESS_PRIOR_WEIGHT)
 
-    def _choose_paths(self, chains: list[Chain | None], states, num_kept: list[int], limits: list[int],
-                      window_s: float) -> list[_Path]:
+    def _forwards_left(self, path: _Path, chains: list[Chain | None], states, num_kept: list[int]) -> int:
+        """Forwards `path` may still grow: a chain to its limit (kept + 1 + max_draft tokens), a
+        branch (opened or not yet) to 1 + max_draft tokens; either within the cache's max_len."""
+        if path.at is not None:
+            branch = path.branch
+            tokens, cached = (1, chains[path.row].base + path.at) if branch is None else \
+                (len(branch.tokens), len(branch.state.cached))
+            return max(0, min(1 + self.max_draft - tokens, self.cache.max_len - 2 - cached))
+        chain, state, kept = chains[path.row], states[path.row], num_kept[path.row]
+        if not chain.num_normal <= kept <= len(chain.tokens):
+            return 0
+        return max(0, min(kept + 1 + self.max_draft - len(chain.tokens),
+                          self.cache.max_len - 1 - len(state.known) - len(chain.tokens)))
+
+    def _choose_paths(self, chains: list[Chain | None], states, num_kept: list[int], window_s: float) -> list[_Path]:
         """The outcomes to pre-draft, each weighed by its likelihood as the draft sees it. A
         greedy row's outcomes: its chain, every kept draft accepted and the bonus the draft's
         likeliest token (P(the kept drafts) x guess_rate), and NUM_ALTS branches per kept draft
@@ -425,33 +427,20 @@ class Drafter:
         and the forwards of all the paths chosen fit the window at the timed forwards'
         estimates (so none before a forward has been timed, unless the window is unbounded).
         A chosen branch gets its scratch slot here: a copy of the row's cells up to it."""
-        guess_rate = self.guess_rate
         chosen: list[_Path] = []
         extras: list[_Path] = []
+        free = self.cache.num_free  # slots for branches
         for i, (chain, state) in enumerate(zip(chains, states)):
             if chain is None or state is None or not chain.num_normal <= num_kept[i] <= len(chain.tokens):
                 continue
-            kept = num_kept[i]
-            outcomes = [_Path(math.exp(chain.scores[kept - 1] if kept else 0.0) * guess_rate, i)]
-            if chain.probs is None and state.params.is_greedy and not chain.branches:
-                for j in range(kept):
-                    for alt, alt_logp in chain.alts[j]:
-                        if alt >= 0:
-                            outcomes.append(_Path(math.exp((chain.scores[j - 1] if j else 0.0) + alt_logp), i, j, alt))
-            outcomes.sort(key=lambda p: -p.weight)  # stable: the chain first on a tie
-            best = outcomes[0] if outcomes[0].at is None or self.cache.num_free > sum(
-                p.at is not None for p in chosen) else outcomes[[p.at for p in outcomes].index(None)]
+            is_greedy = chain.probs is None and state.params.is_greedy and not chain.branches
+            outcomes = [_Path(weight, i, at, correction) for weight, at, correction in
+                        weigh_outcomes(chain.scores, chain.alts, num_kept[i], self.guess_rate, is_greedy)]
+            best = outcomes[0] if outcomes[0].at is None or free else next(p for p in outcomes if p.at is None)
+            free -= best.at is not None
             chosen.append(best)
             extras.extend(p for p in outcomes if p is not best)
-        free = self.cache.num_free - sum(p.at is not None for p in chosen)
-
-        def forwards(path: _Path) -> int:
-            if path.at is not None:
-                return max(0, min(self.max_draft, self.cache.max_len - 2 - chains[path.row].base - path.at))
-            chain, state = chains[path.row], states[path.row]
-            return max(0, min(limits[path.row] - len(chain.tokens),
-                              self.cache.max_len - 1 - len(state.known) - len(chain.tokens)))
-
+        forwards = lambda path: self._forwards_left(path, chains, states, num_kept)  # noqa: E731
         for path in sorted(extras, key=lambda p: -p.weight):
             if len(chosen) >= self.max_predraft_rows:
                 break
@@ -535,7 +524,8 @@ class Drafter:
                 on_device[7 * i: 7 * i + 7]
             step_logits = logits[:, 0].float()  # [b, V]
             tokens = step_logits.argmax(-1)  # [b] long, first index on ties
-            logp = step_logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(step_logits, -1)  # [b]
+            log_norm = torch.logsumexp(step_logits, -1)  # [b]
+            logp = step_logits.gather(-1, tokens[:, None])[:, 0] - log_norm  # [b]
             if sampled[i]:
                 who = [live[i][n] for n in sampled[i]]  # host row numbers of the sampled rows
                 probs = probs_from_logits(logits[step_sampled], temperature[who], top_k[who], top_p[who])[:, 0]  # [s, V]
@@ -546,7 +536,7 @@ class Drafter:
                 out_probs[sampled_buffer, sampled_cols] = probs
             out_tokens[step_buffer, step_cols] = tokens
             if alt_grid is not None:
-                alt_grid[step_live, step_cols], alt_logp = other_likeliest(step_logits, tokens)
+                alt_grid[step_live, step_cols], alt_logp = other_likeliest(step_logits, tokens, log_norm)
                 alt_score_grid[step_live, step_cols] = alt_logp.double()
             total.index_add_(0, step_live, logp.double().clamp(max=0.0))  # log p <= 0: scores fall along a row
             score_grid[step_live, step_cols] = total[step_live]
@@ -570,15 +560,32 @@ class Drafter:
                 state.cached.extend(int(t) for t in host[j][depth + p: depth + d - 1])
 
 
-def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor, n: int = NUM_ALTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, V] logits, [b] chosen tokens -> ([b, n] the n likeliest tokens other than the chosen
-    one, likeliest first (a branch's guesses of the verify's correction where the chosen draft
-    is rejected), [b, n] their log-probabilities at temperature 1)."""
+def other_likeliest(logits: torch.Tensor, tokens: torch.Tensor, log_norm: torch.Tensor,
+                    n: int = NUM_ALTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, V] logits, [b] chosen tokens, [b] logsumexp of the logits (the caller's, already
+    computed for the chosen tokens' log-probabilities) -> ([b, n] the n likeliest tokens other
+    than the chosen one, likeliest first (a branch's guesses of the verify's correction where
+    the chosen draft is rejected), [b, n] their log-probabilities at temperature 1)."""
     values, indices = logits.topk(n + 1, -1)  # [b, n + 1] each
     other = indices != tokens[:, None]
     keep = other & (other.cumsum(-1) <= n)  # n per row: the chosen token is at most one of the n + 1
-    logp = values - torch.logsumexp(logits, -1, keepdim=True)
+    logp = values - log_norm[:, None]
     return indices[keep].view(-1, n), logp[keep].view(-1, n)
+
+
+def weigh_outcomes(scores: list[float], alts: list[tuple], kept: int, guess_rate: float,
+                   with_branches: bool = True) -> list[tuple[float, int | None, int]]:
+    """A row's outcomes after a step that kept `kept` drafts, as the draft weighs them, likeliest
+    first (the chain first on a tie): (weight, None, -1) for its chain, every kept draft
+    accepted and the bonus the draft's likeliest token, P(the kept drafts) x guess_rate; and,
+    with_branches, (weight, j, token) for each known correction guess `token` at kept draft j
+    (alts[j]), the drafts before it accepted, P(the drafts before j) x P(token). scores: the
+    cumulative draft log-probability of each draft."""
+    outcomes = [(math.exp(scores[kept - 1] if kept else 0.0) * guess_rate, None, -1)]
+    if with_branches:
+        outcomes += [(math.exp((scores[j - 1] if j else 0.0) + alt_logp), j, alt)
+                     for j in range(kept) for alt, alt_logp in alts[j] if alt >= 0]
+    return sorted(outcomes, key=lambda o: -o[0])
 
 
 @dataclass(frozen=True)
