@@ -553,3 +553,12 @@ def test_plan_trace_prints_auto_plans_and_switches(tmp_path):
     assert "tok/s; steps by plan" in done.stdout
     for switch in trace["switches"]:  # uncalibrated, auto explores: every switch is printed with its reason
         assert f"-> {switch['to']} ({switch['reason']})" in done.stdout
+
+
+def test_plan_sweep_samples_auto_in_the_middle_of_its_highest_load():
+    plan_sweep = load_tool("plan_sweep")
+    samples = [{"num_running": n, "plan": plan} for n, plan in
+               [(1, "a"), (4, "b"), (4, "c"), (4, "d"), (3, "e"), (4, "f"), (1, "g")]]
+    assert plan_sweep.steady_sample(samples)["plan"] == "d"  # b c d f at 4 live: the middle, not the last
+    assert plan_sweep.steady_sample(samples[:1])["plan"] == "a"
+    assert plan_sweep.steady_sample([]) is None

@@ -51,12 +51,14 @@ def sweep_plans(num_cores: int, max_concurrency: int) -> list[dict]:
 
 
 class PlanSampler:
-    """Polls a daemon's status during a load; keeps auto's plan and forecast at the highest load
-    seen (the last sample among those with the most live requests)."""
+    """Polls a daemon's status during a load; `best` is auto's plan and forecast at the highest
+    load seen (steady_sample: the middle sample at that load, not the last one, which at one
+    live request falls at the end of the last request, where a forecast counts the few tokens
+    left)."""
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
-        self.best: dict | None = None
+        self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,6 +70,10 @@ class PlanSampler:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def best(self) -> dict | None:
+        return steady_sample(self.samples)
+
     def _run(self) -> None:
         with Client(self.endpoint, timeout_s=10) as client:
             while not self._stop.wait(STATUS_POLL_S):
@@ -75,10 +81,17 @@ class PlanSampler:
                 plan = status.get("plan")
                 if plan is None:
                     continue
-                sample = {"num_running": status["num_running"], "plan": plan["name"], "reason": plan["reason"],
-                          "forecast": plan["predicted_tokens_per_s"]}
-                if self.best is None or sample["num_running"] >= self.best["num_running"]:
-                    self.best = sample
+                self.samples.append({"num_running": status["num_running"], "plan": plan["name"],
+                                     "reason": plan["reason"], "forecast": plan["predicted_tokens_per_s"]})
+
+
+def steady_sample(samples: list[dict]) -> dict | None:
+    """The middle one of the samples taken at the most live requests (None: no sample)."""
+    if not samples:
+        return None
+    most = max(s["num_running"] for s in samples)
+    at_most = [s for s in samples if s["num_running"] == most]
+    return at_most[len(at_most) // 2]
 
 
 def plan_steps(endpoint: str) -> dict[str, int]:
