@@ -71,6 +71,25 @@ def test_bench_modes_agree_and_report(tmp_path):
         assert label in done.stdout
 
 
+def test_bench_rounds_pool_fresh_daemons_taking_turns(tmp_path):
+    out = tmp_path / "bench"
+    done = tool("bench.py", "--config", TINY, "--modes", "ar,sd", "--requests", "3", "--concurrency", "1,3",
+                "--max-tokens", "6", "--ignore-eos", "--warmup", "0", "--rounds", "2", "--out", str(out))
+    order = [line.split("] ")[1].split(":")[0] for line in done.stderr.splitlines() if line.startswith("[round")]
+    assert order == ["ar", "sd", "sd", "ar"]  # the first daemon rotates
+    report = json.loads((out / "bench.json").read_text())
+    assert report["greedy_check"]["is_identical"]
+    for run in report["runs"]:
+        r = run["result"]
+        assert len(r["round_tok_s"]) == 2 and r["rounds_identical"]
+        assert r["num_ok"] == 6 and r["num_output_tokens"] == 36  # both rounds' requests, pooled
+        assert r["output_throughput"] == r["num_output_tokens"] / r["wall_s"]
+        assert min(r["round_tok_s"]) <= r["output_throughput"] <= max(r["round_tok_s"])
+    sd = next(run["result"] for run in report["runs"] if run["label"] == "sd c=3")
+    assert sd["predraft"] is None or sd["predraft"]["checked"] > 0
+    assert "rounds (tok/s): ar c=1 " in done.stdout
+
+
 def test_loadtest_poisson_rate(endpoint, tmp_path):
     out = tmp_path / "load.json"
     done = tool("loadtest.py", "--endpoint", endpoint, "--requests", "8", "--rate", "40", "--max-tokens", "12",

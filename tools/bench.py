@@ -451,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --sweep-fresh: the plans take turns this many times at each load (each round "
                              "on fresh daemons, the first plan rotating); a plan's rate is its rounds' tokens over "
                              "their time, each round's rate in sweep.json")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="the modes' daemons take turns this many times (each round on fresh daemons, the first "
+                             "rotating); a run's rate is its rounds' tokens over their time, each round's rate printed "
+                             "and in bench.json, so the machine's drift falls on every mode alike")
     parser.add_argument("--linear-paths", default="", help="e.g. auto,plain: run every mode on each model.linear_path")
     parser.add_argument("--transports", default="",
                         help="e.g. frames,shared: run every mode with each cluster.draft_transport")
@@ -459,6 +463,42 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {TIMELINE_S:g})")
     parser.add_argument("--out", default="out/bench", help="folder for bench.json, bench.png and the timelines")
     return parser
+
+
+def serve_group(group: list[dict], args, prompts: list[dict]) -> None:
+    """One daemon serving a mode's runs (one per concurrency), each run's "result" and
+    "timeline" (its jobs) set."""
+    with running_daemon(args.config, args.set + group[0]["overrides"]) as endpoint:
+        if args.warmup:
+            run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
+                         max_tokens=WARMUP_MAX_TOKENS, seed=args.seed, show_progress=False)
+        before = detailed_status(endpoint).get("predraft")
+        for run in group:
+            start_s = time.monotonic()  # the workers' clock too (one host)
+            run["result"] = run_loadtest(endpoint, prompts, requests=args.requests,
+                                         concurrency=run["concurrency"], max_tokens=args.max_tokens,
+                                         temperature=args.temperature, seed=args.seed,
+                                         ignore_eos=args.ignore_eos)
+            after = detailed_status(endpoint)
+            after["recent_jobs"] = [j for j in after.get("recent_jobs", []) if j["start_s"] >= start_s]
+            add_status_fields(run["result"], after, args.timeline_s)
+            run["result"]["predraft"] = predraft_delta(before, after.get("predraft"))
+            before = after.get("predraft")
+            run["timeline"] = after["recent_jobs"]
+
+
+def pool_rounds(each: list[dict]) -> tuple[dict, list[dict]]:
+    """A run's rounds (--rounds; each a result with its "timeline") as one result and the first
+    round's timeline: tokens, counts and time summed (plan_sweep.merge_rounds), so the rate is
+    every round's tokens over every round's time, each round's rate in "round_tok_s"; the
+    pre-drafting counts summed too."""
+    import plan_sweep
+
+    results = [{k: v for k, v in r.items() if k != "timeline"} for r in each]
+    merged = plan_sweep.merge_rounds(results)
+    counts = [r["predraft"] for r in results if r.get("predraft")]
+    merged["predraft"] = {key: sum(c[key] for c in counts) for key in counts[0]} if counts else None
+    return merged, each[0]["timeline"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.sweep_rounds < 1 or args.sweep_rounds > 1 and not args.sweep_fresh:
         print("error: --sweep-rounds must be >= 1, and above 1 only with --sweep-fresh", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("error: --rounds must be >= 1", file=sys.stderr)
         return 2
     if args.extra_draft < 0:
         print("error: --extra-draft must be >= 0", file=sys.stderr)
@@ -500,31 +543,25 @@ def main(argv: list[str] | None = None) -> int:
     daemons = per_concurrency(plan_runs(modes, args.sweep_k, args.sweep_batch, linear_paths, args.sweep_e,
                                         sweep_modes, args.extra_draft, variant_key), args.concurrency)
     runs = [run for group in daemons for run in group]
-    for number, group in enumerate(daemons, 1):
-        print(f"[{number}/{len(daemons)}] {group[0]['daemon_label']}: starting a daemon", file=sys.stderr, flush=True)
-        try:
-            with running_daemon(args.config, args.set + group[0]["overrides"]) as endpoint:
-                if args.warmup:
-                    run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
-                                 max_tokens=WARMUP_MAX_TOKENS, seed=args.seed, show_progress=False)
-                before = detailed_status(endpoint).get("predraft")
-                for run in group:
-                    start_s = time.monotonic()  # the workers' clock too (one host)
-                    run["result"] = run_loadtest(endpoint, prompts, requests=args.requests,
-                                                 concurrency=run["concurrency"], max_tokens=args.max_tokens,
-                                                 temperature=args.temperature, seed=args.seed,
-                                                 ignore_eos=args.ignore_eos)
-                    after = detailed_status(endpoint)
-                    after["recent_jobs"] = [j for j in after.get("recent_jobs", []) if j["start_s"] >= start_s]
-                    add_status_fields(run["result"], after, args.timeline_s)
-                    run["result"]["predraft"] = predraft_delta(before, after.get("predraft"))
-                    before = after.get("predraft")
-                    run["timeline"] = after["recent_jobs"]
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"error: {group[0]['daemon_label']}: {exc}", file=sys.stderr)
-            return 1
+    rounds: dict[str, list[dict]] = {run["label"]: [] for run in runs}  # each round's result of a run
+    for number in range(args.rounds):
+        for group in daemons[number % len(daemons):] + daemons[:number % len(daemons)]:  # no mode always first
+            print(f"[round {number + 1}/{args.rounds}] {group[0]['daemon_label']}: starting a daemon",
+                  file=sys.stderr, flush=True)
+            try:
+                serve_group(group, args, prompts)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"error: {group[0]['daemon_label']}: {exc}", file=sys.stderr)
+                return 1
+            for run in group:
+                rounds[run["label"]].append(run.pop("result") | {"timeline": run.pop("timeline")})
+    for run in runs:
+        run["result"], run["timeline"] = pool_rounds(rounds[run["label"]])
 
     print(format_table(runs))
+    if args.rounds > 1:
+        print("rounds (tok/s): " + "; ".join(f"{run['label']} " + " / ".join(f"{v:.2f}" for v in run["result"]["round_tok_s"])
+                                             for run in runs))
     predrafted = [run for run in runs if run["result"].get("predraft")]
     if predrafted:
         print("pre-drafting (steps checked against a pre-draft; ready from the chain, from a branch; drafts served):")
@@ -541,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     check = None
     if args.temperature == 0 and len(runs) > 1:
         check = greedy_check(runs)
+        unsteady = [run["label"] for run in runs if not run["result"].get("rounds_identical", True)]
+        if unsteady:  # a run whose rounds disagree differs from itself: as a difference between modes
+            check["is_identical"] = False
+            check["differences"] += [{"label": label, "baseline": f"{label}, round 1", "prompt": None,
+                                      "first_diff_at": None} for label in unsteady]
         if check["is_identical"]:
             print(f"greedy outputs identical across modes: yes ({check['num_requests']} requests)")
         else:
