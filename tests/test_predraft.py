@@ -523,6 +523,20 @@ def test_a_likelier_branch_is_predrafted_instead_of_the_chain(target):
     assert chain.num_predrafted == 5 and not chain.branches
 
 
+def test_predrafting_stops_when_only_extra_paths_are_left_and_the_window_is_short(target):
+    """A row's likeliest outcome (here a branch, 4 forwards) can finish before an extra one
+    (the chain, 5): when the window then has no room for the extra, it is dropped and the
+    pre-draft ends, with no forward of no rows (in the daemon: the drafter failed with
+    "max() arg is an empty sequence" and every request after it got runtime_dead)."""
+    drafter, row, chain = weighed_chain(target, [0.05, 0.1, 0.05, 0.95])
+    drafter.max_predraft_rows = 2  # the branch and the chain
+    drafter.forward_estimate = lambda rows: 0.0
+    drafter.schedule_estimate = lambda forwards: 0.0 if len(forwards) > 1 else 1e9  # no room for one path alone
+    assert drafter.predraft([row.row("drafter")], [4], 10.0, lambda: False) == (4, 8)
+    assert [b.at for b in chain.branches] == [3] and len(chain.branches[0].tokens) == 5
+    assert chain.num_predrafted == 4  # the extra grew beside the branch, then stopped
+
+
 def test_the_guess_rate_is_learned_from_outcomes_where_every_kept_draft_was_accepted(target):
     drafter, row, chain = weighed_chain(target, [0.05] * 4, slots=1)
     assert drafter.guess_rate == pytest.approx(0.9)

@@ -324,7 +324,7 @@ class Drafter:
             while (any(p.is_extra for p in paths)
                    and self.schedule_estimate([forwards_left(p) for p in paths]) > left):
                 paths.remove(min((p for p in paths if p.is_extra), key=lambda p: p.weight))
-            if (self.forward_estimate(len(paths)) or 0.0) > left:
+            if not paths or (self.forward_estimate(len(paths)) or 0.0) > left:  # none: the likeliest ones are done
                 break
             live = [p.row for p in paths if p.branch is None]
             growing = [p.branch for p in paths if p.branch is not None]
