@@ -465,26 +465,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve_group(group: list[dict], args, prompts: list[dict]) -> None:
+def serve_group(group: list[dict], args, prompts: list[dict], log_name: str = "") -> None:
     """One daemon serving a mode's runs (one per concurrency), each run's "result" and
-    "timeline" (its jobs) set."""
+    "timeline" (its jobs) set. Where a request failed, the daemon's log is kept as
+    <out>/daemon-<log_name>.log (the daemon's folder goes with it) and named in the results."""
     with running_daemon(args.config, args.set + group[0]["overrides"]) as endpoint:
-        if args.warmup:
-            run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
-                         max_tokens=WARMUP_MAX_TOKENS, seed=args.seed, show_progress=False)
-        before = detailed_status(endpoint).get("predraft")
-        for run in group:
-            start_s = time.monotonic()  # the workers' clock too (one host)
-            run["result"] = run_loadtest(endpoint, prompts, requests=args.requests,
-                                         concurrency=run["concurrency"], max_tokens=args.max_tokens,
-                                         temperature=args.temperature, seed=args.seed,
-                                         ignore_eos=args.ignore_eos)
-            after = detailed_status(endpoint)
-            after["recent_jobs"] = [j for j in after.get("recent_jobs", []) if j["start_s"] >= start_s]
-            add_status_fields(run["result"], after, args.timeline_s)
-            run["result"]["predraft"] = predraft_delta(before, after.get("predraft"))
-            before = after.get("predraft")
-            run["timeline"] = after["recent_jobs"]
+        try:
+            _serve_runs(group, args, prompts, endpoint)
+        finally:
+            if any(run.get("result", {}).get("num_failed") for run in group) or any("result" not in run for run in group):
+                kept = keep_daemon_log(endpoint, args.out, log_name or file_safe(group[0]["daemon_label"]))
+                for run in group:
+                    if "result" in run:
+                        run["result"]["daemon_log"] = kept
+
+
+def keep_daemon_log(endpoint: str, out: str, name: str) -> str | None:
+    """Copy the log of running_daemon's daemon at `endpoint` to <out>/daemon-<name>.log."""
+    log = os.path.join(os.path.dirname(endpoint.removeprefix("ipc://")), "run", "daemon.log")
+    if not os.path.exists(log):
+        return None
+    os.makedirs(out, exist_ok=True)
+    kept = os.path.join(out, f"daemon-{name}.log")
+    shutil.copyfile(log, kept)
+    return kept
+
+
+def _serve_runs(group: list[dict], args, prompts: list[dict], endpoint: str) -> None:
+    """The warm-up, then each run's load on the daemon at `endpoint`."""
+    if args.warmup:
+        run_loadtest(endpoint, prompts, requests=args.warmup, concurrency=args.warmup,
+                     max_tokens=WARMUP_MAX_TOKENS, seed=args.seed, show_progress=False)
+    before = detailed_status(endpoint).get("predraft")
+    for run in group:
+        start_s = time.monotonic()  # the workers' clock too (one host)
+        run["result"] = run_loadtest(endpoint, prompts, requests=args.requests,
+                                     concurrency=run["concurrency"], max_tokens=args.max_tokens,
+                                     temperature=args.temperature, seed=args.seed,
+                                     ignore_eos=args.ignore_eos)
+        after = detailed_status(endpoint)
+        after["recent_jobs"] = [j for j in after.get("recent_jobs", []) if j["start_s"] >= start_s]
+        add_status_fields(run["result"], after, args.timeline_s)
+        run["result"]["predraft"] = predraft_delta(before, after.get("predraft"))
+        before = after.get("predraft")
+        run["timeline"] = after["recent_jobs"]
 
 
 def pool_rounds(each: list[dict]) -> tuple[dict, list[dict]]:
@@ -496,6 +520,9 @@ def pool_rounds(each: list[dict]) -> tuple[dict, list[dict]]:
 
     results = [{k: v for k, v in r.items() if k != "timeline"} for r in each]
     merged = plan_sweep.merge_rounds(results)
+    if len(results) > 1:
+        merged["round_errors"] = [r["errors"] for r in results]
+        merged["daemon_logs"] = [r["daemon_log"] for r in results if r.get("daemon_log")]
     counts = [r["predraft"] for r in results if r.get("predraft")]
     merged["predraft"] = {key: sum(c[key] for c in counts) for key in counts[0]} if counts else None
     return merged, each[0]["timeline"]
@@ -549,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[round {number + 1}/{args.rounds}] {group[0]['daemon_label']}: starting a daemon",
                   file=sys.stderr, flush=True)
             try:
-                serve_group(group, args, prompts)
+                serve_group(group, args, prompts, f"{file_safe(group[0]['daemon_label'])}-round-{number + 1}")
             except (RuntimeError, TimeoutError) as exc:
                 print(f"error: {group[0]['daemon_label']}: {exc}", file=sys.stderr)
                 return 1
