@@ -85,9 +85,25 @@ def test_bench_rounds_pool_fresh_daemons_taking_turns(tmp_path):
         assert r["num_ok"] == 6 and r["num_output_tokens"] == 36  # both rounds' requests, pooled
         assert r["output_throughput"] == r["num_output_tokens"] / r["wall_s"]
         assert min(r["round_tok_s"]) <= r["output_throughput"] <= max(r["round_tok_s"])
-    sd = next(run["result"] for run in report["runs"] if run["label"] == "sd c=3")
-    assert sd["predraft"] is None or sd["predraft"]["checked"] > 0
     assert "rounds (tok/s): ar c=1 " in done.stdout
+
+
+def test_bench_pools_rounds_counts_and_keeps_each_rounds_errors():
+    bench = load_tool("bench")
+    base = {"num_requests": 2, "num_ok": 2, "num_failed": 0, "num_prompt_tokens": 8, "server_num_output_tokens": 10,
+            "num_drafted": 8, "num_accepted": 4, "num_verify_rows": 4, "output_token_ids": {"0": [1], "1": [2]}}
+    first = base | {"num_output_tokens": 10, "wall_s": 2.0, "output_throughput": 5.0, "errors": {},
+                    "predraft": {"checked": 4, "full": 2, "short": 1, "drafts_served": 6}, "timeline": ["a"]}
+    second = base | {"num_output_tokens": 10, "wall_s": 3.0, "output_throughput": 10 / 3, "num_failed": 1,
+                     "errors": {"runtime_dead": 1}, "daemon_log": "out/daemon-sd-round-2.log",
+                     "predraft": {"checked": 6, "full": 3, "short": 0, "drafts_served": 9}, "timeline": ["b"]}
+    merged, timeline = bench.pool_rounds([first, second])
+    assert merged["output_throughput"] == 20 / 5.0 and merged["round_tok_s"] == [5.0, 10 / 3]
+    assert merged["num_failed"] == 1 and merged["round_errors"] == [{}, {"runtime_dead": 1}]
+    assert merged["daemon_logs"] == ["out/daemon-sd-round-2.log"]
+    assert merged["predraft"] == {"checked": 10, "full": 5, "short": 1, "drafts_served": 15}
+    assert timeline == ["a"] and "timeline" not in merged
+    assert bench.pool_rounds([first | {"predraft": None}, second | {"predraft": None}])[0]["predraft"] is None
 
 
 def test_loadtest_poisson_rate(endpoint, tmp_path):

@@ -89,12 +89,17 @@ def cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout_s)
 
 
+def daemon_run_dir(endpoint: str) -> str:
+    """The run folder (daemon.log, pid, sockets) of running_daemon's daemon at `endpoint`."""
+    return os.path.join(os.path.dirname(endpoint.removeprefix("ipc://")), "run")
+
+
 @contextlib.contextmanager
 def running_daemon(config: str | None, overrides: list[str]):
     """Start a daemon via the CLI on a private ipc:// endpoint; yield the endpoint; stop it."""
     tmp = tempfile.mkdtemp(prefix="mdbench-")
     endpoint = f"ipc://{tmp}/client.sock"
-    args = ["--endpoint", endpoint, "--set", f"server.run_dir={tmp}/run"]
+    args = ["--endpoint", endpoint, "--set", f"server.run_dir={daemon_run_dir(endpoint)}"]
     if config is not None:
         args = ["--config", config, *args]
     for override in overrides:
@@ -482,7 +487,7 @@ def serve_group(group: list[dict], args, prompts: list[dict], log_name: str = ""
 
 def keep_daemon_log(endpoint: str, out: str, name: str) -> str | None:
     """Copy the log of running_daemon's daemon at `endpoint` to <out>/daemon-<name>.log."""
-    log = os.path.join(os.path.dirname(endpoint.removeprefix("ipc://")), "run", "daemon.log")
+    log = os.path.join(daemon_run_dir(endpoint), "daemon.log")
     if not os.path.exists(log):
         return None
     os.makedirs(out, exist_ok=True)
